@@ -1,0 +1,103 @@
+"""The one exception hierarchy of ses-relay.
+
+    RelayError
+    ├── ConfigError            a configuration file or variable is wrong; lists every problem
+    ├── CredentialsError       no AWS credentials could be found or refreshed
+    └── SesError               SES (or the way to it) did not accept a call
+        └── SesTransportError  no usable SES answer: timeout, reset, oversized or garbled body
+
+Every SesError carries its ``Disposition`` (what delivery should do next) and the
+SMTP reply the relay gives when the error decides a client's transaction.
+Lower-level errors (aiohttp, OS, XML) are translated into these in one place,
+``relay.ses.client``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class Disposition(enum.Enum):
+    """What to do with a message after an SES error."""
+
+    RETRYABLE = "retryable"
+    """Try again soon, with backoff (throttling, 5xx, network trouble)."""
+    DEFERRABLE = "deferrable"
+    """Keep the mail and alert an operator; retrying quickly will not help."""
+    PERMANENT = "permanent"
+    """SES will never accept this message: reject it (5xx) or bounce it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpReply:
+    """An SMTP reply: basic code, enhanced status code (RFC 3463) and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+class RelayError(Exception):
+    """Base of every error ses-relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class CredentialsError(RelayError):
+    """No AWS credentials could be resolved; the message lists what was tried."""
+
+
+class SesError(RelayError):
+    """SES refused a call, or no usable answer came back.
+
+    ``code`` is SES's error code (``Throttling``, ``MessageRejected``, ...) or,
+    for errors that never reached an SES answer, one of ours
+    (see ``SesTransportError``).
+    """
+
+    def __init__(
+        self,
+        *,
+        code: str,
+        message: str,
+        http_status: int | None,
+        request_id: str | None,
+        disposition: Disposition,
+        smtp_reply: SmtpReply,
+        refresh_credentials: bool = False,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        self.request_id = request_id
+        self.disposition = disposition
+        self.smtp_reply = smtp_reply
+        self.refresh_credentials = refresh_credentials
+        super().__init__(f"{code}: {message}" if message else code)
+
+    @property
+    def retryable(self) -> bool:
+        return self.disposition is Disposition.RETRYABLE
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"http_status={self.http_status!r}, request_id={self.request_id!r}, "
+            f"disposition={self.disposition.value})"
+        )
+
+
+class SesTransportError(SesError):
+    """No usable SES answer. Codes: ``Timeout``, ``ConnectionError``,
+    ``ResponseTooLarge``, ``MalformedResponse``. Always retryable."""

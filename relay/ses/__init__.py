@@ -1,0 +1,1 @@
+"""The outbound half: a SigV4-signing Amazon SES client over aiohttp."""
