@@ -3,6 +3,7 @@
     RelayError
     ├── ConfigError            a configuration file or variable is wrong; lists every problem
     ├── CredentialsError       no AWS credentials could be found or refreshed
+    ├── MessageRefused         the relay will not take a message; carries the SMTP reply
     └── SesError               SES (or the way to it) did not accept a call
         └── SesTransportError  no usable SES answer: timeout, reset, oversized or garbled body
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class Disposition(enum.Enum):
@@ -56,6 +58,14 @@ class ConfigError(RelayError):
 
 class CredentialsError(RelayError):
     """No AWS credentials could be resolved; the message lists what was tried."""
+
+
+class MessageRefused(RelayError):
+    """A message (or address) the relay refuses, with the SMTP reply that says why."""
+
+    def __init__(self, reply: SmtpReply) -> None:
+        self.reply = reply
+        super().__init__(str(reply))
 
 
 class SesError(RelayError):
@@ -100,4 +110,14 @@ class SesError(RelayError):
 
 class SesTransportError(SesError):
     """No usable SES answer. Codes: ``Timeout``, ``ConnectionError``,
-    ``ResponseTooLarge``, ``MalformedResponse``. Always retryable."""
+    ``ResponseTooLarge``, ``MalformedResponse``. Always retryable.
+
+    ``request_sent`` is False only when the request certainly never reached
+    SES (the connection could not be opened). When it is True, SES may have
+    accepted the message: SendRawEmail has no idempotency token, so sending
+    it again can deliver it twice.
+    """
+
+    def __init__(self, *, request_sent: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.request_sent = request_sent

@@ -1,0 +1,304 @@
+"""Configuration: frozen dataclasses per TOML section, built and checked once.
+
+``load_config`` reads the TOML file, applies ``SES_RELAY_<SECTION>_<KEY>``
+environment overrides and the AWS variables the SDKs honour, and checks
+everything in one pass: a ``ConfigError`` lists every problem with its key
+and where the value came from. Nothing else in the relay reads the file or
+the environment for settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from relay.errors import ConfigError
+
+Check = Callable[[Any], str | None]
+"""A field check: the problem with a value, or None when it is fine."""
+
+
+def checked(default: Any, check: Check) -> Any:
+    """A field whose values must pass ``check``."""
+    return field(default=default, metadata={"check": check})
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def host_port(value: str) -> str | None:
+    """``host:port`` or ``[v6]:port``."""
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def each(check: Check) -> Check:
+    def check_all(values: tuple[Any, ...]) -> str | None:
+        for value in values:
+            problem = check(value)
+            if problem:
+                return f"{value!r}: {problem}"
+        return None
+
+    return check_all
+
+
+def network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return "not an IP network (like 10.0.0.0/8 or ::1/128)"
+    return None
+
+
+def url_or_empty(value: str) -> str | None:
+    if value and not value.startswith(("https://", "http://")):
+        return "must start with https:// (or http:// for a local test endpoint)"
+    return None
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` → ``("127.0.0.1", 2525)``; ``"[::1]:25"`` → ``("::1", 25)``."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+        if ":" in host:
+            raise ValueError("write an IPv6 address in brackets, like [::1]:2525")
+    if not sep or not host:
+        raise ValueError("expected host:port, like 127.0.0.1:2525 or [::1]:2525")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The ``[smtp]`` section: the listener."""
+
+    listen: tuple[str, ...] = checked(("127.0.0.1:2525",), each(host_port))
+    tls_listen: tuple[str, ...] = checked((), each(host_port))
+    hostname: str = "localhost"
+    max_message_size: int = checked(7_864_320, positive)
+    max_recipients: int = checked(1000, positive)
+    allowed_networks: tuple[str, ...] = checked(("127.0.0.0/8", "::1/128"), each(network))
+    tls_cert: str = ""
+    tls_key: str = ""
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """The ``[auth]`` section."""
+
+    users_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SesConfig:
+    """The ``[ses]`` section, with the AWS environment already applied."""
+
+    region: str = "us-east-1"
+    endpoint: str = checked("", url_or_empty)
+    """Base URL of SES; empty means ``https://email.{region}.amazonaws.com``."""
+    ca_bundle: str = ""
+    """PEM file of CAs to trust instead of the system's (``AWS_CA_BUNDLE``)."""
+    configuration_set: str = ""
+    max_send_rate: float = checked(0.0, not_negative)
+    connect_timeout: float = checked(5.0, positive)
+    """Seconds to open a connection (TCP + TLS)."""
+    request_timeout: float = checked(30.0, positive)
+    """Seconds one HTTP attempt may take in all, body included."""
+    max_connections: int = checked(64, positive)
+    """Size of the HTTP connection pool."""
+    max_attempts: int = checked(4, positive)
+    """Quick attempts inside the client for retryable errors."""
+    backoff_base: float = checked(0.1, positive)
+    backoff_max: float = checked(5.0, positive)
+    max_response_size: int = checked(65536, positive)
+    """Bytes of an SES answer read at most; a larger one is an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """The ``[spool]`` section."""
+
+    path: str = ""
+    """Empty means ``$STATE_DIRECTORY`` or ``./spool``."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The ``[metrics]`` section."""
+
+    listen: str = checked("127.0.0.1:9465", host_port)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    smtp: SmtpConfig
+    auth: AuthConfig
+    ses: SesConfig
+    spool: SpoolConfig
+    metrics: MetricsConfig
+    source: str = "defaults"
+    """The file it came from, or "defaults"."""
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "smtp": SmtpConfig,
+    "auth": AuthConfig,
+    "ses": SesConfig,
+    "spool": SpoolConfig,
+    "metrics": MetricsConfig,
+}
+
+ENV_PREFIX = "SES_RELAY_"
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Config:
+    """The configuration from ``path`` (None: defaults only) and ``env``."""
+    source = str(path) if path is not None else "defaults"
+    document = read_toml(Path(path)) if path is not None else {}
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name in document:
+        if name not in SECTIONS:
+            problems.append(f"{source}: [{name}]: unknown section")
+    for name, cls in SECTIONS.items():
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"{source}: {name}: must be a table ([{name}])")
+            table = {}
+        values = _section_values(
+            name, cls=cls, table=table, env=env, source=source, problems=problems
+        )
+        sections[name] = cls(**values)
+    if problems:
+        raise ConfigError(problems)
+    return Config(source=source, **sections)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def _section_values(
+    section: str,
+    *,
+    cls: type[Any],
+    table: Mapping[str, Any],
+    env: Mapping[str, str],
+    source: str,
+    problems: list[str],
+) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            problems.append(f"{source}: [{section}] {key}: unknown key")
+    values = _aws_defaults(section, env)
+    for name, spec in fields.items():
+        expected = hints[name]
+        origin = f"{source}: [{section}] {name}"
+        raw: Any = table.get(name, dataclasses.MISSING)
+        variable = f"{ENV_PREFIX}{section}_{name}".upper()
+        if variable in env:
+            origin = f"environment {variable}"
+            raw = _from_env(env[variable], expected)
+        if raw is dataclasses.MISSING:
+            continue
+        value, problem = _coerce(raw, expected)
+        check = spec.metadata.get("check")
+        if problem is None and check is not None:
+            problem = check(value)
+        if problem is not None:
+            problems.append(f"{origin}: {problem}")
+            continue
+        values[name] = value
+    return values
+
+
+def _aws_defaults(section: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """What the AWS SDK variables say, below the file and our own variables."""
+    if section == "ses":
+        found: dict[str, Any] = {}
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            found["region"] = region
+        endpoint = env.get("AWS_ENDPOINT_URL_SES") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            found["endpoint"] = endpoint
+        if env.get("AWS_CA_BUNDLE"):
+            found["ca_bundle"] = env["AWS_CA_BUNDLE"]
+        return found
+    if section == "spool" and env.get("STATE_DIRECTORY"):
+        # systemd's StateDirectory= may list several, colon-separated.
+        return {"path": env["STATE_DIRECTORY"].split(":")[0]}
+    if section == "spool":
+        return {"path": "./spool"}
+    return {}
+
+
+def _from_env(text: str, expected: Any) -> Any:
+    if expected is str:
+        return text
+    if _is_str_tuple(expected) and not text.lstrip().startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _coerce(raw: Any, expected: Any) -> tuple[Any, str | None]:
+    """The value as the field's type, or the problem with it."""
+    if _is_str_tuple(expected):
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw), None
+        return None, f"expected a list of strings, got {_describe(raw)}"
+    if expected is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw), None
+    if isinstance(raw, expected) and not (expected is int and isinstance(raw, bool)):
+        return raw, None
+    return None, f"expected {_TYPE_NAMES[expected]}, got {_describe(raw)}"
+
+
+def _describe(raw: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    name = names.get(type(raw), "a list" if isinstance(raw, list) else "a table")
+    return f"{name} ({raw!r})" if not isinstance(raw, dict) else name
+
+
+def _is_str_tuple(expected: Any) -> bool:
+    return (
+        isinstance(expected, types.GenericAlias)
+        and expected.__origin__ is tuple
+        and expected.__args__ == (str, ...)
+    )

@@ -1,0 +1,237 @@
+"""What SES receives, and in which batches. Pure: bytes in, values out.
+
+The raw message reaches SES byte for byte as received, except that
+``Bcc:``/``Resent-Bcc:`` are removed (their recipients travel in the envelope),
+the ``X-SES-*`` headers of SES's SMTP interface are removed and become
+SendRawEmail parameters, and a missing ``Date:`` or ``Message-ID:`` is added
+at the end of the header block.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from relay.errors import MessageRefused, SmtpReply
+
+SES_MAX_RECIPIENTS = 50
+"""SendRawEmail's limit: To, Cc and Bcc together, group members counted."""
+
+CONFIGURATION_SET = "x-ses-configuration-set"
+MESSAGE_TAGS = "x-ses-message-tags"
+SOURCE_ARN = "x-ses-source-arn"
+FROM_ARN = "x-ses-from-arn"
+RETURN_PATH_ARN = "x-ses-return-path-arn"
+IDENTITY_HEADERS = (SOURCE_ARN, FROM_ARN, RETURN_PATH_ARN)
+"""Headers that send as an authorized identity: a privilege (see policy)."""
+
+_SES_HEADERS = frozenset({CONFIGURATION_SET, MESSAGE_TAGS, *IDENTITY_HEADERS})
+_REMOVED = _SES_HEADERS | {"bcc", "resent-bcc"}
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One header field exactly as received: folded lines and line end included."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def value(self) -> str:
+        """The unfolded value, decoded as UTF-8 (invalid bytes replaced)."""
+        _, _, value = self.raw.partition(b":")
+        return " ".join(value.decode("utf-8", "replace").split())
+
+
+@dataclass(frozen=True, slots=True)
+class SesParameters:
+    """SendRawEmail parameters that came from ``X-SES-*`` headers."""
+
+    configuration_set: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    source_arn: str | None = None
+    from_arn: str | None = None
+    return_path_arn: str | None = None
+
+    def identity_headers(self) -> list[str]:
+        """The identity headers the message used, by name."""
+        used = zip(
+            IDENTITY_HEADERS, (self.source_arn, self.from_arn, self.return_path_arn), strict=True
+        )
+        return [f"X-SES-{name[6:].upper()}" for name, value in used if value]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message ready for SES."""
+
+    raw: bytes
+    from_address: str
+    header_recipients: frozenset[str]
+    """Addresses of the To and Cc headers, as ``address_key``s."""
+    ses: SesParameters
+
+
+NO_PARAMETERS = SesParameters()
+
+
+def refuse(code: int, enhanced: str, text: str) -> MessageRefused:
+    return MessageRefused(SmtpReply(code, enhanced, text))
+
+
+def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
+    """The header fields, and the rest: the empty line and the body.
+
+    A line that is neither a field nor a continuation ends the header block.
+    """
+    fields: list[HeaderField] = []
+    start = 0
+    size = len(raw)
+    while start < size:
+        end = raw.find(b"\n", start)
+        end = size if end < 0 else end + 1
+        line = raw[start:end]
+        if line[:1] in (b" ", b"\t") and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+        else:
+            name, colon, _ = line.partition(b":")
+            if not colon or not name or name != name.strip() or line.strip() == b"":
+                break
+            fields.append(HeaderField(name.decode("ascii", "replace"), line))
+        start = end
+    return fields, raw[start:]
+
+
+def prepare(
+    raw: bytes,
+    *,
+    now: datetime,
+    message_id: Callable[[], str],
+    defaults: SesParameters = NO_PARAMETERS,
+) -> PreparedMessage:
+    """The message as SES gets it; raises ``MessageRefused`` (5xx) if unusable.
+
+    ``message_id`` makes a ``<unique@host>`` id for a message without one.
+    ``defaults`` are the configured parameters that headers may override.
+    """
+    fields, rest = split_header(raw)
+    by_name: dict[str, list[HeaderField]] = {}
+    for field in fields:
+        by_name.setdefault(field.name.lower(), []).append(field)
+
+    senders = addresses(by_name.get("from", ()))
+    if not senders:
+        raise refuse(550, "5.6.0", "message has no From: header with an address")
+    ses = _ses_parameters(by_name, defaults)
+    newline = b"\r\n" if raw.find(b"\r\n") >= 0 or not raw else b"\n"
+    kept = [f.raw for f in fields if f.name.lower() not in _REMOVED]
+    if kept and not kept[-1].endswith(b"\n"):
+        kept[-1] += newline
+    if "date" not in by_name:
+        kept.append(b"Date: " + email.utils.format_datetime(now).encode() + newline)
+    if "message-id" not in by_name:
+        kept.append(b"Message-ID: " + message_id().encode() + newline)
+    if not rest:
+        rest = newline
+    kept.append(rest)
+    return PreparedMessage(
+        raw=b"".join(kept),
+        from_address=senders[0],
+        header_recipients=frozenset(
+            address_key(a) for a in addresses([*by_name.get("to", ()), *by_name.get("cc", ())])
+        ),
+        ses=ses,
+    )
+
+
+def addresses(fields: Iterable[HeaderField]) -> list[str]:
+    """The addresses named in address-list header fields (groups flattened)."""
+    pairs = email.utils.getaddresses([f.value for f in fields])
+    return [address for _, address in pairs if "@" in address]
+
+
+def address_key(address: str) -> str:
+    """Compare addresses case-insensitively, as mail systems in practice do."""
+    return address.lower()
+
+
+def _first(by_name: dict[str, list[HeaderField]], name: str) -> str | None:
+    found = by_name.get(name)
+    return found[0].value or None if found else None
+
+
+def _ses_parameters(
+    by_name: dict[str, list[HeaderField]], defaults: SesParameters
+) -> SesParameters:
+    tags = defaults.tags
+    tag_header = _first(by_name, MESSAGE_TAGS)
+    if tag_header is not None:
+        tags = parse_tags(tag_header)
+    return SesParameters(
+        configuration_set=_first(by_name, CONFIGURATION_SET) or defaults.configuration_set,
+        tags=tags,
+        source_arn=_first(by_name, SOURCE_ARN) or defaults.source_arn,
+        from_arn=_first(by_name, FROM_ARN) or defaults.from_arn,
+        return_path_arn=_first(by_name, RETURN_PATH_ARN) or defaults.return_path_arn,
+    )
+
+
+def parse_tags(value: str) -> tuple[tuple[str, str], ...]:
+    """``X-SES-MESSAGE-TAGS: name1=value1, name2=value2`` as pairs."""
+    tags: list[tuple[str, str]] = []
+    for item in value.split(","):
+        name, equals, tag_value = item.partition("=")
+        name, tag_value = name.strip(), tag_value.strip()
+        if not item.strip():
+            continue
+        if not equals or not name:
+            raise refuse(
+                550, "5.6.0", "X-SES-MESSAGE-TAGS must be name=value pairs separated by commas"
+            )
+        tags.append((name, tag_value))
+    return tuple(tags)
+
+
+def plan_batches(
+    recipients: Sequence[str],
+    header_recipients: Collection[str],
+    limit: int = SES_MAX_RECIPIENTS,
+) -> list[tuple[str, ...]]:
+    """Envelope recipients in SendRawEmail batches, in order, each address once.
+
+    SES counts every recipient across To, Cc and Bcc against ``limit``; an
+    independent SES such as moto counts the union of ``Destinations`` and the
+    To/Cc header addresses. So a batch holds at most ``limit`` minus the
+    header addresses not already in it. Raises ``MessageRefused`` (550 5.5.3)
+    when the headers alone leave no room.
+    """
+    header = frozenset(header_recipients)
+    batches: list[tuple[str, ...]] = []
+    batch: list[str] = []
+    extra = 0  # batch members the headers do not name
+    seen: set[str] = set()
+    for recipient in recipients:
+        key = address_key(recipient)
+        if key in seen:
+            continue
+        seen.add(key)
+        adds = key not in header
+        if len(header) + adds > limit:
+            raise refuse(
+                550,
+                "5.5.3",
+                f"the To/Cc headers name {len(header)} addresses; SES takes at most {limit} "
+                "recipients per message: put the list in Bcc or address it to "
+                "undisclosed-recipients:; and send it again",
+            )
+        if len(header) + extra + adds > limit:
+            batches.append(tuple(batch))
+            batch, extra = [], 0
+        batch.append(recipient)
+        extra += adds
+    if batch:
+        batches.append(tuple(batch))
+    return batches

@@ -1,0 +1,138 @@
+"""What an SES error means for the mail: retry, defer or reject. Pure.
+
+The table here is the one in the README ("SES errors and SMTP replies");
+keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.errors import Disposition, SesError, SesTransportError, SmtpReply
+
+RETRYABLE = Disposition.RETRYABLE
+DEFERRABLE = Disposition.DEFERRABLE
+PERMANENT = Disposition.PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    disposition: Disposition
+    code: int
+    enhanced: str
+    text: str
+    refresh_credentials: bool = False
+
+    def reply(self) -> SmtpReply:
+        return SmtpReply(self.code, self.enhanced, self.text)
+
+
+RATE_EXCEEDED = Rule(RETRYABLE, 451, "4.4.5", "SES sending rate exceeded, try again later")
+DAILY_QUOTA = Rule(DEFERRABLE, 451, "4.3.2", "SES daily sending quota exceeded, try again later")
+SENDING_PAUSED = Rule(DEFERRABLE, 451, "4.3.2", "SES sending is paused for this account")
+MAIL_FROM_UNVERIFIED = Rule(DEFERRABLE, 451, "4.7.1", "SES custom MAIL FROM domain is not verified")
+CREDENTIALS = Rule(
+    DEFERRABLE, 451, "4.7.0", "relay cannot authenticate to SES", refresh_credentials=True
+)
+REJECTED = Rule(PERMANENT, 554, "5.7.1", "message rejected by SES")
+NO_CONFIGURATION_SET = Rule(PERMANENT, 554, "5.3.5", "SES configuration set does not exist")
+INVALID_PARAMETER = Rule(PERMANENT, 554, "5.6.0", "SES refused a message parameter")
+ACCESS_DENIED = Rule(PERMANENT, 554, "5.7.1", "not authorized to send as this identity")
+SERVER_FAILURE = Rule(RETRYABLE, 451, "4.3.0", "SES temporary failure, try again later")
+UNKNOWN_CLIENT_ERROR = Rule(DEFERRABLE, 451, "4.3.0", "SES refused the call, message kept")
+TIMEOUT = Rule(RETRYABLE, 451, "4.4.2", "SES did not answer in time, try again later")
+CONNECTION = Rule(RETRYABLE, 451, "4.4.1", "cannot connect to SES, try again later")
+BAD_ANSWER = Rule(RETRYABLE, 451, "4.3.0", "unusable answer from SES, try again later")
+
+# Error codes of the AWS front end that mean "these credentials (or this
+# clock) are not accepted": an operator can fix them without losing mail.
+CREDENTIAL_CODES = frozenset(
+    {
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "UnrecognizedClientException",
+        "MissingAuthenticationToken",
+        "InvalidSignatureException",
+        "RequestExpired",
+        "AuthFailure",
+    }
+)
+
+BY_CODE: dict[str, Rule] = {
+    "InternalFailure": SERVER_FAILURE,
+    "ServiceUnavailable": SERVER_FAILURE,
+    "MailFromDomainNotVerified": MAIL_FROM_UNVERIFIED,
+    "MailFromDomainNotVerifiedException": MAIL_FROM_UNVERIFIED,
+    "AccountSendingPausedException": SENDING_PAUSED,
+    "ConfigurationSetSendingPausedException": SENDING_PAUSED,
+    "ConfigurationSetDoesNotExist": NO_CONFIGURATION_SET,
+    "ConfigurationSetDoesNotExistException": NO_CONFIGURATION_SET,
+    "InvalidParameterValue": INVALID_PARAMETER,
+    "AccessDenied": ACCESS_DENIED,
+    "AccessDeniedException": ACCESS_DENIED,
+} | dict.fromkeys(CREDENTIAL_CODES, CREDENTIALS)
+
+TRANSPORT: dict[str, Rule] = {
+    "Timeout": TIMEOUT,
+    "ConnectionError": CONNECTION,
+    "ResponseTooLarge": BAD_ANSWER,
+    "MalformedResponse": BAD_ANSWER,
+}
+
+
+def rule_for(code: str, message: str, http_status: int | None) -> Rule:
+    """The rule for one SES error answer."""
+    lowered = message.lower()
+    if code == "Throttling":
+        return DAILY_QUOTA if "daily message quota" in lowered else RATE_EXCEEDED
+    if code == "MessageRejected":
+        return SENDING_PAUSED if "sending paused" in lowered else REJECTED
+    rule = BY_CODE.get(code)
+    if rule is not None:
+        return rule
+    if http_status is None or http_status >= 500:
+        return SERVER_FAILURE
+    return UNKNOWN_CLIENT_ERROR
+
+
+def ses_error(code: str, message: str, http_status: int | None, request_id: str | None) -> SesError:
+    """The typed error for an SES error answer."""
+    rule = rule_for(code, message, http_status)
+    reply = rule.reply()
+    if rule.disposition is PERMANENT and message:
+        # SES's own words tell the sender what to fix ("Email address is
+        # not verified. ..."); they never hold secrets.
+        reply = SmtpReply(rule.code, rule.enhanced, f"{rule.text}: {_one_line(message)}")
+    return SesError(
+        code=code,
+        message=message,
+        http_status=http_status,
+        request_id=request_id,
+        disposition=rule.disposition,
+        smtp_reply=reply,
+        refresh_credentials=rule.refresh_credentials,
+    )
+
+
+def transport_error(
+    code: str, message: str, *, http_status: int | None = None, request_sent: bool = True
+) -> SesTransportError:
+    """The typed error for a call that got no usable SES answer."""
+    rule = TRANSPORT[code]
+    return SesTransportError(
+        code=code,
+        message=message,
+        http_status=http_status,
+        request_id=None,
+        disposition=rule.disposition,
+        smtp_reply=rule.reply(),
+        request_sent=request_sent,
+    )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -1,0 +1,227 @@
+"""The SES client: signed Query API calls over one pooled aiohttp session.
+
+Every aiohttp and OS error becomes a ``relay.errors.SesError`` here and
+nowhere else. Calls retry retryable errors quickly (exponential backoff with
+full jitter) within the attempts and the deadline they are given; long-term
+retrying is the spool's job.
+
+SendRawEmail has no idempotency token. When an attempt fails after its
+request was sent (a timeout, a reset while waiting for the answer), SES may
+have accepted the message, and the retry can deliver it twice. Connection
+failures before sending are retried without that risk. The window is kept
+small by a short connect timeout, a generous answer timeout (SES answers
+in well under a second), and retrying on a pooled connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self, TypeVar
+
+import aiohttp
+from yarl import URL
+
+from relay.config import SesConfig
+from relay.errors import SesError
+from relay.log import ses_log
+from relay.ses.classify import transport_error
+from relay.ses.credentials import CredentialProvider
+from relay.ses.http import new_session, read_capped
+from relay.ses.query import (
+    FORM_CONTENT_TYPE,
+    SendRawEmailRequest,
+    get_send_quota_body,
+    send_raw_email_body,
+)
+from relay.ses.responses import (
+    SendQuota,
+    SendResult,
+    error_from_answer,
+    parse_send_quota,
+    parse_send_raw_email,
+)
+from relay.ses.sigv4 import payload_hash, sign_request
+
+__all__ = ["SendQuota", "SendResult", "SesClient", "backoff_delay", "endpoint_url"]
+
+T = TypeVar("T")
+
+SERVICE = "ses"
+LARGE_BODY = 1 << 20
+
+
+def endpoint_url(config: SesConfig) -> URL:
+    """The SES endpoint: the configured one, else the region's."""
+    return URL(config.endpoint or f"https://email.{config.region}.amazonaws.com")
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
+    """Full-jitter exponential backoff: ``jitter`` is uniform in [0, 1)."""
+    return jitter * min(cap, base * (2.0 ** (attempt - 1)))
+
+
+class SesClient:
+    """Calls SES. Use as ``async with SesClient(config, credentials) as ses``."""
+
+    def __init__(
+        self,
+        config: SesConfig,
+        credentials: CredentialProvider,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._config = config
+        self._credentials = credentials
+        self._url = endpoint_url(config)
+        self._host = self._url.host_port_subcomponent or ""
+        self._path = self._url.raw_path or "/"
+        self._session = session
+        self._own_session = session is None
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._jitter = jitter
+
+    @property
+    def url(self) -> URL:
+        return self._url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled HTTP session."""
+        if self._session is None:
+            self._session = new_session(
+                ca_bundle=self._config.ca_bundle, max_connections=self._config.max_connections
+            )
+        return self._session
+
+    async def __aenter__(self) -> Self:
+        _ = self.session
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send_raw_email(
+        self, request: SendRawEmailRequest, *, deadline: float | None = None
+    ) -> SendResult:
+        """Send one message; ``deadline`` bounds the whole call, retries included."""
+        body = send_raw_email_body(request)
+        return await self._call(body, parse_send_raw_email, deadline)
+
+    async def get_send_quota(self, *, deadline: float | None = None) -> SendQuota:
+        return await self._call(get_send_quota_body(), parse_send_quota, deadline)
+
+    async def _call(self, body: bytes, parse: Callable[[bytes], T], deadline: float | None) -> T:
+        config = self._config
+        budget = deadline if deadline is not None else config.request_timeout * config.max_attempts
+        ends = self._monotonic() + budget
+        body_sha256 = payload_hash(body)
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = ends - self._monotonic()
+            if remaining <= 0:
+                raise transport_error("Timeout", "deadline passed before SES answered")
+            try:
+                return await self._attempt(body, body_sha256, parse, remaining)
+            except SesError as error:
+                if error.refresh_credentials and not refreshed:
+                    # Rotated or expired credentials: fetch new ones and try once more.
+                    self._credentials.invalidate()
+                    refreshed = True
+                    if attempt < config.max_attempts:
+                        continue
+                if not error.retryable or attempt >= config.max_attempts:
+                    raise
+                delay = backoff_delay(
+                    attempt, config.backoff_base, config.backoff_max, self._jitter()
+                )
+                if self._monotonic() + delay >= ends:
+                    raise
+                ses_log.info(
+                    "retrying SES call in %.2fs after %s (attempt %d)", delay, error.code, attempt
+                )
+                await self._sleep(delay)
+
+    async def _attempt(
+        self, body: bytes, body_sha256: str, parse: Callable[[bytes], T], budget: float
+    ) -> T:
+        config = self._config
+        timeout = min(budget, config.request_timeout)
+        credentials = await self._credentials.get()
+        headers = {"Content-Type": FORM_CONTENT_TYPE}
+        headers |= sign_request(
+            credentials=credentials,
+            region=config.region,
+            service=SERVICE,
+            method="POST",
+            host=self._host,
+            path=self._path,
+            headers=headers,
+            payload_sha256=body_sha256,
+            now=self._clock(),
+        )
+        headers["Host"] = self._host
+        try:
+            async with asyncio.timeout(timeout):
+                status, answer = await self._post(body, headers, timeout)
+        except SesError:
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise transport_error(
+                "ConnectionError", f"cannot connect to SES: {exc.os_error}", request_sent=False
+            ) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise transport_error(
+                "Timeout", "timed out connecting to SES", request_sent=False
+            ) from None
+        except TimeoutError:
+            raise transport_error("Timeout", f"no SES answer within {timeout:.1f}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise transport_error("ConnectionError", f"SES connection failed: {exc!r}") from None
+        if 200 <= status < 300:
+            return parse(answer)
+        raise error_from_answer(status, answer)
+
+    async def _post(
+        self, body: bytes, headers: dict[str, str], seconds: float
+    ) -> tuple[int, bytes]:
+        limit = self._config.max_response_size
+        # aiohttp writes a large body in chunks only from a file-like object.
+        data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
+        async with self.session.post(
+            self._url,
+            data=data,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=seconds, sock_connect=self._config.connect_timeout),
+        ) as response:
+            answer = await read_capped(response, limit)
+            if answer is None:
+                raise transport_error(
+                    "ResponseTooLarge",
+                    f"SES answer exceeds {limit} bytes",
+                    http_status=response.status,
+                )
+            return response.status, answer

@@ -1,0 +1,104 @@
+"""Form bodies for the SES v1 Query API (version 2010-12-01). Pure: no I/O.
+
+Bodies are built by hand: the message goes in as base64 with only ``+``, ``/``
+and ``=`` escaped, which is far cheaper than ``urllib.parse.urlencode``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
+
+__all__ = [
+    "API_VERSION",
+    "FORM_CONTENT_TYPE",
+    "SendRawEmailRequest",
+    "encode_form",
+    "get_send_quota_body",
+    "percent_encode",
+    "send_raw_email_body",
+]
+
+API_VERSION = "2010-12-01"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
+
+_GET_SEND_QUOTA = b"Action=GetSendQuota&Version=" + API_VERSION.encode()
+_SEND_RAW_EMAIL = ("Action", "SendRawEmail"), ("Version", API_VERSION)
+
+
+def percent_encode(value: str) -> str:
+    """RFC 3986 encoding of the UTF-8 bytes: only ``A-Za-z0-9-_.~`` stay bare.
+
+    Space becomes ``%20`` (never ``+``). Lone surrogates raise UnicodeEncodeError.
+    """
+    return quote(value, safe="")
+
+
+def encode_form(params: Sequence[tuple[str, str]]) -> bytes:
+    """``name=value&name=value`` in the given order, both sides percent-encoded."""
+    pairs = [f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in params]
+    return "&".join(pairs).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class SendRawEmailRequest:
+    """The parameters of one SendRawEmail call; ``None`` and ``()`` are not sent.
+
+    ``raw_message`` is the complete MIME message (without ``Bcc:``).
+    ``destinations`` are the envelope recipients (at most 50, checked by the caller).
+    """
+
+    raw_message: bytes
+    destinations: tuple[str, ...] = ()
+    source: str | None = None
+    from_arn: str | None = None
+    source_arn: str | None = None
+    return_path_arn: str | None = None
+    configuration_set: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+def _raw_message_data(raw_message: bytes) -> bytes:
+    """Base64 of the message, form-escaped: the only non-bare base64 bytes are ``+/=``."""
+    return (
+        base64.b64encode(raw_message)
+        .replace(b"+", b"%2B")
+        .replace(b"/", b"%2F")
+        .replace(b"=", b"%3D")
+    )
+
+
+def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
+    """The form body of a SendRawEmail call.
+
+    Parameters follow the SES model's order, except ``RawMessage.Data``,
+    which comes last. Unset (``None``) parameters are omitted; an empty
+    string is sent as given.
+    """
+    params: list[tuple[str, str]] = list(_SEND_RAW_EMAIL)
+    if request.source is not None:
+        params.append(("Source", request.source))
+    params.extend(
+        (f"Destinations.member.{i}", address) for i, address in enumerate(request.destinations, 1)
+    )
+    if request.from_arn is not None:
+        params.append(("FromArn", request.from_arn))
+    if request.source_arn is not None:
+        params.append(("SourceArn", request.source_arn))
+    if request.return_path_arn is not None:
+        params.append(("ReturnPathArn", request.return_path_arn))
+    for i, (name, value) in enumerate(request.tags, 1):
+        params.append((f"Tags.member.{i}.Name", name))
+        params.append((f"Tags.member.{i}.Value", value))
+    if request.configuration_set is not None:
+        params.append(("ConfigurationSetName", request.configuration_set))
+    return b"".join(
+        (encode_form(params), b"&RawMessage.Data=", _raw_message_data(request.raw_message))
+    )
+
+
+def get_send_quota_body() -> bytes:
+    """The form body of a GetSendQuota call."""
+    return _GET_SEND_QUOTA

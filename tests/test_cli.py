@@ -1,0 +1,90 @@
+"""The command line, run as a user runs it: a subprocess with an environment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.fakeses import FakeSes, SesErrorReply
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No credentials or AWS settings from the machine running the tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SES_RELAY_"))}
+    env |= {"HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true"}
+    return env | extra
+
+
+def ses_env(tmp_path: Path, fake: FakeSes) -> dict[str, str]:
+    return clean_env(
+        tmp_path,
+        AWS_ACCESS_KEY_ID=fake.access_key,
+        AWS_SECRET_ACCESS_KEY=fake.secret_key,
+        AWS_ENDPOINT_URL_SES=fake.url,
+        AWS_CA_BUNDLE=fake.ca_pem_path,
+        AWS_REGION=fake.region,
+    )
+
+
+async def test_quota_prints_the_account_limits(tmp_path: Path, fake_ses: FakeSes) -> None:
+    code, out, err = await run_cli("quota", env=ses_env(tmp_path, fake_ses))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "Max24HourSend:   50000",
+        "MaxSendRate:     14 per second",
+        "SentLast24Hours: 127",
+    ]
+    assert [r.action for r in fake_ses.requests] == ["GetSendQuota"]
+
+
+async def test_quota_reports_ses_refusal(tmp_path: Path, fake_ses: FakeSes) -> None:
+    fake_ses.script(SesErrorReply(403, "AccessDenied", "User is not authorized"))
+    code, out, err = await run_cli("quota", env=ses_env(tmp_path, fake_ses))
+    assert (code, out) == (1, "")
+    assert err == "ses-relay: quota: AccessDenied: User is not authorized\n"
+
+
+async def test_quota_without_credentials_lists_what_was_tried(tmp_path: Path) -> None:
+    code, out, err = await run_cli("quota", env=clean_env(tmp_path))
+    assert (code, out) == (1, "")
+    assert "no AWS credentials found" in err
+    for source in ("environment", "shared credentials file", "EC2 instance metadata"):
+        assert source in err
+
+
+async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[smtp]\nmax_recipients = 0\n[ses]\nendpoint = "ftp://x"\ntypo = 1\n')
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert err.splitlines() == [
+        "ses-relay: configuration is invalid (3 problems):",
+        f"  {config}: [smtp] max_recipients: must be greater than 0",
+        f"  {config}: [ses] typo: unknown key",
+        f"  {config}: [ses] endpoint: must start with https:// "
+        "(or http:// for a local test endpoint)",
+    ]
+
+
+async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    code, out, _ = await run_cli("check-config", "-c", str(example), env=clean_env(tmp_path))
+    assert code == 0
+    assert out == f"ses-relay: configuration OK ({example})\n"

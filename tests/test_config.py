@@ -1,0 +1,159 @@
+"""Configuration loading: defaults, the file, the environment, every problem at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relay.config import SECTIONS, load_config, split_host_port
+from relay.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_contract() -> None:
+    config = load_config(None, {})
+    assert config.smtp.listen == ("127.0.0.1:2525",)
+    assert config.smtp.max_message_size == 7_864_320
+    assert config.metrics.listen == "127.0.0.1:9465"
+    assert config.ses.region == "us-east-1"
+    assert config.ses.endpoint == ""
+    assert config.spool.path == "./spool"
+    assert config.source == "defaults"
+
+
+def test_example_file_documents_every_key_with_its_default() -> None:
+    # Uncomment the keys that take their default from the environment.
+    text = re.sub(r"^#(\w+ = )", r"\1", EXAMPLE.read_text(), flags=re.MULTILINE)
+    document = tomllib.loads(text)
+    defaults = load_config(None, {})
+    assert set(document) == set(SECTIONS)
+    for section, cls in SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(document[section]) == names, section
+        for name in names:
+            expected = getattr(getattr(defaults, section), name)
+            value = document[section][name]
+            assert (tuple(value) if isinstance(value, list) else value) == expected, name
+
+
+def test_example_file_loads_as_is() -> None:
+    assert load_config(EXAMPLE, {}).source == str(EXAMPLE)
+
+
+def test_aws_environment_supplies_region_endpoint_and_ca() -> None:
+    env = {
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "ap-south-1",
+        "AWS_ENDPOINT_URL": "https://generic.example",
+        "AWS_ENDPOINT_URL_SES": "https://ses.example",
+        "AWS_CA_BUNDLE": "/etc/ca.pem",
+    }
+    ses = load_config(None, env).ses
+    assert (ses.region, ses.endpoint, ses.ca_bundle) == (
+        "eu-west-1",
+        "https://ses.example",
+        "/etc/ca.pem",
+    )
+    assert load_config(None, {"AWS_DEFAULT_REGION": "ap-south-1"}).ses.region == "ap-south-1"
+    assert load_config(None, {"AWS_ENDPOINT_URL": "https://g.example"}).ses.endpoint == (
+        "https://g.example"
+    )
+
+
+def test_file_beats_aws_environment_and_relay_environment_beats_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[ses]\nregion = "us-west-2"\nendpoint = "https://file.example"\n')
+    env = {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL_SES": "https://env.example"}
+    ses = load_config(path, env).ses
+    assert (ses.region, ses.endpoint) == ("us-west-2", "https://file.example")
+    env["SES_RELAY_SES_REGION"] = "eu-central-1"
+    assert load_config(path, env).ses.region == "eu-central-1"
+
+
+def test_environment_overrides_are_typed() -> None:
+    env = {
+        "SES_RELAY_SMTP_LISTEN": "0.0.0.0:25, [::]:25",
+        "SES_RELAY_SMTP_MAX_RECIPIENTS": "50",
+        "SES_RELAY_SMTP_PROXY_PROTOCOL": "true",
+        "SES_RELAY_SES_REQUEST_TIMEOUT": "2",
+        "SES_RELAY_SMTP_ALLOWED_NETWORKS": '["10.0.0.0/8"]',
+    }
+    config = load_config(None, env)
+    assert config.smtp.listen == ("0.0.0.0:25", "[::]:25")
+    assert config.smtp.max_recipients == 50
+    assert config.smtp.proxy_protocol is True
+    assert config.ses.request_timeout == 2.0
+    assert config.smtp.allowed_networks == ("10.0.0.0/8",)
+
+
+def test_state_directory_is_the_default_spool() -> None:
+    assert load_config(None, {"STATE_DIRECTORY": "/var/lib/ses-relay:/x"}).spool.path == (
+        "/var/lib/ses-relay"
+    )
+
+
+def test_every_problem_is_reported_with_key_and_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[smtp]\n"
+        'listen = ["1.2.3.4"]\n'
+        'max_recipients = "many"\n'
+        "lisen = 1\n"
+        "[ses]\n"
+        'endpoint = "ftp://x"\n'
+        "max_attempts = true\n"
+        "[bogus]\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"SES_RELAY_SES_REQUEST_TIMEOUT": "-1"})
+    problems = caught.value.problems
+    assert f"{path}: [bogus]: unknown section" in problems
+    assert f"{path}: [smtp] lisen: unknown key" in problems
+    assert any(p.startswith(f"{path}: [smtp] listen: '1.2.3.4'") for p in problems)
+    assert f"{path}: [smtp] max_recipients: expected an integer, got a string ('many')" in problems
+    assert any(p.startswith(f"{path}: [ses] endpoint: must start with https://") for p in problems)
+    assert f"{path}: [ses] max_attempts: expected an integer, got a boolean (True)" in problems
+    assert "environment SES_RELAY_SES_REQUEST_TIMEOUT: must be greater than 0" in problems
+    assert len(problems) == 7
+
+
+def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: cannot read")):
+        load_config(missing, {})
+    broken = write(tmp_path, "[smtp\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{broken}: not valid TOML")):
+        load_config(broken, {})
+
+
+def test_section_must_be_a_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ses: must be a table"):
+        load_config(write(tmp_path, 'ses = "x"\n'), {})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+        ("[::1]:25", ("::1", 25)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
+def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert split_host_port(text) == expected
+
+
+@pytest.mark.parametrize("text", ["::1:25", "host", ":25", "h:0", "h:65536", "h:x", "[::1]"])
+def test_split_host_port_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        split_host_port(text)

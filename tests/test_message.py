@@ -1,0 +1,204 @@
+"""Message preparation and batching: pure, no sockets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from relay.errors import MessageRefused
+from relay.message import NO_PARAMETERS, SesParameters, plan_batches, prepare, split_header
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def prep(raw: bytes, defaults: SesParameters = NO_PARAMETERS):  # type: ignore[no-untyped-def]
+    return prepare(raw, now=NOW, message_id=lambda: "<id-1@relay.test>", defaults=defaults)
+
+
+COMPLETE = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Date: Mon, 23 Nov 2026 11:00:00 +0000\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"Subject: hello\r\n"
+    b"\r\n"
+    b"Body line\r\n.. dot\r\n"
+)
+
+
+def test_complete_message_is_unchanged() -> None:
+    prepared = prep(COMPLETE)
+    assert prepared.raw == COMPLETE
+    assert prepared.from_address == "alice@example.com"
+    assert prepared.header_recipients == frozenset({"bob@example.net"})
+    assert prepared.ses == SesParameters()
+
+
+header_name = st.from_regex(r"X-[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True)
+header_value = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60
+).map(str.strip)
+body = st.binary(max_size=500).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(header_name, header_value), max_size=6), body)
+def test_other_headers_and_body_pass_byte_for_byte(
+    extra: list[tuple[str, str]], body_bytes: bytes
+) -> None:
+    fields = b"".join(f"{n}: {v}\r\n".encode() for n, v in extra)
+    raw = COMPLETE.split(b"\r\n\r\n")[0] + b"\r\n" + fields + b"\r\n" + body_bytes
+    assume(all(not n.lower().startswith("x-ses-") for n, _ in extra))
+    assert prep(raw).raw == raw
+
+
+def test_bcc_and_resent_bcc_are_removed_with_their_folded_lines() -> None:
+    raw = (
+        b"From: a@example.com\r\nBcc: hidden@example.com,\r\n  other@example.com\r\n"
+        b"To: t@example.com\r\nresent-bcc: r@example.com\r\nDate: x\r\nMessage-ID: <y>\r\n"
+        b"\r\nbody mentions Bcc: in the body\r\n"
+    )
+    prepared = prep(raw)
+    assert prepared.raw == (
+        b"From: a@example.com\r\nTo: t@example.com\r\nDate: x\r\nMessage-ID: <y>\r\n"
+        b"\r\nbody mentions Bcc: in the body\r\n"
+    )
+
+
+def test_ses_headers_become_parameters_and_are_removed() -> None:
+    raw = (
+        b"From: a@example.com\r\nDate: x\r\nMessage-ID: <y>\r\n"
+        b"X-SES-CONFIGURATION-SET: marketing\r\n"
+        b"X-SES-MESSAGE-TAGS: campaign=fall, team = ops\r\n"
+        b"x-ses-source-arn: arn:aws:ses:us-east-1:1:identity/example.com\r\n"
+        b"X-SES-FROM-ARN: arn:aws:ses:us-east-1:1:identity/from.example.com\r\n"
+        b"X-SES-RETURN-PATH-ARN: arn:aws:ses:us-east-1:1:identity/rp.example.com\r\n"
+        b"\r\nbody\r\n"
+    )
+    prepared = prep(raw)
+    assert prepared.raw == b"From: a@example.com\r\nDate: x\r\nMessage-ID: <y>\r\n\r\nbody\r\n"
+    assert prepared.ses == SesParameters(
+        configuration_set="marketing",
+        tags=(("campaign", "fall"), ("team", "ops")),
+        source_arn="arn:aws:ses:us-east-1:1:identity/example.com",
+        from_arn="arn:aws:ses:us-east-1:1:identity/from.example.com",
+        return_path_arn="arn:aws:ses:us-east-1:1:identity/rp.example.com",
+    )
+    assert prepared.ses.identity_headers() == [
+        "X-SES-SOURCE-ARN",
+        "X-SES-FROM-ARN",
+        "X-SES-RETURN-PATH-ARN",
+    ]
+
+
+def test_config_defaults_apply_unless_a_header_overrides() -> None:
+    defaults = SesParameters(configuration_set="default-set", tags=(("env", "prod"),))
+    assert prep(COMPLETE, defaults).ses == defaults
+    raw = COMPLETE.replace(b"Subject", b"X-SES-CONFIGURATION-SET: other\r\nSubject")
+    assert prep(raw, defaults).ses.configuration_set == "other"
+
+
+def test_bad_tags_are_refused() -> None:
+    raw = COMPLETE.replace(b"Subject", b"X-SES-MESSAGE-TAGS: novalue\r\nSubject")
+    with pytest.raises(MessageRefused) as caught:
+        prep(raw)
+    assert str(caught.value.reply).startswith("550 5.6.0 X-SES-MESSAGE-TAGS")
+
+
+def test_missing_date_and_message_id_are_added_at_the_end_of_the_header() -> None:
+    raw = b"From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n"
+    assert prep(raw).raw == (
+        b"From: a@example.com\r\nSubject: s\r\n"
+        b"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\nMessage-ID: <id-1@relay.test>\r\n"
+        b"\r\nbody\r\n"
+    )
+
+
+def test_header_only_message_gets_a_separator() -> None:
+    raw = b"From: a@example.com\r\nDate: d\r\nMessage-ID: <m>"
+    assert prep(raw).raw == b"From: a@example.com\r\nDate: d\r\nMessage-ID: <m>\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"To: b@example.com\r\n\r\nbody\r\n",
+        b"From: undisclosed:;\r\n\r\nbody\r\n",
+        b"From: no address here\r\n\r\n",
+        b"",
+    ],
+)
+def test_message_without_from_address_is_refused(raw: bytes) -> None:
+    with pytest.raises(MessageRefused) as caught:
+        prep(raw)
+    assert caught.value.reply.code == 550
+    assert caught.value.reply.enhanced == "5.6.0"
+    assert "From:" in caught.value.reply.text
+
+
+def test_header_recipients_come_from_to_and_cc_only() -> None:
+    raw = (
+        b"From: a@example.com\r\nTo: One <ONE@example.com>, list: two@example.com;\r\n"
+        b"Cc: three@example.com\r\nReply-To: four@example.com\r\n\r\n"
+    )
+    assert prep(raw).header_recipients == frozenset(
+        {"one@example.com", "two@example.com", "three@example.com"}
+    )
+
+
+def test_split_header_stops_at_a_non_header_line() -> None:
+    fields, rest = split_header(b"From: a\r\nnot a header\r\nX: y\r\n")
+    assert [f.name for f in fields] == ["From"]
+    assert rest == b"not a header\r\nX: y\r\n"
+
+
+def addrs(n: int, domain: str = "example.com") -> list[str]:
+    return [f"user{i}@{domain}" for i in range(n)]
+
+
+def test_batches_of_fifty_when_headers_name_no_outsider() -> None:
+    assert [len(b) for b in plan_batches(addrs(120), frozenset())] == [50, 50, 20]
+
+
+def test_one_header_address_outside_the_batches_takes_a_seat_in_each() -> None:
+    assert [len(b) for b in plan_batches(addrs(120), {"team@example.org"})] == [49, 49, 22]
+
+
+def test_duplicates_are_sent_once_and_order_is_kept() -> None:
+    recipients = ["b@x.com", "a@x.com", "B@x.com", "c@x.com", "a@x.com"]
+    assert plan_batches(recipients, frozenset()) == [("b@x.com", "a@x.com", "c@x.com")]
+
+
+def test_headers_naming_more_than_fifty_are_refused_with_advice() -> None:
+    with pytest.raises(MessageRefused) as caught:
+        plan_batches(["x@example.org"], set(addrs(51)))
+    reply = caught.value.reply
+    assert (reply.code, reply.enhanced) == (550, "5.5.3")
+    assert "Bcc" in reply.text
+    assert "undisclosed-recipients" in reply.text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 200), max_size=300),
+    st.sets(st.integers(0, 250), max_size=45),
+    st.integers(1, 50),
+)
+def test_batches_respect_the_limit_and_lose_nothing(
+    picks: list[int], header_picks: set[int], limit: int
+) -> None:
+    recipients = [f"r{i}@example.com" for i in picks]
+    header = {f"r{i}@example.com" for i in header_picks}
+    try:
+        batches = plan_batches(recipients, header, limit)
+    except MessageRefused:
+        assert len(header) >= limit
+        return
+    flat = [r for batch in batches for r in batch]
+    assert flat == list(dict.fromkeys(recipients))
+    for batch in batches:
+        assert batch
+        assert len(set(batch) | header) <= limit
