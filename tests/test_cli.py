@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tests.fakeses import FakeSes, SesErrorReply
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
@@ -84,7 +86,6 @@ async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
 
 
 async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parent.parent / "config.example.toml"
-    code, out, _ = await run_cli("check-config", "-c", str(example), env=clean_env(tmp_path))
+    code, out, _ = await run_cli("check-config", "-c", str(EXAMPLE), env=clean_env(tmp_path))
     assert code == 0
-    assert out == f"ses-relay: configuration OK ({example})\n"
+    assert out == f"ses-relay: configuration OK ({EXAMPLE})\n"
