@@ -34,6 +34,13 @@ def positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def in_range(low: float, high: float) -> Check:
+    def check_range(value: float) -> str | None:
+        return None if low <= value <= high else f"must be from {low:g} to {high:g}"
+
+    return check_range
+
+
 def not_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 or greater"
 
@@ -64,6 +71,13 @@ def network(value: str) -> str | None:
     except ValueError:
         return "not an IP network (like 10.0.0.0/8 or ::1/128)"
     return None
+
+
+def one_of(*choices: str) -> Check:
+    def check_choice(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check_choice
 
 
 def url_or_empty(value: str) -> str | None:
@@ -100,6 +114,37 @@ class SmtpConfig:
     tls_cert: str = ""
     tls_key: str = ""
     proxy_protocol: bool = False
+    proxy_protocol_timeout: float = checked(5.0, positive)
+    """Seconds a client may take to send its PROXY header."""
+    bare_newline: str = checked("normalize", one_of("normalize", "reject"))
+    """Bare CR or LF in DATA: "normalize" to CRLF, or "reject" (550 5.5.2)."""
+    idle_timeout: float = checked(300.0, positive)
+    """Seconds a client may stay silent between commands."""
+    data_timeout: float = checked(600.0, positive)
+    """Seconds one DATA transfer may take in all."""
+    session_timeout: float = checked(3600.0, positive)
+    """Seconds one connection may last in all."""
+    max_messages_per_session: int = checked(1000, positive)
+    max_commands: int = checked(100, positive)
+    """Times each other command (NOOP, RSET, EHLO, HELP, ...) is allowed per session."""
+    max_connections: int = checked(1000, positive)
+    max_connections_per_client: int = checked(100, positive)
+    max_batch_recipients: int = checked(50, in_range(1, 50))
+    """Recipients per SendRawEmail call, header addresses counted (SES: 50)."""
+    identity_header_networks: tuple[str, ...] = checked((), each(network))
+    """Clients that may use X-SES-SOURCE-ARN / -FROM-ARN / -RETURN-PATH-ARN."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserPolicy:
+    """An ``[auth.users.NAME]`` table: what one AUTH user may do."""
+
+    name: str = ""
+    allowed_senders: tuple[str, ...] = ()
+    """Addresses (``a@example.com``) and domains (``@example.com``) this user
+    may use in MAIL FROM and From:; empty allows any."""
+    identity_headers: bool = False
+    """May use X-SES-SOURCE-ARN / -FROM-ARN / -RETURN-PATH-ARN."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +152,22 @@ class AuthConfig:
     """The ``[auth]`` section."""
 
     users_file: str = ""
+    max_failures: int = checked(10, positive)
+    """Failed AUTH attempts per client IP within ``failure_window`` before it is cut off."""
+    failure_window: float = checked(600.0, positive)
+    failure_delay: float = checked(1.0, not_negative)
+    """Seconds each failed AUTH reply is held back."""
+    hash_threads: int = checked(2, positive)
+    """Threads that check password hashes, off the event loop."""
+    users: tuple[UserPolicy, ...] = ()
+    """From the ``[auth.users.NAME]`` tables."""
+
+    def user(self, name: str) -> UserPolicy:
+        """The policy for ``name`` (the default policy if it has no table)."""
+        for policy in self.users:
+            if policy.name == name:
+                return policy
+        return UserPolicy(name=name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +211,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """The ``[delivery]`` section."""
+
+    inline_timeout: float = checked(10.0, positive)
+    """Seconds the relay tries SES while the client waits for its DATA reply."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -158,6 +227,7 @@ class Config:
     ses: SesConfig
     spool: SpoolConfig
     metrics: MetricsConfig
+    delivery: DeliveryConfig
     source: str = "defaults"
     """The file it came from, or "defaults"."""
 
@@ -168,9 +238,12 @@ SECTIONS: dict[str, type[Any]] = {
     "ses": SesConfig,
     "spool": SpoolConfig,
     "metrics": MetricsConfig,
+    "delivery": DeliveryConfig,
 }
 
 ENV_PREFIX = "SES_RELAY_"
+_NESTED = frozenset({"users"})
+"""Fields built from nested tables, not from one key."""
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Config:
@@ -187,13 +260,39 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> 
         if not isinstance(table, dict):
             problems.append(f"{source}: {name}: must be a table ([{name}])")
             table = {}
+        table = dict(table)
+        users = table.pop("users", {}) if name == "auth" else {}
         values = _section_values(
             name, cls=cls, table=table, env=env, source=source, problems=problems
         )
+        if name == "auth":
+            values["users"] = _user_policies(users, source, problems)
         sections[name] = cls(**values)
     if problems:
         raise ConfigError(problems)
     return Config(source=source, **sections)
+
+
+def _user_policies(tables: Any, source: str, problems: list[str]) -> tuple[UserPolicy, ...]:
+    if not isinstance(tables, dict):
+        problems.append(f"{source}: [auth] users: must be tables ([auth.users.NAME])")
+        return ()
+    policies = []
+    for user, table in tables.items():
+        section = f"auth.users.{user}"
+        if not isinstance(table, dict):
+            problems.append(f"{source}: {section}: must be a table ([{section}])")
+            continue
+        values = _section_values(
+            section,
+            cls=UserPolicy,
+            table={k: v for k, v in table.items() if k != "name"},
+            env={},
+            source=source,
+            problems=problems,
+        )
+        policies.append(UserPolicy(**(values | {"name": user})))
+    return tuple(policies)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -216,7 +315,7 @@ def _section_values(
     problems: list[str],
 ) -> dict[str, Any]:
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NESTED}
     for key in table:
         if key not in fields:
             problems.append(f"{source}: [{section}] {key}: unknown key")

@@ -39,7 +39,7 @@ def test_example_file_documents_every_key_with_its_default() -> None:
     defaults = load_config(None, {})
     assert set(document) == set(SECTIONS)
     for section, cls in SECTIONS.items():
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"users"}
         assert set(document[section]) == names, section
         for name in names:
             expected = getattr(getattr(defaults, section), name)
@@ -157,3 +157,29 @@ def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_split_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
         split_host_port(text)
+
+
+def test_user_policies_from_nested_tables(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[auth.users.alice]\n"
+        'allowed_senders = ["alice@example.com", "@example.org"]\n'
+        "identity_headers = true\n"
+        "[auth.users.bob]\n",
+    )
+    auth = load_config(path, {}).auth
+    alice = auth.user("alice")
+    assert alice.allowed_senders == ("alice@example.com", "@example.org")
+    assert alice.identity_headers is True
+    assert auth.user("bob").allowed_senders == ()
+    assert auth.user("nobody").identity_headers is False
+
+
+def test_user_policy_problems_name_the_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "[auth.users.bob]\nidentity_headers = 1\ntypo = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == (
+        f"{path}: [auth.users.bob] typo: unknown key",
+        f"{path}: [auth.users.bob] identity_headers: expected true or false, got an integer (1)",
+    )

@@ -7,6 +7,7 @@ and ``=`` escaped, which is far cheaper than ``urllib.parse.urlencode``.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -25,7 +26,8 @@ API_VERSION = "2010-12-01"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 
 _GET_SEND_QUOTA = b"Action=GetSendQuota&Version=" + API_VERSION.encode()
-_SEND_RAW_EMAIL = ("Action", "SendRawEmail"), ("Version", API_VERSION)
+_SEND_RAW_EMAIL = b"Action=SendRawEmail&Version=" + API_VERSION.encode()
+_BARE = re.compile(r"[A-Za-z0-9._~-]*").fullmatch  # needs no escaping
 
 
 def percent_encode(value: str) -> str:
@@ -33,12 +35,12 @@ def percent_encode(value: str) -> str:
 
     Space becomes ``%20`` (never ``+``). Lone surrogates raise UnicodeEncodeError.
     """
-    return quote(value, safe="")
+    return value if _BARE(value) else quote(value, safe="")
 
 
 def encode_form(params: Sequence[tuple[str, str]]) -> bytes:
     """``name=value&name=value`` in the given order, both sides percent-encoded."""
-    pairs = [f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in params]
+    pairs = [f"{percent_encode(name)}={percent_encode(value)}" for name, value in params]
     return "&".join(pairs).encode("ascii")
 
 
@@ -77,7 +79,7 @@ def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
     which comes last. Unset (``None``) parameters are omitted; an empty
     string is sent as given.
     """
-    params: list[tuple[str, str]] = list(_SEND_RAW_EMAIL)
+    params: list[tuple[str, str]] = []
     if request.source is not None:
         params.append(("Source", request.source))
     params.extend(
@@ -94,9 +96,8 @@ def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
         params.append((f"Tags.member.{i}.Value", value))
     if request.configuration_set is not None:
         params.append(("ConfigurationSetName", request.configuration_set))
-    return b"".join(
-        (encode_form(params), b"&RawMessage.Data=", _raw_message_data(request.raw_message))
-    )
+    head = _SEND_RAW_EMAIL + b"&" + encode_form(params) + b"&" if params else _SEND_RAW_EMAIL + b"&"
+    return b"".join((head, b"RawMessage.Data=", _raw_message_data(request.raw_message)))
 
 
 def get_send_quota_body() -> bytes:
