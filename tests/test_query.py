@@ -101,7 +101,7 @@ def decoded(body: bytes) -> list[tuple[str, str]]:
 
 
 @settings(max_examples=200)
-@given(st.text(st.characters(codec="utf-8")))
+@given(st.one_of(text, st.text(st.characters(codec="utf-8"))))
 def test_percent_encode_matches_botocore(value: str) -> None:
     encoded = percent_encode(value)
     assert encoded == boto_percent_encode(value)
@@ -118,8 +118,24 @@ def test_percent_encode_matches_botocore(value: str) -> None:
             rest = rest[1:]
 
 
-def test_percent_encode_examples() -> None:
-    assert percent_encode("a b+c~d*e%f/g=h&i") == "a%20b%2Bc~d%2Ae%25f%2Fg%3Dh%26i"
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("a b+c~d*e%f/g=h&i", "a%20b%2Bc~d%2Ae%25f%2Fg%3Dh%26i"),
+        ("*", "%2A"),
+        ("+", "%2B"),
+        (" ", "%20"),
+        ("~", "~"),
+        ("a.b-c_d~", "a.b-c_d~"),
+        ("!'()", "%21%27%28%29"),
+        ("a@b.c", "a%40b.c"),
+    ],
+)
+def test_percent_encode_examples(value: str, expected: str) -> None:
+    assert percent_encode(value) == expected
+
+
+def test_percent_encode_non_ascii() -> None:
     assert percent_encode("é€") == "%C3%A9%E2%82%AC"
     assert percent_encode("") == ""
     with pytest.raises(UnicodeEncodeError):
