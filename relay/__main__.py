@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO
 
 from relay import __version__
+from relay.app import load_resources, serve
+from relay.auth import SCHEMES, hash_password, valid_username
 from relay.config import Config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.log import configure as configure_logging
 from relay.ses.client import SendQuota, SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import new_session
@@ -34,35 +39,102 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
+    command("serve", "Run the relay in the foreground until SIGTERM or SIGINT.")
     command("check-config", "Check a configuration file and report every problem.")
     command("quota", "Print the SES account's sending quota.")
+    hashing = commands.add_parser(
+        "hash-password",
+        help="Hash a password for the users file ([auth] users_file).",
+        description=(
+            "Hash a password for the users file. The password is asked twice on the "
+            "terminal, or read as one line from standard input when that is not a terminal. "
+            "Prints a user:hash line (with USER) or the hash alone."
+        ),
+    )
+    hashing.add_argument("--scheme", choices=SCHEMES, default="argon2id", help="default: argon2id")
+    hashing.add_argument("user", nargs="?", metavar="USER", help="user name for the line")
     return parser
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "hash-password":
+        return hash_password_command(args.user, args.scheme)
     environment = os.environ if env is None else env
     try:
         config = load_config(args.config, environment)
+        return COMMANDS[args.command](config, environment)
     except ConfigError as exc:
-        print(
-            f"ses-relay: configuration is invalid ({len(exc.problems)} problems):", file=sys.stderr
-        )
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        if args.command == "check-config":
-            print(f"ses-relay: configuration OK ({config.source})")
-            return 0
-        if args.command == "quota":
-            quota = asyncio.run(fetch_quota(config, environment))
-            print(format_quota(quota))
-            return 0
+        return report_config_error(exc)
     except RelayError as exc:
         print(f"ses-relay: {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return EXIT_USAGE
+
+
+def serve_command(config: Config, env: Mapping[str, str]) -> int:
+    configure_logging()
+    return asyncio.run(serve(config, env))
+
+
+def check_config_command(config: Config, env: Mapping[str, str]) -> int:
+    load_resources(config)
+    print(f"ses-relay: configuration OK ({config.source})")
+    return 0
+
+
+def quota_command(config: Config, env: Mapping[str, str]) -> int:
+    print(format_quota(asyncio.run(fetch_quota(config, env))))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Config, Mapping[str, str]], int]] = {
+    "serve": serve_command,
+    "check-config": check_config_command,
+    "quota": quota_command,
+}
+
+
+def report_config_error(exc: ConfigError) -> int:
+    count = len(exc.problems)
+    noun = "problem" if count == 1 else "problems"
+    print(f"ses-relay: configuration is invalid ({count} {noun}):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def hash_password_command(
+    user: str | None,
+    scheme: str,
+    *,
+    stdin: TextIO | None = None,
+    ask: Callable[[str], str] = getpass.getpass,
+) -> int:
+    """``ses-relay hash-password``: print ``user:hash`` (or the hash) for the users file."""
+    if user is not None and not valid_username(user):
+        print(
+            "ses-relay: hash-password: bad user name (printable, no spaces or ':')",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    source = sys.stdin if stdin is None else stdin
+    if source.isatty():
+        password = ask("Password: ")
+        if ask("Retype password: ") != password:
+            print("ses-relay: hash-password: the passwords differ", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        password = source.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("ses-relay: hash-password: empty password", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        hashed = hash_password(password, scheme)
+    except ValueError as exc:
+        print(f"ses-relay: hash-password: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(hashed if user is None else f"{user}:{hashed}")
+    return 0
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:

@@ -96,8 +96,8 @@ def split_host_port(value: str) -> tuple[str, int]:
             raise ValueError("write an IPv6 address in brackets, like [::1]:2525")
     if not sep or not host:
         raise ValueError("expected host:port, like 127.0.0.1:2525 or [::1]:2525")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 0 (any free port) to 65535")
     return host, int(port)
 
 
@@ -216,6 +216,20 @@ class DeliveryConfig:
 
     inline_timeout: float = checked(10.0, positive)
     """Seconds the relay tries SES while the client waits for its DATA reply."""
+    concurrency: int = checked(16, positive)
+    """Queued messages delivered at once in the background."""
+    retry_min: float = checked(60.0, positive)
+    """Seconds before the first background retry; each later wait doubles."""
+    retry_max: float = checked(3600.0, positive)
+    """Longest wait between two attempts."""
+    max_age: float = checked(432000.0, positive)
+    """Seconds a message may stay queued before it bounces (5 days, as Postfix)."""
+    bounces: bool = True
+    """Send a delivery status notification (RFC 3464) for mail that fails after 250."""
+    bounce_sender: str = ""
+    """From: of bounces; empty means MAILER-DAEMON@<smtp.hostname>. Must be SES-verified."""
+    quota_refresh: float = checked(300.0, positive)
+    """Seconds between GetSendQuota calls that set the sending rate."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,7 @@ def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
     assert split_host_port(text) == expected
 
 
-@pytest.mark.parametrize("text", ["::1:25", "host", ":25", "h:0", "h:65536", "h:x", "[::1]"])
+@pytest.mark.parametrize("text", ["::1:25", "host", ":25", "h:-1", "h:65536", "h:x", "[::1]"])
 def test_split_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
         split_host_port(text)

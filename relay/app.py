@@ -1,0 +1,205 @@
+"""The daemon: configuration → listeners, SES client, handler; start and stop.
+
+``Relay`` is the running relay (used by ``serve`` and by the tests);
+``serve`` runs one in the foreground until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from relay.auth import Authenticator, Users, load_users
+from relay.config import Config, split_host_port
+from relay.errors import ConfigError, RelayError
+from relay.handler import RelayHandler
+from relay.log import smtp_log
+from relay.ses.client import SesClient
+from relay.ses.credentials import default_chain
+from relay.ses.http import new_session
+from relay.smtp import ConnectionLimiter, smtp_factory
+
+SHUTDOWN_GRACE = 30.0
+"""Seconds in-flight SMTP sessions get to finish after SIGTERM."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the configuration points at, loaded and checked."""
+
+    tls_context: ssl.SSLContext | None
+    users: Users | None
+
+
+def load_resources(config: Config) -> Resources:
+    """Load the certificate and the users file; ``ConfigError`` lists every problem."""
+    smtp, source = config.smtp, config.source
+    problems: list[str] = []
+    tls_context = None
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        problems.append(f"{source}: [smtp] tls_cert, tls_key: set both or neither")
+    elif smtp.tls_cert:
+        try:
+            tls_context = server_tls_context(smtp.tls_cert, smtp.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(
+                f"{source}: [smtp] tls_cert, tls_key: cannot load the certificate and key "
+                f"({smtp.tls_cert}, {smtp.tls_key}): {exc}"
+            )
+    if smtp.tls_listen and not (smtp.tls_cert and smtp.tls_key):
+        problems.append(f"{source}: [smtp] tls_listen: needs tls_cert and tls_key")
+    if smtp.tls_listen and smtp.proxy_protocol:
+        problems.append(
+            f"{source}: [smtp] proxy_protocol: not supported with tls_listen "
+            "(the PROXY header would come before the TLS handshake); "
+            "terminate TLS at the load balancer or use STARTTLS on listen"
+        )
+    users = None
+    if config.auth.users_file:
+        try:
+            users = load_users(config.auth.users_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        if tls_context is None:
+            problems.append(
+                f"{source}: [auth] users_file: AUTH is offered only under TLS: "
+                "set [smtp] tls_cert and tls_key"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return Resources(tls_context=tls_context, users=users)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class Relay:
+    """A running relay. ``async with Relay(config, env) as relay: ...``"""
+
+    def __init__(self, config: Config, env: Mapping[str, str]) -> None:
+        self.config = config
+        self._env = env
+        self._servers: list[asyncio.Server] = []
+        self._http: aiohttp.ClientSession | None = None
+        self._authenticator: Authenticator | None = None
+        self.limiter = ConnectionLimiter(
+            config.smtp.max_connections, config.smtp.max_connections_per_client
+        )
+        self.smtp_addresses: list[tuple[str, int]] = []
+        """Where the plain (STARTTLS) listeners are, in ``smtp.listen`` order."""
+        self.tls_addresses: list[tuple[str, int]] = []
+        """Where the implicit-TLS listeners are, in ``smtp.tls_listen`` order."""
+
+    async def start(self) -> None:
+        config = self.config
+        resources = load_resources(config)
+        self._http = new_session(
+            ca_bundle=config.ses.ca_bundle, max_connections=config.ses.max_connections
+        )
+        credentials = default_chain(self._env, session=self._http, region=config.ses.region)
+        ses = SesClient(config.ses, credentials, session=self._http)
+        handler = RelayHandler(config, ses)
+        if resources.users is not None:
+            self._authenticator = Authenticator(resources.users, config.auth)
+        loop = asyncio.get_running_loop()
+        try:
+            for address in config.smtp.listen:
+                self.smtp_addresses.append(
+                    await self._listen(loop, address, handler, resources, implicit_tls=False)
+                )
+            for address in config.smtp.tls_listen:
+                self.tls_addresses.append(
+                    await self._listen(loop, address, handler, resources, implicit_tls=True)
+                )
+        except RelayError:
+            await self.stop(grace=0)
+            raise
+
+    async def _listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: str,
+        handler: RelayHandler,
+        resources: Resources,
+        *,
+        implicit_tls: bool,
+    ) -> tuple[str, int]:
+        host, port = split_host_port(address)
+        factory = smtp_factory(
+            self.config.smtp,
+            handler,
+            tls_context=resources.tls_context,
+            limiter=self.limiter,
+            implicit_tls=implicit_tls,
+            authenticator=self._authenticator,
+        )
+        try:
+            server = await loop.create_server(
+                factory,
+                host,
+                port,
+                ssl=resources.tls_context if implicit_tls else None,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise RelayError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        self._servers.append(server)
+        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        smtp_log.info(
+            "listening on %s:%d%s",
+            f"[{bound_host}]" if ":" in bound_host else bound_host,
+            bound_port,
+            " (implicit TLS)" if implicit_tls else "",
+        )
+        return bound_host, bound_port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let sessions finish for up to ``grace`` seconds, close."""
+        for server in self._servers:
+            server.close()
+        await self.limiter.wait_idle(grace)
+        self.limiter.close_all()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self._authenticator is not None:
+            self._authenticator.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: Config, env: Mapping[str, str]) -> int:
+    """Run until SIGTERM or SIGINT; then stop gracefully and return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with Relay(config, env):
+        smtp_log.info("ses-relay ready")
+        await stop.wait()
+        smtp_log.info("stopping: no new connections; in-flight sessions may finish")
+    return 0

@@ -1,0 +1,117 @@
+"""The aiosmtpd handler: hooks that turn policy decisions into SMTP replies.
+
+Each hook is a thin adapter: the decisions live in ``relay.policy``,
+``relay.message`` and ``relay.delivery``, which raise ``MessageRefused``
+with the reply to give.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.addresses import ascii_address
+from relay.config import Config
+from relay.delivery import reply_for, requests_for, send_batches
+from relay.errors import MessageRefused, SmtpReply
+from relay.log import smtp_log
+from relay.message import SesParameters, plan_batches, prepare
+from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
+from relay.ses.client import SesClient
+from relay.session import authenticated_user as session_user
+from relay.session import client_address
+
+NULL_SENDER = ("", "<>")
+
+
+def new_queue_id() -> str:
+    """A short unique id for one message, as Postfix's queue ids."""
+    return secrets.token_hex(6).upper()
+
+
+class RelayHandler:
+    """Decides MAIL, RCPT and DATA; delivers accepted messages to SES."""
+
+    def __init__(
+        self,
+        config: Config,
+        ses: SesClient,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        queue_id: Callable[[], str] = new_queue_id,
+    ) -> None:
+        self._config = config
+        self._ses = ses
+        self._policy = AccessPolicy.from_config(config.smtp, config.auth)
+        self._defaults = SesParameters(configuration_set=config.ses.configuration_set or None)
+        self._clock = clock
+        self._queue_id = queue_id
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        client, user = client_address(session), session_user(session)
+        if not self._policy.may_relay(client, user):
+            return str(AUTH_REQUIRED)
+        if address not in NULL_SENDER:
+            try:
+                self._policy.check_sender(address, user)
+            except MessageRefused as refused:
+                return str(refused.reply)
+        envelope.mail_from = "" if address in NULL_SENDER else address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not self._policy.may_relay(client_address(session), session_user(session)):
+            return str(RELAY_DENIED)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        started = time.monotonic()
+        queue_id = self._queue_id()
+        try:
+            reply = await self._relay(queue_id, session, envelope)
+        except MessageRefused as refused:
+            reply = refused.reply
+        smtp_log.info(
+            "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
+            queue_id,
+            client_address(session),
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            len(envelope.content or b""),
+            reply,
+            time.monotonic() - started,
+        )
+        return str(reply)
+
+    async def _relay(self, queue_id: str, session: Any, envelope: Any) -> SmtpReply:
+        client, user = client_address(session), session_user(session)
+        message = prepare(
+            envelope.content,
+            now=self._clock(),
+            message_id=lambda: f"<{queue_id}.{new_queue_id()}@{self._config.smtp.hostname}>",
+            defaults=self._defaults,
+        )
+        self._policy.check_sender(message.from_address, user, where="From:")
+        self._policy.check_identity_headers(message.ses.identity_headers(), client, user)
+        source = envelope.mail_from or ascii_address(message.from_address, "sender")
+        batches = plan_batches(
+            envelope.rcpt_tos,
+            message.header_recipients,
+            self._config.smtp.max_batch_recipients,
+        )
+        outcomes = await send_batches(
+            self._ses,
+            requests_for(message, source, batches),
+            deadline=self._config.delivery.inline_timeout,
+        )
+        return reply_for(queue_id, outcomes)

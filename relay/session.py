@@ -1,0 +1,43 @@
+"""Facts about one SMTP session that policy decisions need."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+
+def authenticated_user(session: Any) -> str | None:
+    """The AUTH user name of an aiosmtpd session, or None."""
+    if getattr(session, "authenticated", None) and isinstance(session.auth_data, str):
+        return session.auth_data
+    return None
+
+
+def client_address(session: Any) -> str:
+    """The client's IP address: the PROXY header's source if any, else the peer.
+
+    IPv4-mapped IPv6 addresses (``::ffff:192.0.2.1``, seen on dual-stack
+    listeners) are given in their IPv4 form.
+    """
+    cached = getattr(session, "relay_client", None)
+    if isinstance(cached, str):
+        return cached
+    return find_client_address(session)
+
+
+def find_client_address(session: Any) -> str:
+    proxy = getattr(session, "proxy_data", None)
+    source = getattr(proxy, "src_addr", None) if proxy else None
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        address = source
+    else:  # no PROXY header, or one without addresses (LOCAL, UNKNOWN, AF_UNIX)
+        peer = getattr(session, "peer", None)
+        host = peer[0] if isinstance(peer, tuple) and peer else peer
+        try:
+            address = ipaddress.ip_address(host)  # type: ignore[arg-type]
+        except ValueError:
+            return str(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

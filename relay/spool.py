@@ -1,0 +1,770 @@
+"""The durable queue on local disk. Blocking calls: run them off the event loop.
+
+Layout under ``spool.path`` (readable with ordinary tools)::
+
+    lock                 held (flock) by the running daemon; holds its PID
+    tmp/                 entries being written; emptied at start
+    queue/ID.eml         the message exactly as SES gets it
+    queue/ID.json        its envelope and delivery state (see ``Entry``)
+    dead/ID.eml, .json   messages given up on, kept for ``queue show``/``retry``
+    quarantine/          entries that could not be read, kept for a person
+
+An entry is committed when ``queue/ID.json`` exists: ``put`` writes both
+files in ``tmp/``, fsyncs them, renames the message first and the envelope
+last, and fsyncs ``queue/``. A ``.eml`` without its ``.json`` was never
+acknowledged: readers skip it and the daemon removes it at start. State
+changes rewrite the ``.json`` the same way (write, fsync, rename, fsync the
+directory). Every operation keeps "a ``.json`` implies its ``.eml``": the
+envelope is committed last and removed first.
+
+Writers of an existing entry (``update``, ``modify``, ``move``, ``remove``)
+hold an exclusive ``flock`` on its ``.eml`` (one inode in every area, since
+``move`` hard-links it), so the daemon and the ``queue`` command serialise.
+``update`` writes the envelope it is given; a writer that may race another
+process (the CLI while the daemon runs, or the daemon after an operator's
+``retry``) uses ``modify``, which re-reads the envelope under the lock, so
+neither side's change is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from relay.errors import RelayError
+from relay.log import delivery_log
+
+FORMAT_VERSION = 1
+QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
+AREAS = (QUEUE, DEAD)
+_ID = re.compile(r"[0-9A-Z]{6,32}")
+_LOCK_RETRY = 0.05
+"""Seconds ``open`` keeps trying when the lock is busy: ``daemon_pid`` of a
+``queue`` command holds it shared for a moment, which is not a daemon."""
+
+BatchState = Literal["pending", "sent", "failed"]
+
+_tmp_seq = itertools.count()
+
+
+class SpoolError(RelayError):
+    """The spool cannot be written or read (full disk, I/O error, permissions).
+
+    ``errno`` is the operating system's error number when there was one
+    (``errno.ENOSPC`` for a full disk).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # shadows the module only here
+
+
+class SpoolLocked(SpoolError):
+    """Another daemon holds the spool's lock; ``pid`` is its process id when known."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class NoSuchEntry(SpoolError):
+    """The entry is not (or no longer) in that area: delivered, deleted or moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One SendRawEmail call's recipients and what became of them."""
+
+    recipients: tuple[str, ...]
+    state: BatchState = "pending"
+    message_id: str | None = None
+    """SES's MessageId once ``state`` is "sent"."""
+    error: str | None = None
+    """The last error, ``Code: message``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A queued message's envelope and state: ``queue/ID.json``.
+
+    The file is a JSON object (ASCII, indented) with ``version`` (1), ``id``,
+    ``received``, ``client``, ``user`` (or null), ``sender``, ``source``,
+    ``recipients``, ``ses`` (an object), ``batches`` (objects with
+    ``recipients``, ``state``, ``message_id``, ``error``), ``attempts``,
+    ``next_attempt`` and ``history``. Unknown keys are ignored on reading.
+    """
+
+    id: str
+    received: float
+    """Unix time the message was accepted."""
+    client: str
+    sender: str
+    """The envelope sender; "" for the null sender ``<>``."""
+    source: str
+    """SES ``Source``: the sender, or the From: address for the null sender."""
+    recipients: tuple[str, ...]
+    batches: tuple[Batch, ...]
+    ses: dict[str, Any] = field(default_factory=dict)
+    """SendRawEmail parameters beside Source and Destinations."""
+    user: str | None = None
+    attempts: int = 0
+    next_attempt: float = 0.0
+    """Unix time of the next delivery attempt."""
+    history: tuple[str, ...] = ()
+    """One line per failed attempt, newest last (bounded)."""
+
+    def pending(self) -> list[int]:
+        """Indexes of the batches still to send."""
+        return [i for i, b in enumerate(self.batches) if b.state == "pending"]
+
+    def with_batch(self, index: int, batch: Batch) -> Entry:
+        batches = list(self.batches)
+        batches[index] = batch
+        return replace(self, batches=tuple(batches))
+
+    def to_json(self) -> bytes:
+        """The file's bytes; ``ValueError`` for an entry ``from_json`` would refuse."""
+        data = {
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "received": self.received,
+            "client": self.client,
+            "user": self.user,
+            "sender": self.sender,
+            "source": self.source,
+            "recipients": list(self.recipients),
+            "ses": self.ses,
+            "batches": [
+                {
+                    "recipients": list(b.recipients),
+                    "state": b.state,
+                    "message_id": b.message_id,
+                    "error": b.error,
+                }
+                for b in self.batches
+            ],
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "history": list(self.history),
+        }
+        try:
+            text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False)
+        except TypeError as exc:
+            raise ValueError(f"entry {self.id!r} cannot be written: {exc}") from None
+        return text.encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Entry:
+        """Parse ``queue/ID.json``; ``ValueError`` when it is not a valid entry."""
+        try:
+            data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+            entry = cls(**_fields(data))
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise ValueError(f"not a spool entry: {type(exc).__name__}: {exc}") from None
+        if not _ID.fullmatch(entry.id):
+            raise ValueError(f"not a spool entry: bad id {entry.id!r}")
+        if not entry.batches:
+            raise ValueError("not a spool entry: no batches")
+        return entry
+
+
+def _fields(data: Any) -> dict[str, Any]:
+    """``Entry``'s fields from a parsed envelope, every type checked."""
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    version = data.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"unknown format version {version!r}")
+    batches = data["batches"]
+    if not isinstance(batches, list):
+        raise TypeError("batches is not a list")
+    return {
+        "id": _str(data["id"], "id"),
+        "received": _number(data["received"], "received"),
+        "client": _str(data["client"], "client"),
+        "user": _optional_str(data.get("user"), "user"),
+        "sender": _str(data["sender"], "sender"),
+        "source": _str(data["source"], "source"),
+        "recipients": _strings(data["recipients"], "recipients"),
+        "ses": _object(data.get("ses"), "ses"),
+        "batches": tuple(_batch(b) for b in batches),
+        "attempts": _count(data.get("attempts", 0), "attempts"),
+        "next_attempt": _number(data.get("next_attempt", 0.0), "next_attempt"),
+        "history": _strings(data.get("history", []), "history"),
+    }
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} is not a string")
+    return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    return None if value is None else _str(value, name)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} is not a number")
+    result = float(value)  # an int too large for a float raises OverflowError
+    if not math.isfinite(result):
+        raise ValueError(f"{name} is out of range")
+    return result
+
+
+def _count(value: Any, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError(f"{name} is not a count")
+    return value
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} is not an object")
+    return value
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} is not a list of strings")
+    return tuple(value)
+
+
+def _batch(value: Any) -> Batch:
+    if not isinstance(value, dict):
+        raise TypeError("a batch is not an object")
+    state = value["state"]
+    if state not in ("pending", "sent", "failed"):
+        raise TypeError(f"bad batch state {state!r}")
+    return Batch(
+        recipients=_strings(value["recipients"], "batch recipients"),
+        state=state,
+        message_id=_optional_str(value.get("message_id"), "message_id"),
+        error=_optional_str(value.get("error"), "error"),
+    )
+
+
+class Spool:
+    """The queue directory. Every method blocks: call it in a thread."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def dir(self, area: str) -> Path:
+        return self.path / area
+
+    # -- life cycle
+
+    def open(self, *, lock: bool = True) -> None:
+        """Create the layout; with ``lock`` (the daemon) take the lock and
+        recover: empty ``tmp/``, finish interrupted moves, remove messages
+        whose envelope was never committed. ``SpoolLocked`` when another
+        daemon holds the lock."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for area in (TMP, QUEUE, DEAD, QUARANTINE):
+                self.dir(area).mkdir(exist_ok=True, mode=0o700)
+            _sync_dir(self.path)
+            with contextlib.suppress(PermissionError):  # a parent we may only traverse
+                _sync_dir(self.path.parent)
+            if lock and self._lock_fd is None:
+                self._lock()
+                try:
+                    self._recover()
+                except BaseException:
+                    self.close()
+                    raise
+        except OSError as exc:
+            raise _failed(f"spool {self.path}", exc) from None
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + _LOCK_RETRY
+            while not _try_flock(fd, fcntl.LOCK_EX):
+                if time.monotonic() >= deadline:
+                    holder = _read_pid(fd)
+                    os.close(fd)
+                    raise SpoolLocked(
+                        f"spool {self.path} is in use by another ses-relay "
+                        f"(pid {holder or 'unknown'})",
+                        pid=holder,
+                    )
+                time.sleep(0.002)
+        except OSError:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        # Written in place (no truncation first): on a full disk the file's
+        # block is reused, and a daemon that cannot even record its PID
+        # still runs, since the lock is what keeps a second one out.
+        pid = f"{os.getpid()}\n".encode()
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:
+            delivery_log.warning("cannot record the pid in %s: %s", self.path / "lock", exc)
+
+    def _recover(self) -> None:
+        for leftover in self.dir(TMP).iterdir():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
+        self._finish_moves()
+        for area in AREAS:
+            directory = self.dir(area)
+            names = {p.name for p in directory.iterdir()}
+            orphans = [n for n in names if n.endswith(".eml") and f"{n[:-4]}.json" not in names]
+            for name in sorted(orphans):
+                delivery_log.info("%s: removing a message that was never acknowledged", name[:-4])
+                (directory / name).unlink(missing_ok=True)
+            if orphans:
+                _sync_dir(directory)
+
+    def daemon_pid(self) -> int | None:
+        """The PID of the daemon holding the lock, or None when none does."""
+        path = self.path / "lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _failed(f"cannot read {path}", exc) from None
+        try:
+            for _ in range(50):
+                if _try_flock(fd, fcntl.LOCK_SH):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    return None
+                pid = _read_pid(fd)
+                if pid is not None:
+                    return pid
+                time.sleep(0.001)  # the daemon is between taking the lock and writing its PID
+        except OSError as exc:
+            raise _failed(f"cannot read {path}", exc) from None
+        finally:
+            os.close(fd)
+        return None
+
+    def close(self) -> None:
+        """Release the lock. The PID is blanked in place (keeping the file's
+        block for the next start on a full disk)."""
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, b"\n" * os.fstat(fd).st_size, 0)
+            os.close(fd)
+
+    # -- writing
+
+    def put(self, entry: Entry, message: bytes) -> None:
+        """Commit a new entry durably; ``SpoolError`` leaves nothing behind.
+
+        ``ValueError`` (and nothing written) for an entry that could not be
+        read back: a bad id, no batches, values JSON cannot hold."""
+        envelope = _checked(entry)
+        tmp, queue = self.dir(TMP), self.dir(QUEUE)
+        eml_tmp, json_tmp = _tmp_path(tmp, entry.id, "eml"), _tmp_path(tmp, entry.id, "json")
+        eml, json_path = queue / f"{entry.id}.eml", queue / f"{entry.id}.json"
+        committed: list[Path] = []
+        try:
+            if json_path.exists() or eml.exists():
+                raise FileExistsError(errno.EEXIST, "an entry with this id exists")
+            _write_synced(eml_tmp, message)
+            _write_synced(json_tmp, envelope)
+            os.rename(eml_tmp, eml)
+            committed.append(eml)
+            os.rename(json_tmp, json_path)
+            committed.insert(0, json_path)
+            _sync_dir(queue)
+        except OSError as exc:
+            for path in (*committed, eml_tmp, json_tmp):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            if committed:
+                with contextlib.suppress(OSError):
+                    _sync_dir(queue)
+            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
+
+    def update(self, entry: Entry, area: str = QUEUE) -> None:
+        """Replace an existing entry's envelope and state durably.
+
+        ``NoSuchEntry`` when the entry is no longer in ``area`` (an operator
+        deleted it): an update never brings an entry back. Use ``modify``
+        where another process may change the entry meanwhile."""
+        envelope = _checked(entry)
+        _check_area(area)
+        try:
+            with self._locked(entry.id, area):
+                self._require(entry.id, area)
+                self._write_envelope(entry.id, envelope, area)
+        except OSError as exc:
+            raise _failed(f"cannot update spool entry {entry.id}", exc) from None
+
+    def modify(self, entry_id: str, change: Callable[[Entry], Entry], area: str = QUEUE) -> Entry:
+        """Read-modify-write an entry under its lock and return the new entry.
+
+        ``change`` gets the envelope as it is on disk now (with every other
+        writer's changes) and must not call the spool. ``NoSuchEntry`` when
+        the entry is gone; ``ValueError`` when its envelope is unreadable."""
+        _check_area(area)
+        try:
+            with self._locked(entry_id, area):
+                self._require(entry_id, area)
+                current = self._read(entry_id, area)
+                new = change(current)
+                if new.id != entry_id:
+                    raise ValueError(f"modify changed the id {entry_id} to {new.id!r}")
+                self._write_envelope(entry_id, _checked(new), area)
+                return new
+        except OSError as exc:
+            raise _failed(f"cannot update spool entry {entry_id}", exc) from None
+
+    def remove(self, entry_id: str, area: str = QUEUE) -> None:
+        """Forget an entry (delivered, refused, or deleted by an operator).
+        Removing an entry that is not there does nothing."""
+        _check_area(area)
+        if not _ID.fullmatch(entry_id):
+            return
+        directory = self.dir(area)
+        try:
+            with contextlib.ExitStack() as stack:
+                with contextlib.suppress(NoSuchEntry):
+                    stack.enter_context(self._locked(entry_id, area))
+                (directory / f"{entry_id}.json").unlink(missing_ok=True)
+                (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+                _sync_dir(directory)
+        except OSError as exc:
+            raise _failed(f"cannot remove spool entry {entry_id}", exc) from None
+
+    def move(self, entry: Entry, source: str, target: str) -> None:
+        """Move an entry between areas (queue ↔ dead) without a moment where
+        it is in neither: link the message, commit the envelope in the
+        target, then forget the source. A crash in between leaves it in
+        both; ``open`` keeps the newer envelope (the target's: its mtime is
+        made later than the source's). A move already done is not an error."""
+        envelope = _checked(entry)
+        _check_area(source)
+        _check_area(target)
+        if source == target:
+            raise ValueError(f"cannot move {entry.id} from {source} to itself")
+        src, dst = self.dir(source), self.dir(target)
+        name_eml, name_json = f"{entry.id}.eml", f"{entry.id}.json"
+        try:
+            if not (src / name_json).exists() and (dst / name_json).exists():
+                # Done before (a retried move): forget what is left in source.
+                with self._locked(entry.id, target):
+                    (src / name_eml).unlink(missing_ok=True)
+                    _sync_dir(src)
+                return
+            with self._locked(entry.id, source):
+                self._require(entry.id, source)
+                _link_into(src / name_eml, dst / name_eml, self.dir(TMP))
+                floor = (src / name_json).stat().st_mtime_ns
+                self._write_envelope(entry.id, envelope, target, newer_than=floor)
+                (src / name_json).unlink()
+                (src / name_eml).unlink(missing_ok=True)
+                _sync_dir(src)
+        except OSError as exc:
+            raise _failed(f"cannot move spool entry {entry.id}", exc) from None
+
+    def _finish_moves(self) -> None:
+        """An entry in both areas was being moved: keep the newer envelope."""
+        queued = {p.name[:-5] for p in self.dir(QUEUE).iterdir() if p.name.endswith(".json")}
+        for dead_json in sorted(self.dir(DEAD).iterdir()):
+            entry_id = dead_json.name[:-5]
+            if not dead_json.name.endswith(".json") or entry_id not in queued:
+                continue
+            queue_json = self.dir(QUEUE) / f"{entry_id}.json"
+            try:
+                queue_time = queue_json.stat().st_mtime_ns
+                dead_time = dead_json.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            older = QUEUE if queue_time <= dead_time else DEAD
+            newer = DEAD if older == QUEUE else QUEUE
+            newer_eml = self.dir(newer) / f"{entry_id}.eml"
+            older_eml = self.dir(older) / f"{entry_id}.eml"
+            if not newer_eml.exists() and older_eml.exists():
+                # Cannot happen with ``move`` (it links first); keep the message anyway.
+                os.link(older_eml, newer_eml)
+                _sync_dir(self.dir(newer))
+            delivery_log.info("%s: finishing an interrupted move to %s/", entry_id, newer)
+            (self.dir(older) / f"{entry_id}.json").unlink()
+            older_eml.unlink(missing_ok=True)
+            _sync_dir(self.dir(older))
+
+    @contextlib.contextmanager
+    def _locked(self, entry_id: str, area: str) -> Iterator[None]:
+        """Hold the entry's lock: an exclusive flock on its message file."""
+        if not _ID.fullmatch(entry_id):
+            raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
+        path = self.dir(area) / f"{entry_id}.eml"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NoSuchEntry(f"no spool entry {entry_id} in {area}/") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed or moved away while we waited
+                raise NoSuchEntry(f"no spool entry {entry_id} in {area}/")
+            yield
+        finally:
+            os.close(fd)
+
+    def _require(self, entry_id: str, area: str) -> None:
+        if not (self.dir(area) / f"{entry_id}.json").exists():
+            raise NoSuchEntry(f"no spool entry {entry_id} in {area}/")
+
+    def _write_envelope(
+        self, entry_id: str, envelope: bytes, area: str, *, newer_than: int | None = None
+    ) -> None:
+        json_tmp = _tmp_path(self.dir(TMP), entry_id, "json")
+        try:
+            _write_synced(json_tmp, envelope, newer_than=newer_than)
+            os.rename(json_tmp, self.dir(area) / f"{entry_id}.json")
+            _sync_dir(self.dir(area))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                json_tmp.unlink(missing_ok=True)
+            raise
+
+    # -- reading
+
+    def _read(self, entry_id: str, area: str) -> Entry:
+        path = self.dir(area) / f"{entry_id}.json"
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise NoSuchEntry(f"no spool entry {entry_id} in {area}/") from None
+        entry = Entry.from_json(text)
+        if entry.id != entry_id:
+            raise ValueError(f"not a spool entry: {path.name} holds id {entry.id!r}")
+        return entry
+
+    def load(self, entry_id: str, area: str = QUEUE) -> Entry:
+        """An entry's envelope: ``NoSuchEntry`` when it is not there,
+        ``ValueError`` when it is unreadable."""
+        _check_area(area)
+        if not _ID.fullmatch(entry_id):
+            raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
+        try:
+            return self._read(entry_id, area)
+        except OSError as exc:
+            raise _failed(f"cannot read spool entry {entry_id}", exc) from None
+
+    def message(self, entry_id: str, area: str = QUEUE) -> bytes:
+        _check_area(area)
+        if not _ID.fullmatch(entry_id):
+            raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
+        try:
+            return (self.dir(area) / f"{entry_id}.eml").read_bytes()
+        except FileNotFoundError:
+            raise NoSuchEntry(f"no message {entry_id} in {area}/") from None
+        except OSError as exc:
+            raise _failed(f"cannot read message {entry_id}", exc) from None
+
+    def find(self, entry_id: str) -> str | None:
+        """The area holding ``entry_id``, or None."""
+        if not _ID.fullmatch(entry_id):
+            return None
+        for area in AREAS:
+            if (self.dir(area) / f"{entry_id}.json").exists():
+                return area
+        return None
+
+    def entries(self, area: str = QUEUE) -> Iterator[Entry]:
+        """Every readable entry of an area. An unreadable one is moved to
+        ``quarantine/`` with an ERROR log line; a message without its
+        envelope (not committed yet, or never acknowledged) is skipped."""
+        _check_area(area)
+        directory = self.dir(area)
+        try:
+            names = sorted(p.name for p in directory.iterdir())
+        except OSError as exc:
+            raise _failed(f"cannot list {directory}", exc) from None
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            entry_id = name[:-5]
+            json_path = directory / name
+            try:
+                entry = Entry.from_json(json_path.read_bytes())
+            except FileNotFoundError:
+                continue  # delivered, deleted or moved since the listing
+            except (OSError, ValueError) as exc:
+                self.quarantine(entry_id, area, reason=str(exc))
+                continue
+            if entry.id != entry_id:
+                self.quarantine(entry_id, area, reason=f"the envelope holds id {entry.id!r}")
+                continue
+            if not (directory / f"{entry_id}.eml").exists():
+                # The envelope goes first when an entry leaves: if it is
+                # still here, the message is really missing.
+                if json_path.exists():
+                    self.quarantine(entry_id, area, reason="its message file is missing")
+                continue
+            yield entry
+
+    def quarantine(self, entry_id: str, area: str, *, reason: str) -> None:
+        """Move an entry's files to ``quarantine/`` (under a fresh name if
+        that one is taken) and log an ERROR naming it. Never raises."""
+        source, target = self.dir(area), self.dir(QUARANTINE)
+        try:
+            stem = _free_stem(target, entry_id)
+            moved = []
+            for suffix in (".json", ".eml"):  # envelope first: uncommit
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(source / f"{entry_id}{suffix}", target / f"{stem}{suffix}")
+                    moved.append(f"{stem}{suffix}")
+            if not moved:
+                return  # someone else moved it meanwhile
+            _sync_dir(target)
+            _sync_dir(source)
+        except OSError as exc:
+            delivery_log.error(
+                "%s: unreadable spool entry in %s/ (%s), and it cannot be quarantined: %s",
+                entry_id,
+                area,
+                reason,
+                exc.strerror or exc,
+            )
+            return
+        delivery_log.error(
+            "%s: quarantined unreadable spool entry from %s/ as quarantine/%s: %s",
+            entry_id,
+            area,
+            " ".join(moved),
+            reason,
+        )
+
+    def free_bytes(self) -> int:
+        """Bytes available to us on the spool's file system."""
+        try:
+            stats = os.statvfs(self.path)
+        except OSError as exc:
+            raise _failed(f"spool {self.path}", exc) from None
+        return stats.f_bavail * stats.f_frsize
+
+
+def _failed(action: str, exc: OSError) -> SpoolError:
+    return SpoolError(f"{action}: {exc.strerror or exc}", errno=exc.errno)
+
+
+def _check_area(area: str) -> None:
+    if area not in AREAS:
+        raise ValueError(f"not a spool area: {area!r}")
+
+
+def _checked(entry: Entry) -> bytes:
+    """The envelope's bytes, once we know they will read back as this entry."""
+    envelope = entry.to_json()
+    if Entry.from_json(envelope).id != entry.id:  # pragma: no cover - from_json keeps ids
+        raise ValueError(f"entry {entry.id!r} does not read back")
+    return envelope
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace")
+    first = text.split("\n", 1)[0].strip()
+    return int(first) if first.isdigit() and "\n" in text else None
+
+
+def _tmp_path(tmp: Path, entry_id: str, suffix: str) -> Path:
+    """A name in ``tmp/`` no other writer (thread or process) uses."""
+    return tmp / f"{entry_id}.{suffix}.{os.getpid()}.{next(_tmp_seq)}"
+
+
+def _free_stem(directory: Path, entry_id: str) -> str:
+    for n in range(1000):
+        stem = entry_id if n == 0 else f"{entry_id}.{n}"
+        if not (directory / f"{stem}.json").exists() and not (directory / f"{stem}.eml").exists():
+            return stem
+    return f"{entry_id}.{time.time_ns()}"
+
+
+def _link_into(source: Path, target: Path, tmp: Path) -> None:
+    """Make ``target`` a hard link to ``source`` (replacing a different file)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        if os.path.samefile(source, target):
+            return  # a retried move linked it already
+        staged = _tmp_path(tmp, source.stem, "eml")
+        os.link(source, staged)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+
+
+def _write_synced(path: Path, data: bytes, *, newer_than: int | None = None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if newer_than is not None:
+            _make_newer(fd, newer_than)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_newer(fd: int, floor_ns: int) -> None:
+    """Give the file an mtime later than ``floor_ns``, whatever the clock
+    and the file system's timestamp granularity say."""
+    for step in (1, 1_000_000, 1_000_000_000):
+        mtime = os.fstat(fd).st_mtime_ns
+        if mtime > floor_ns:
+            return
+        os.utime(fd, ns=(floor_ns + step, floor_ns + step))
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

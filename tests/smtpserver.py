@@ -1,0 +1,242 @@
+"""A ``RelaySMTP`` listener on 127.0.0.1 with a recording handler, and a raw client.
+
+``async with smtp_server(max_recipients=3) as server:`` starts
+``loop.create_server(smtp_factory(...))`` on a free port; ``server.handler``
+records what reached the handler. ``RawClient`` speaks SMTP over a plain
+stream, byte for byte (smtplib rewrites line endings), and reads replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.auth import Authenticator
+from relay.config import SmtpConfig
+from relay.session import client_address
+from relay.smtp import ConnectionLimiter, smtp_factory
+
+TIMEOUT = 10.0
+"""Upper bound on any one wait in these tests; they take milliseconds."""
+HOSTNAME = "relay.test"
+
+
+@dataclass
+class Received:
+    """One message as the handler got it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    client: str
+
+
+@dataclass
+class RecordingHandler:
+    """Accepts everything (as the lead's handler does for a trusted client) and records it.
+
+    ``replies`` scripts the next DATA replies; ``fail_on`` makes a hook raise.
+    """
+
+    messages: list[Received] = field(default_factory=list)
+    mail_froms: list[str] = field(default_factory=list)
+    rcpts: list[str] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    fail_on: dict[str, Exception] = field(default_factory=dict)
+    data_started: asyncio.Event = field(default_factory=asyncio.Event)
+    data_release: asyncio.Event | None = None
+    """If set, handle_DATA waits for it (to hold a hook open)."""
+
+    def _maybe_fail(self, hook: str) -> None:
+        error = self.fail_on.get(hook)
+        if error is not None:
+            raise error
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self._maybe_fail("MAIL")
+        self.clients.append(client_address(session))
+        self.mail_froms.append(address)
+        envelope.mail_from = "" if address == "<>" else address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self._maybe_fail("RCPT")
+        self.rcpts.append(address)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_started.set()
+        if self.data_release is not None:
+            await asyncio.wait_for(self.data_release.wait(), TIMEOUT)
+        self._maybe_fail("DATA")
+        assert isinstance(envelope.content, bytes)
+        self.messages.append(
+            Received(
+                mail_from=envelope.mail_from,
+                rcpt_tos=list(envelope.rcpt_tos),
+                content=envelope.content,
+                client=client_address(session),
+            )
+        )
+        return self.replies.pop(0) if self.replies else "250 2.0.0 OK"
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    config: SmtpConfig
+    handler: RecordingHandler
+    limiter: ConnectionLimiter
+
+
+def smtp_config(**overrides: Any) -> SmtpConfig:
+    return dataclasses.replace(SmtpConfig(hostname=HOSTNAME), **overrides)
+
+
+@asynccontextmanager
+async def smtp_server(
+    *,
+    handler: Any = None,
+    tls_context: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    authenticator: Authenticator | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Server]:
+    """A listener with ``SmtpConfig(hostname="relay.test", **overrides)``."""
+    config = smtp_config(**overrides)
+    handler = handler if handler is not None else RecordingHandler()
+    limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_client)
+    factory = smtp_factory(
+        config,
+        handler,
+        tls_context=tls_context,
+        limiter=limiter,
+        implicit_tls=implicit_tls,
+        authenticator=authenticator,
+    )
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        factory, "127.0.0.1", 0, ssl=tls_context if implicit_tls else None
+    )
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        yield Server(host, port, config, handler, limiter)
+    finally:
+        server.close()
+        limiter.close_all()
+        await limiter.wait_idle(TIMEOUT)
+        await server.wait_closed()
+
+
+class RawClient:
+    """SMTP by hand over a TCP stream: exact bytes out, parsed replies in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(
+        cls, server: Server, *, ssl_context: ssl.SSLContext | None = None
+    ) -> RawClient:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                server.host,
+                server.port,
+                ssl=ssl_context,
+                server_hostname="localhost" if ssl_context else None,
+            ),
+            TIMEOUT,
+        )
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self) -> tuple[int, list[str]]:
+        """The next reply: its code and its lines' texts. EOF raises IncompleteReadError."""
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), TIMEOUT)
+            text = raw[:-2].decode("ascii")
+            lines.append(text[4:])
+            if text[3:4] != "-":
+                return int(text[:3]), lines
+
+    async def line(self) -> str:
+        """The next reply as one string ``"250 2.0.0 OK"`` (last line of a multi-line one)."""
+        code, lines = await self.reply()
+        return f"{code} {lines[-1]}"
+
+    async def command(self, text: str | bytes) -> str:
+        data = text.encode() if isinstance(text, str) else text
+        await self.send(data + b"\r\n")
+        return await self.line()
+
+    async def greet(self, ehlo: str = "client.test") -> list[str]:
+        """Read the banner, say EHLO; the EHLO keywords."""
+        await self.line()
+        await self.send(f"EHLO {ehlo}\r\n".encode())
+        code, lines = await self.reply()
+        assert code == 250, lines
+        return lines[1:]
+
+    async def replies_until_eof(self) -> list[str]:
+        """Every reply line left, until the server closes the connection."""
+        found: list[str] = []
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise AssertionError(f"unterminated reply {exc.partial!r}") from None
+                return found
+            found.append(raw[:-2].decode("ascii"))
+
+    async def at_eof(self) -> bool:
+        """True once the server has closed (reads and drops anything before)."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+        except ConnectionResetError:
+            return True
+        return data == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        with suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+@asynccontextmanager
+async def raw_client(
+    server: Server, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[RawClient]:
+    client = await RawClient.connect(server, ssl_context=ssl_context)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate()`` holds about server state that has no event of its own.
+
+    Polls every 5 ms, for at most ``TIMEOUT`` seconds.
+    """
+    async with asyncio.timeout(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)

@@ -1,0 +1,433 @@
+"""SMTP in, SES out: real SMTP clients against the running relay and the fake SES."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+import trustme
+
+from relay.app import Relay
+from relay.auth import hash_password
+from tests.fakeses import FakeSes, SesErrorReply, Succeed
+from tests.relayd import running_relay
+
+SENDER = "app@example.com"
+
+
+def message(
+    *,
+    to: str = "Bob <bob@example.net>",
+    extra_headers: str = "",
+    body: str = "Hello from a legacy app.\r\n",
+) -> bytes:
+    return (
+        f"From: App <{SENDER}>\r\nTo: {to}\r\nSubject: test\r\n"
+        f"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\nMessage-ID: <m1@example.com>\r\n"
+        f"{extra_headers}\r\n{body}"
+    ).encode()
+
+
+async def send(
+    relay: Relay,
+    recipients: list[str],
+    raw: bytes,
+    *,
+    sender: str = SENDER,
+) -> tuple[int, str]:
+    host, port = relay.smtp_addresses[0]
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=15) as client:
+        await client.mail(sender)
+        for recipient in recipients:
+            await client.rcpt(recipient)
+        response = await client.data(raw)
+    return response.code, response.message
+
+
+async def test_one_recipient_reaches_ses_byte_for_byte(tmp_path: Path, fake_ses: FakeSes) -> None:
+    raw = message()
+    fake_ses.script(Succeed(message_id="0100-first-message"))
+    async with running_relay(tmp_path, fake_ses) as relay:
+        code, text = await send(relay, ["bob@example.net"], raw)
+    assert code == 250
+    [request] = fake_ses.requests
+    assert text.startswith("2.0.0 Ok: ")
+    assert text.endswith(" sent as 0100-first-message")
+    assert request.raw_message == raw
+    assert request.destinations == ["bob@example.net"]
+    assert request.params["Source"] == SENDER
+    assert request.signature_ok
+
+
+@pytest.mark.parametrize(
+    ("to_header", "sizes"),
+    [("undisclosed-recipients:;", [50, 50, 20]), ("Team <team@example.org>", [49, 49, 22])],
+)
+async def test_120_recipients_make_three_calls_none_lost_or_repeated(
+    tmp_path: Path, fake_ses: FakeSes, to_header: str, sizes: list[int]
+) -> None:
+    recipients = [f"user{i}@example.net" for i in range(120)]
+    async with running_relay(tmp_path, fake_ses, smtp={"max_recipients": 200}) as relay:
+        code, text = await send(relay, recipients, message(to=to_header))
+    assert code == 250, text
+    calls = fake_ses.requests
+    assert sorted(len(r.destinations) for r in calls) == sorted(sizes)
+    delivered = [d for r in calls for d in r.destinations]
+    assert sorted(delivered) == sorted(recipients)
+    assert len({r.raw_message for r in calls}) == 1
+    for request in calls:
+        assert request.params["RawMessage.Data"]
+
+
+async def test_bcc_recipient_delivered_and_header_absent(tmp_path: Path, fake_ses: FakeSes) -> None:
+    raw = message(extra_headers="Bcc: hidden@example.org\r\n")
+    async with running_relay(tmp_path, fake_ses) as relay:
+        code, _ = await send(relay, ["bob@example.net", "hidden@example.org"], raw)
+    assert code == 250
+    [request] = fake_ses.requests
+    assert request.destinations == ["bob@example.net", "hidden@example.org"]
+    assert request.raw_message is not None
+    assert b"Bcc" not in request.raw_message
+    assert b"hidden@example.org" not in request.raw_message
+
+
+async def test_ses_headers_become_parameters(tmp_path: Path, fake_ses: FakeSes) -> None:
+    raw = message(
+        extra_headers=(
+            "X-SES-CONFIGURATION-SET: marketing\r\n"
+            "X-SES-MESSAGE-TAGS: campaign=fall, team=ops\r\n"
+            "X-SES-SOURCE-ARN: arn:aws:ses:us-east-1:123456789012:identity/example.com\r\n"
+            "X-SES-FROM-ARN: arn:aws:ses:us-east-1:123456789012:identity/example.com\r\n"
+            "X-SES-RETURN-PATH-ARN: arn:aws:ses:us-east-1:123456789012:identity/example.com\r\n"
+        )
+    )
+    async with running_relay(
+        tmp_path, fake_ses, smtp={"identity_header_networks": ["127.0.0.0/8"]}
+    ) as relay:
+        code, _ = await send(relay, ["bob@example.net"], raw)
+    assert code == 250
+    [request] = fake_ses.requests
+    arn = "arn:aws:ses:us-east-1:123456789012:identity/example.com"
+    assert request.params["ConfigurationSetName"] == "marketing"
+    assert request.tags == [("campaign", "fall"), ("team", "ops")]
+    assert request.params["SourceArn"] == arn
+    assert request.params["FromArn"] == arn
+    assert request.params["ReturnPathArn"] == arn
+    assert request.raw_message is not None
+    assert b"X-SES-" not in request.raw_message
+
+
+async def test_identity_headers_need_a_privilege(tmp_path: Path, fake_ses: FakeSes) -> None:
+    raw = message(extra_headers="X-SES-FROM-ARN: arn:aws:ses:us-east-1:1:identity/other.com\r\n")
+    async with running_relay(tmp_path, fake_ses) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await send(relay, ["bob@example.net"], raw)
+    assert caught.value.code == 550
+    assert caught.value.message == "5.7.1 X-SES-FROM-ARN header is not allowed for this client"
+    assert fake_ses.requests == []
+
+
+async def test_configured_configuration_set_is_the_default(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(tmp_path, fake_ses, ses={"configuration_set": "default-set"}) as relay:
+        await send(relay, ["bob@example.net"], message())
+    assert fake_ses.requests[0].params["ConfigurationSetName"] == "default-set"
+
+
+async def test_unverified_sender_gets_ses_text_as_5xx(tmp_path: Path, fake_ses: FakeSes) -> None:
+    fake_ses.script(
+        SesErrorReply(400, "MessageRejected", "Email address is not verified. app@example.com")
+    )
+    async with running_relay(tmp_path, fake_ses) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await send(relay, ["bob@example.net"], message())
+    assert caught.value.code == 554
+    assert caught.value.message == (
+        "5.7.1 message rejected by SES: Email address is not verified. app@example.com"
+    )
+
+
+async def test_ses_outage_gives_4xx_so_the_client_keeps_the_message(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    fake_ses.script(*[SesErrorReply(503, "ServiceUnavailable", "down", "Receiver")] * 10)
+    async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 2}) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await send(relay, ["bob@example.net"], message())
+    assert caught.value.code == 451
+    assert caught.value.message.startswith("4.3.0 ")
+
+
+async def test_null_sender_uses_the_from_header_as_source(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(tmp_path, fake_ses) as relay:
+        code, _ = await send(relay, ["bob@example.net"], message(), sender="")
+    assert code == 250
+    assert fake_ses.requests[0].params["Source"] == SENDER
+
+
+async def test_message_without_from_is_refused(tmp_path: Path, fake_ses: FakeSes) -> None:
+    raw = b"To: bob@example.net\r\nSubject: x\r\n\r\nbody\r\n"
+    async with running_relay(tmp_path, fake_ses) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await send(relay, ["bob@example.net"], raw)
+    assert (caught.value.code, caught.value.message) == (
+        550,
+        "5.6.0 message has no From: header with an address",
+    )
+    assert fake_ses.requests == []
+
+
+async def test_to_header_over_fifty_is_refused_with_advice(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    to = ", ".join(f"u{i}@example.net" for i in range(51))
+    async with running_relay(tmp_path, fake_ses) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await send(relay, ["u0@example.net"], message(to=to))
+    assert caught.value.code == 550
+    assert caught.value.message.startswith("5.5.3 the To/Cc headers name 51 addresses")
+    assert fake_ses.requests == []
+
+
+LIMIT = 7_864_320
+
+
+async def test_size_limit_is_advertised_and_enforced_both_ways(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(tmp_path, fake_ses) as relay:
+        host, port = relay.smtp_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            await client.ehlo()
+            assert client.esmtp_extensions["size"] == str(LIMIT)
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await client.mail(SENDER, options=[f"SIZE={LIMIT + 1}"])
+            assert refused.value.code == 552
+            assert refused.value.message.startswith("5.3.4")
+            await client.rset()
+            await client.mail(SENDER)
+            await client.rcpt("bob@example.net")
+            head = message(body="")
+            raw = head + b"x" * (LIMIT + 1 - len(head))
+            with pytest.raises(aiosmtplib.SMTPDataError) as too_big:
+                await client.data(raw)
+            assert too_big.value.code == 552
+            assert too_big.value.message.startswith("5.3.4")
+    assert fake_ses.requests == []
+
+
+async def test_message_at_the_limit_reaches_ses(tmp_path: Path, fake_ses: FakeSes) -> None:
+    head = message(body="")
+    raw = head + b"y" * (LIMIT - len(head) - 2) + b"\r\n"
+    async with running_relay(tmp_path, fake_ses) as relay:
+        code, _ = await send(relay, ["bob@example.net"], raw)
+    assert code == 250
+    assert fake_ses.requests[0].raw_message == raw
+
+
+async def test_client_outside_allowed_networks_must_authenticate(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(
+        tmp_path, fake_ses, smtp={"allowed_networks": ["192.0.2.0/24"]}
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                await client.mail(SENDER)
+    assert (caught.value.code, caught.value.message) == (530, "5.7.0 Authentication required")
+    assert fake_ses.requests == []
+
+
+async def test_ipv6_listener(tmp_path: Path, fake_ses: FakeSes) -> None:
+    async with running_relay(tmp_path, fake_ses, smtp={"listen": ["[::1]:0"]}) as relay:
+        host, port = relay.smtp_addresses[0]
+        assert host == "::1"
+
+        def send_with_smtplib() -> None:
+            with smtplib.SMTP(host, port, timeout=15) as client:
+                client.sendmail(SENDER, ["bob@example.net"], message())
+
+        await asyncio.to_thread(send_with_smtplib)
+    assert fake_ses.requests[0].destinations == ["bob@example.net"]
+
+
+@pytest.fixture
+def relay_cert(tls_ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    """A certificate for the relay, issued by the test CA, as config keys."""
+    cert = tls_ca.issue_cert("relay.test", "127.0.0.1")
+    cert_path, key_path = tmp_path / "relay.pem", tmp_path / "relay.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return {"tls_cert": str(cert_path), "tls_key": str(key_path)}
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> str:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{hash_password('s3cret', 'bcrypt', bcrypt_rounds=4)}\n")
+    return str(path)
+
+
+def client_tls(ca_pem_path: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_pem_path))
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_starttls_then_auth_lets_an_outside_client_relay(
+    tmp_path: Path,
+    fake_ses: FakeSes,
+    relay_cert: dict[str, str],
+    users_file: str,
+    ca_pem_path: Path,
+    mechanism: str,
+) -> None:
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={"allowed_networks": ["192.0.2.0/24"], **relay_cert},
+        auth={"users_file": users_file, "failure_delay": 0.0},
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, start_tls=False, tls_context=client_tls(ca_pem_path)
+        )
+        async with client:
+            await client.ehlo()
+            assert "auth" not in client.esmtp_extensions
+            assert "starttls" in client.esmtp_extensions
+            await client.starttls()
+            await client.ehlo()
+            assert client.esmtp_extensions["auth"] == "PLAIN LOGIN"
+            auth = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+            response = await auth("alice", "s3cret")
+            assert (response.code, response.message) == (235, "2.7.0 Authentication successful")
+            await client.sendmail(SENDER, ["bob@example.net"], message())
+    assert fake_ses.requests[0].destinations == ["bob@example.net"]
+
+
+async def test_auth_over_plain_text_is_refused(
+    tmp_path: Path, fake_ses: FakeSes, relay_cert: dict[str, str], users_file: str
+) -> None:
+    async with running_relay(
+        tmp_path, fake_ses, smtp=relay_cert, auth={"users_file": users_file}
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            await client.ehlo()
+            response = await client.execute_command(b"AUTH", b"PLAIN", b"AGFsaWNlAHMzY3JldA==")
+    assert (response.code, response.message) == (
+        538,
+        "5.7.11 Encryption required for requested authentication mechanism",
+    )
+
+
+async def test_wrong_password_gets_535_and_no_relay(
+    tmp_path: Path,
+    fake_ses: FakeSes,
+    relay_cert: dict[str, str],
+    users_file: str,
+    ca_pem_path: Path,
+) -> None:
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={"allowed_networks": ["192.0.2.0/24"], "tls_listen": ["127.0.0.1:0"], **relay_cert},
+        auth={"users_file": users_file, "failure_delay": 0.0},
+    ) as relay:
+        host, port = relay.tls_addresses[0]
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, use_tls=True, tls_context=client_tls(ca_pem_path)
+        )
+        async with client:
+            await client.ehlo()
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
+                await client.auth_plain("alice", "wrong")
+            assert caught.value.code == 535
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await client.mail(SENDER)
+            assert refused.value.code == 530
+    assert fake_ses.requests == []
+
+
+def proxy_v1(source: str) -> bytes:
+    return f"PROXY TCP4 {source} 127.0.0.1 40000 25\r\n".encode()
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        lines.append(line)
+        if line[3:4] != b"-":
+            return b"".join(lines)
+
+
+async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: FakeSes) -> None:
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={"proxy_protocol": True, "allowed_networks": ["198.51.100.0/24"]},
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        results = {}
+        for source in ("198.51.100.7", "203.0.113.9"):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(proxy_v1(source))
+            assert (await read_reply(reader)).startswith(b"220 ")
+            writer.write(b"EHLO client.test\r\n")
+            await read_reply(reader)
+            writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
+            results[source] = await read_reply(reader)
+            writer.close()
+            await writer.wait_closed()
+    assert results["198.51.100.7"].startswith(b"250 ")
+    assert results["203.0.113.9"] == b"530 5.7.0 Authentication required\r\n"
+
+
+SMUGGLED = (
+    b"From: <app@example.com>\r\nTo: <bob@example.net>\r\nSubject: outer\r\n\r\n"
+    b"legit body\n.\nMAIL FROM:<evil@example.com>\nRCPT TO:<victim@example.net>\nDATA\n"
+    b"From: evil@example.com\n\nsmuggled\n.\n"
+    b"end\r\n.\r\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+async def test_smuggling_never_reaches_ses_as_two_messages(
+    tmp_path: Path, fake_ses: FakeSes, mode: str
+) -> None:
+    async with running_relay(tmp_path, fake_ses, smtp={"bare_newline": mode}) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        await read_reply(reader)
+        for command in (b"EHLO c", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<bob@example.net>"):
+            writer.write(command + b"\r\n")
+            assert (await read_reply(reader))[:1] == b"2"
+        writer.write(b"DATA\r\n")
+        assert (await read_reply(reader)).startswith(b"354")
+        writer.write(SMUGGLED)
+        reply = await read_reply(reader)
+        writer.write(b"QUIT\r\n")
+        tail = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert tail.startswith(b"221")  # exactly one reply to DATA came before
+    if mode == "reject":
+        assert reply == b"550 5.5.2 bare CR or LF not allowed\r\n"
+        assert fake_ses.requests == []
+        return
+    assert reply.startswith(b"250 ")
+    [request] = fake_ses.requests
+    assert request.destinations == ["bob@example.net"]
+    raw = request.raw_message
+    assert raw is not None
+    assert raw.replace(b"\r\n", b"").count(b"\n") == 0
+    assert raw.replace(b"\r\n", b"").count(b"\r") == 0
+    assert b"MAIL FROM:<evil@example.com>" in raw  # content, not a command
