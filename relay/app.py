@@ -18,6 +18,7 @@ import aiohttp
 
 from relay.auth import Authenticator, Users, load_users
 from relay.config import Config, split_host_port
+from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
 from relay.log import smtp_log
@@ -25,6 +26,7 @@ from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
+from relay.spool import Spool
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
@@ -92,6 +94,9 @@ class Relay:
         self._env = env
         self._servers: list[asyncio.Server] = []
         self._http: aiohttp.ClientSession | None = None
+        self.spool: Spool | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.delivery: Delivery | None = None
         self._authenticator: Authenticator | None = None
         self.limiter = ConnectionLimiter(
             config.smtp.max_connections, config.smtp.max_connections_per_client
@@ -109,7 +114,11 @@ class Relay:
         )
         credentials = default_chain(self._env, session=self._http, region=config.ses.region)
         ses = SesClient(config.ses, credentials, session=self._http)
-        handler = RelayHandler(config, ses)
+        self.spool = Spool(config.spool.path)
+        await asyncio.to_thread(self.spool.open)
+        self.delivery = Delivery(config, self.spool, ses)
+        await self.delivery.start()
+        handler = RelayHandler(config, self.delivery)
         if resources.users is not None:
             self._authenticator = Authenticator(resources.users, config.auth)
         loop = asyncio.get_running_loop()
@@ -165,7 +174,9 @@ class Relay:
         return bound_host, bound_port
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, let sessions finish for up to ``grace`` seconds, close."""
+        """Stop accepting, let sessions and SES calls in flight finish for up to
+        ``grace`` seconds, then close; what is not delivered stays queued."""
+        ends = asyncio.get_running_loop().time() + grace
         for server in self._servers:
             server.close()
         await self.limiter.wait_idle(grace)
@@ -173,11 +184,24 @@ class Relay:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.delivery is not None:
+            await self.delivery.stop(max(0.0, ends - asyncio.get_running_loop().time()))
+            self.delivery = None
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
         if self._authenticator is not None:
             self._authenticator.close()
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def retry_now(self) -> None:
+        """Re-read the queue and try what is due (``ses-relay queue retry``)."""
+        if self.delivery is not None:
+            task = asyncio.create_task(self.delivery.rescan())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -198,7 +222,8 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with Relay(config, env):
+    async with Relay(config, env) as relay:
+        loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
         smtp_log.info("ses-relay ready")
         await stop.wait()
         smtp_log.info("stopping: no new connections; in-flight sessions may finish")

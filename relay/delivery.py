@@ -1,92 +1,452 @@
-"""Delivering one accepted message to SES, batch by batch.
+"""Delivering accepted messages to SES: inline first, then from the spool.
 
-(Slice 1: inline only. The durable spool and background retries come next;
-until then a message that SES does not take at once gets a 4xx and the
-client keeps it.)
+``Delivery.accept`` is the DATA path: the message is committed to the spool
+(``250`` is a promise), then SES is tried at once within
+``delivery.inline_timeout``. Every batch's outcome is written to the spool as
+soon as SES answers, so a restart never resends a batch SES accepted. What
+is left pending is delivered in the background by ``delivery.concurrency``
+workers on a retry schedule, at the account's sending rate, until
+``delivery.max_age``; recipients that fail permanently after ``250`` get a
+delivery status notification and the message moves to the dead-letter area.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import heapq
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
+from relay.config import Config
+from relay.dsn import FailedRecipient, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
-from relay.message import PreparedMessage
-from relay.ses.client import SendResult, SesClient
+from relay.log import delivery_log
+from relay.ratelimit import SendRate
+from relay.schedule import expired, next_attempt_at
+from relay.ses.client import SesClient
 from relay.ses.query import SendRawEmailRequest
+from relay.spool import DEAD, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
 
 MAX_IDS_IN_REPLY = 5
+MAX_HISTORY = 20
+QUOTA_PAUSE = 900.0
+"""Seconds delivery pauses after "Daily message quota exceeded"."""
+SPACE_CHECK_INTERVAL = 1.0
+STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
-@dataclass(frozen=True, slots=True)
-class BatchOutcome:
-    """What SES said to one batch: a result or an error."""
-
-    recipients: tuple[str, ...]
-    result: SendResult | None = None
-    error: SesError | None = None
+def new_queue_id() -> str:
+    """A unique id for one message: time-ordered, like Postfix's long queue ids."""
+    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
 
 
-def requests_for(
-    message: PreparedMessage, source: str, batches: Sequence[tuple[str, ...]]
-) -> list[SendRawEmailRequest]:
-    """One SendRawEmail request per batch, all with the same raw bytes."""
-    ses = message.ses
-    return [
-        SendRawEmailRequest(
-            raw_message=message.raw,
-            destinations=batch,
-            source=source,
-            from_arn=ses.from_arn,
-            source_arn=ses.source_arn,
-            return_path_arn=ses.return_path_arn,
-            configuration_set=ses.configuration_set,
-            tags=ses.tags,
-        )
-        for batch in batches
-    ]
+def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailRequest:
+    ses = entry.ses
+    return SendRawEmailRequest(
+        raw_message=message,
+        destinations=batch.recipients,
+        source=entry.source,
+        from_arn=ses.get("from_arn"),
+        source_arn=ses.get("source_arn"),
+        return_path_arn=ses.get("return_path_arn"),
+        configuration_set=ses.get("configuration_set"),
+        tags=tuple((str(k), str(v)) for k, v in ses.get("tags", ())),
+    )
 
 
-async def send_batches(
-    ses: SesClient, requests: Sequence[SendRawEmailRequest], *, deadline: float
-) -> list[BatchOutcome]:
-    """Send every batch at once; each outcome in the order of ``requests``."""
+def sent_reply(entry: Entry) -> SmtpReply:
+    ids = [b.message_id for b in entry.batches if b.message_id]
+    shown = " ".join(ids[:MAX_IDS_IN_REPLY])
+    more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
+    return SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}")
 
-    async def send(request: SendRawEmailRequest) -> BatchOutcome:
+
+def queued_reply(entry: Entry) -> SmtpReply:
+    return SmtpReply(250, "2.0.0", f"Ok: queued as {entry.id}")
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One delivery attempt's view of an entry, updated as batches finish."""
+
+    entry: Entry
+    message: bytes
+    errors: dict[int, SesError]
+
+
+class Delivery:
+    """The delivery service of one running relay."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        ses: SesClient,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._ses = ses
+        self._clock = clock
+        self._jitter = jitter
+        self.rate = SendRate(clock=monotonic, sleep=asyncio.sleep, rate=config.ses.max_send_rate)
+        self._monotonic = monotonic
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._in_flight: set[str] = set()
+        self._idle = asyncio.Event()
+        """Set when the last attempt in flight ends."""
+        self._work: asyncio.Queue[str] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._checks: set[asyncio.Task[None]] = set()
+        self._free_bytes: int | None = None
+        self._free_checked = -SPACE_CHECK_INTERVAL
+        self._space_floor = int(config.smtp.max_message_size * 1.5)
+        self._bounce_from = config.delivery.bounce_sender or f"MAILER-DAEMON@{config.smtp.hostname}"
+
+    # -- life cycle
+
+    async def start(self) -> None:
+        """Resume every queued entry, then start the scheduler and workers."""
+        await self.rescan()
+        await self._refresh_free_space()
+        self._tasks.append(asyncio.create_task(self._scheduler(), name="relay-scheduler"))
+        for number in range(self._config.delivery.concurrency):
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"relay-worker-{number}"))
+        if self._config.ses.max_send_rate <= 0:
+            self._tasks.append(asyncio.create_task(self._follow_quota(), name="relay-quota"))
+
+    async def stop(self, grace: float) -> None:
+        """Let SES calls in flight finish for up to ``grace`` seconds; what is
+        not done stays queued."""
+        if self._tasks:
+            self._tasks[0].cancel()  # the scheduler: no new attempts
+        if self._in_flight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def rescan(self) -> None:
+        """Schedule every entry in the queue at its ``next_attempt`` (start-up,
+        and ``ses-relay queue retry`` through SIGUSR1)."""
+        entries = await asyncio.to_thread(lambda: list(self._spool.entries(QUEUE)))
+        for entry in entries:
+            self._schedule(entry.id, entry.next_attempt)
+        if entries:
+            delivery_log.info("queue: %d messages to deliver", len(entries))
+
+    # -- the DATA path
+
+    def space_ok(self) -> bool:
+        """Whether the spool has room for another message (checked about once a
+        second, off the event loop); below the floor MAIL gets 452."""
+        now = self._monotonic()
+        if now - self._free_checked >= SPACE_CHECK_INTERVAL:
+            self._free_checked = now
+            task = asyncio.create_task(self._refresh_free_space())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+        return self._free_bytes is None or self._free_bytes >= self._space_floor
+
+    async def _refresh_free_space(self) -> None:
         try:
-            result = await ses.send_raw_email(request, deadline=deadline)
-        except SesError as error:
-            return BatchOutcome(request.destinations, error=error)
-        return BatchOutcome(request.destinations, result=result)
+            self._free_bytes = await asyncio.to_thread(self._spool.free_bytes)
+        except OSError as exc:
+            delivery_log.warning("cannot read free space of the spool: %s", exc)
 
-    return list(await asyncio.gather(*(send(request) for request in requests)))
+    async def accept(self, entry: Entry, message: bytes) -> SmtpReply:
+        """Commit, then try SES inline; the reply for the client's DATA."""
+        try:
+            await asyncio.to_thread(self._spool.put, entry, message)
+        except SpoolError as exc:
+            delivery_log.error("%s: not accepted: %s", entry.id, exc)
+            self._free_checked = -SPACE_CHECK_INTERVAL
+            return STORAGE_FULL
+        self._in_flight.add(entry.id)
+        try:
+            attempt = await self._attempt(entry, message, self._config.delivery.inline_timeout)
+            return await self._after_inline(attempt)
+        finally:
+            self._done(entry.id)
 
+    async def _after_inline(self, attempt: _Attempt) -> SmtpReply:
+        entry = attempt.entry
+        states = {b.state for b in entry.batches}
+        if states == {"sent"}:
+            await self._forget(entry)
+            self._log(entry, "sent")
+            return sent_reply(entry)
+        if states == {"failed"}:
+            # SES took none of it: the client gets SES's refusal and keeps
+            # the message; nothing of ours remains.
+            await self._forget(entry)
+            first = attempt.errors[min(attempt.errors)]
+            self._log(entry, f"refused ({first.code})")
+            return first.smtp_reply
+        await self._settle(attempt)
+        return queued_reply(entry)
 
-def reply_for(queue_id: str, outcomes: Sequence[BatchOutcome]) -> SmtpReply:
-    """The DATA reply for a message whose batches ended as ``outcomes``.
+    # -- attempts
 
-    All accepted → 250 with the SES MessageIds. Any batch that may still
-    succeed later → its 4xx, so the client tries again. Otherwise (every
-    failure permanent) → the first permanent 5xx, with SES's text; when some
-    batches were delivered the text says so, never a silent partial send.
-    """
-    sent = [o for o in outcomes if o.result is not None]
-    failed = [o.error for o in outcomes if o.error is not None]
-    if not failed:
-        ids = [o.result.message_id for o in sent if o.result is not None]
-        shown = " ".join(ids[:MAX_IDS_IN_REPLY])
-        more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
-        return SmtpReply(250, "2.0.0", f"Ok: {queue_id} sent as {shown}{more}")
-    temporary = [e for e in failed if e.disposition is not Disposition.PERMANENT]
-    error = temporary[0] if temporary else failed[0]
-    reply = error.smtp_reply
-    if sent:
-        delivered = sum(len(o.recipients) for o in sent)
-        total = sum(len(o.recipients) for o in outcomes)
-        reply = SmtpReply(
-            reply.code,
-            reply.enhanced,
-            f"{reply.text} ({delivered} of {total} recipients were already delivered)",
+    async def _attempt(self, entry: Entry, message: bytes, budget: float) -> _Attempt:
+        """Send every pending batch at once, each within ``budget`` seconds;
+        write each outcome to the spool as it arrives."""
+        attempt = _Attempt(entry, message, {})
+        ends = self._monotonic() + budget
+        lock = asyncio.Lock()
+
+        async def send(index: int) -> None:
+            batch = attempt.entry.batches[index]
+            try:
+                async with asyncio.timeout(max(0.0, ends - self._monotonic())):
+                    await self.rate.acquire(len(batch.recipients))
+            except TimeoutError:
+                return  # no token in time: stays pending, nothing was sent
+            try:
+                result = await self._ses.send_raw_email(
+                    request_for(entry, message, batch),
+                    deadline=max(0.1, ends - self._monotonic()),
+                )
+            except SesError as error:
+                self._react(error)
+                attempt.errors[index] = error
+                permanent = error.disposition is Disposition.PERMANENT
+                new = replace(
+                    batch,
+                    state="failed" if permanent else "pending",
+                    error=str(error.smtp_reply),
+                )
+            else:
+                new = replace(batch, state="sent", message_id=result.message_id, error=None)
+            async with lock:
+                attempt.entry = attempt.entry.with_batch(index, new)
+                await self._save(attempt.entry)
+
+        await asyncio.gather(*(send(i) for i in entry.pending()))
+        return attempt
+
+    def _react(self, error: SesError) -> None:
+        """Throttling slows the shared rate; the daily quota pauses it."""
+        if error.code != "Throttling":
+            return
+        if error.disposition is Disposition.DEFERRABLE:
+            self.rate.pause_until(self._monotonic() + QUOTA_PAUSE)
+            delivery_log.warning("SES daily quota exceeded: pausing delivery for %ds", QUOTA_PAUSE)
+        else:
+            self.rate.throttled()
+
+    async def _save(self, entry: Entry) -> None:
+        try:
+            await asyncio.to_thread(self._spool.update, entry)
+        except NoSuchEntry:
+            delivery_log.warning("%s: deleted while being delivered", entry.id)
+        except SpoolError as exc:
+            # The outcome is known but not on disk: a restart may resend the batch.
+            delivery_log.error("%s: cannot record delivery state: %s", entry.id, exc)
+
+    async def _settle(self, attempt: _Attempt) -> None:
+        """After an attempt: schedule what is pending, or finish the entry."""
+        entry = attempt.entry
+        if entry.pending():
+            now = self._clock()
+            errors = "; ".join(f"{e.code}: {e.message}"[:200] for e in attempt.errors.values())
+            history = (*entry.history, f"{_stamp(now)} {errors or 'no answer in time'}")
+            retry_at = next_attempt_at(
+                received=entry.received,
+                now=now,
+                attempt=entry.attempts + 1,
+                minimum=self._config.delivery.retry_min,
+                maximum=self._config.delivery.retry_max,
+                max_age=self._config.delivery.max_age,
+                jitter=self._jitter(),
+            )
+            entry = replace(
+                entry,
+                attempts=entry.attempts + 1,
+                next_attempt=retry_at,
+                history=history[-MAX_HISTORY:],
+            )
+            await self._save(entry)
+            self._schedule(entry.id, retry_at)
+            self._log(entry, f"deferred ({errors or 'no answer in time'})")
+            return
+        failed = [b for b in entry.batches if b.state == "failed"]
+        if not failed:
+            await self._forget(entry)
+            self._log(entry, "sent")
+            return
+        await self._bounce(entry, attempt.message, failed)
+        try:
+            await asyncio.to_thread(self._spool.move, entry, QUEUE, DEAD)
+        except SpoolError as exc:
+            delivery_log.error("%s: cannot move to the dead-letter area: %s", entry.id, exc)
+        self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)")
+
+    async def _forget(self, entry: Entry) -> None:
+        try:
+            await asyncio.to_thread(self._spool.remove, entry.id)
+        except SpoolError as exc:
+            delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
+
+    async def _bounce(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> None:
+        """Queue a DSN to the envelope sender, sent with the null sender."""
+        if not should_bounce(entry.sender, self._config.delivery.bounces):
+            return
+        now = self._clock()
+        dsn_id = new_queue_id()
+        try:
+            report = build_dsn(
+                original=message,
+                queue_id=entry.id,
+                sender=entry.sender,
+                failed=[
+                    _failed_recipient(address, batch)
+                    for batch in failed
+                    for address in batch.recipients
+                ],
+                reporting_mta=self._config.smtp.hostname,
+                bounce_from=self._bounce_from,
+                arrival=datetime.fromtimestamp(entry.received, UTC),
+                now=datetime.fromtimestamp(now, UTC),
+                message_id=f"<{dsn_id}@{self._config.smtp.hostname}>",
+            )
+        except ValueError as exc:
+            delivery_log.error("%s: cannot build a bounce: %s", entry.id, exc)
+            return
+        bounce = Entry(
+            id=dsn_id,
+            received=now,
+            client="localhost",
+            sender="",
+            source=self._bounce_from,
+            recipients=(entry.sender,),
+            batches=(Batch(recipients=(entry.sender,)),),
         )
-    return reply
+        try:
+            await asyncio.to_thread(self._spool.put, bounce, report)
+        except SpoolError as exc:
+            delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
+            return
+        delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
+        self._schedule(dsn_id, 0.0)
+
+    def _log(self, entry: Entry, status: str) -> None:
+        delivery_log.info(
+            "%s: from=<%s> rcpts=%d attempts=%d status=%s",
+            entry.id,
+            entry.sender,
+            len(entry.recipients),
+            entry.attempts,
+            status,
+        )
+
+    def _done(self, entry_id: str) -> None:
+        self._in_flight.discard(entry_id)
+        if not self._in_flight:
+            self._idle.set()
+
+    # -- background
+
+    def _schedule(self, entry_id: str, when: float) -> None:
+        current = self._due.get(entry_id)
+        if current is not None and current <= when:
+            return
+        self._due[entry_id] = when
+        heapq.heappush(self._heap, (when, entry_id))
+        self._wake.set()
+
+    async def _scheduler(self) -> None:
+        """Hand due entries to the workers; sleep until the next one is due."""
+        while True:
+            now = self._clock()
+            while self._heap and self._heap[0][0] <= now:
+                when, entry_id = heapq.heappop(self._heap)
+                if self._due.get(entry_id) != when:
+                    continue  # superseded by an earlier schedule
+                del self._due[entry_id]
+                if entry_id in self._in_flight:
+                    continue  # the attempt in flight settles it
+                self._in_flight.add(entry_id)
+                self._work.put_nowait(entry_id)
+            self._wake.clear()
+            wait = self._heap[0][0] - now if self._heap else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _worker(self) -> None:
+        while True:
+            entry_id = await self._work.get()
+            try:
+                await self._deliver_queued(entry_id)
+            except Exception:
+                delivery_log.exception("%s: delivery failed unexpectedly", entry_id)
+                self._schedule(entry_id, self._clock() + self._config.delivery.retry_min)
+            finally:
+                self._done(entry_id)
+
+    async def _deliver_queued(self, entry_id: str) -> None:
+        try:
+            entry, message = await asyncio.to_thread(self._load, entry_id)
+        except NoSuchEntry:
+            return  # delivered or deleted meanwhile
+        except (SpoolError, ValueError) as exc:
+            delivery_log.error("%s: cannot load: %s", entry_id, exc)
+            return
+        now = self._clock()
+        if expired(entry.received, now, self._config.delivery.max_age):
+            await self._expire(entry, message)
+            return
+        budget = self._config.ses.request_timeout * self._config.ses.max_attempts
+        await self._settle(await self._attempt(entry, message, budget))
+
+    def _load(self, entry_id: str) -> tuple[Entry, bytes]:
+        return self._spool.load(entry_id), self._spool.message(entry_id)
+
+    async def _expire(self, entry: Entry, message: bytes) -> None:
+        """Give up on what is still pending after ``delivery.max_age``."""
+        last = entry.history[-1] if entry.history else "no delivery attempt succeeded"
+        reply = SmtpReply(554, "5.4.7", f"message expired in queue; last error: {last}")
+        for index in entry.pending():
+            entry = entry.with_batch(
+                index, replace(entry.batches[index], state="failed", error=str(reply))
+            )
+        await self._save(entry)
+        await self._settle(_Attempt(entry, message, {}))
+
+    async def _follow_quota(self) -> None:
+        """Keep the sending rate at the account's MaxSendRate."""
+        while True:
+            try:
+                quota = await self._ses.get_send_quota()
+            except SesError as exc:
+                delivery_log.warning("cannot read the SES send quota: %s", exc)
+            else:
+                self.rate.set_rate(quota.max_send_rate)
+            await asyncio.sleep(self._config.delivery.quota_refresh)
+
+
+def _failed_recipient(address: str, batch: Batch) -> FailedRecipient:
+    reply = batch.error or "554 5.0.0 delivery failed"
+    _, _, rest = reply.partition(" ")
+    enhanced = rest.split(" ", 1)[0] if rest else "5.0.0"
+    if enhanced[:1] not in ("4", "5") or enhanced.count(".") != 2:
+        enhanced = "5.0.0"
+    return FailedRecipient(address, enhanced, f"smtp; {reply}")
+
+
+def _stamp(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -7,7 +7,6 @@ with the reply to give.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,21 +14,16 @@ from typing import Any
 
 from relay.addresses import ascii_address
 from relay.config import Config
-from relay.delivery import reply_for, requests_for, send_batches
+from relay.delivery import STORAGE_FULL, Delivery, new_queue_id
 from relay.errors import MessageRefused, SmtpReply
 from relay.log import smtp_log
 from relay.message import SesParameters, plan_batches, prepare
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
-from relay.ses.client import SesClient
 from relay.session import authenticated_user as session_user
 from relay.session import client_address
+from relay.spool import Batch, Entry
 
 NULL_SENDER = ("", "<>")
-
-
-def new_queue_id() -> str:
-    """A short unique id for one message, as Postfix's queue ids."""
-    return secrets.token_hex(6).upper()
 
 
 class RelayHandler:
@@ -38,13 +32,13 @@ class RelayHandler:
     def __init__(
         self,
         config: Config,
-        ses: SesClient,
+        delivery: Delivery,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         queue_id: Callable[[], str] = new_queue_id,
     ) -> None:
         self._config = config
-        self._ses = ses
+        self._delivery = delivery
         self._policy = AccessPolicy.from_config(config.smtp, config.auth)
         self._defaults = SesParameters(configuration_set=config.ses.configuration_set or None)
         self._clock = clock
@@ -56,6 +50,8 @@ class RelayHandler:
         client, user = client_address(session), session_user(session)
         if not self._policy.may_relay(client, user):
             return str(AUTH_REQUIRED)
+        if not self._delivery.space_ok():
+            return str(STORAGE_FULL)
         if address not in NULL_SENDER:
             try:
                 self._policy.check_sender(address, user)
@@ -98,7 +94,7 @@ class RelayHandler:
         message = prepare(
             envelope.content,
             now=self._clock(),
-            message_id=lambda: f"<{queue_id}.{new_queue_id()}@{self._config.smtp.hostname}>",
+            message_id=lambda: f"<{queue_id}@{self._config.smtp.hostname}>",
             defaults=self._defaults,
         )
         self._policy.check_sender(message.from_address, user, where="From:")
@@ -109,9 +105,26 @@ class RelayHandler:
             message.header_recipients,
             self._config.smtp.max_batch_recipients,
         )
-        outcomes = await send_batches(
-            self._ses,
-            requests_for(message, source, batches),
-            deadline=self._config.delivery.inline_timeout,
+        ses = message.ses
+        entry = Entry(
+            id=queue_id,
+            received=self._clock().timestamp(),
+            client=client,
+            user=user,
+            sender=envelope.mail_from,
+            source=source,
+            recipients=tuple(envelope.rcpt_tos),
+            batches=tuple(Batch(recipients=batch) for batch in batches),
+            ses={
+                key: value
+                for key, value in (
+                    ("configuration_set", ses.configuration_set),
+                    ("tags", [list(tag) for tag in ses.tags]),
+                    ("source_arn", ses.source_arn),
+                    ("from_arn", ses.from_arn),
+                    ("return_path_arn", ses.return_path_arn),
+                )
+                if value
+            },
         )
-        return reply_for(queue_id, outcomes)
+        return await self._delivery.accept(entry, message.raw)

@@ -71,7 +71,9 @@ def relay_config(
             "region": fake.region,
             "backoff_base": 0.01,
             "backoff_max": 0.05,
+            "max_send_rate": 1000.0,
         },
+        "spool": {"path": str(tmp_path / "spool")},
         "delivery": {"inline_timeout": 5.0},
     }
     for section, values in sections.items():

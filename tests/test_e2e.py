@@ -152,15 +152,33 @@ async def test_unverified_sender_gets_ses_text_as_5xx(tmp_path: Path, fake_ses: 
     )
 
 
-async def test_ses_outage_gives_4xx_so_the_client_keeps_the_message(
+async def test_ses_outage_queues_then_delivers_exactly_once(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
-    fake_ses.script(*[SesErrorReply(503, "ServiceUnavailable", "down", "Receiver")] * 10)
-    async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 2}) as relay:
-        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
-            await send(relay, ["bob@example.net"], message())
-    assert caught.value.code == 451
-    assert caught.value.message.startswith("4.3.0 ")
+    fake_ses.script(*[SesErrorReply(503, "ServiceUnavailable", "down", "Receiver")] * 4)
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        ses={"max_attempts": 2},
+        delivery={"retry_min": 0.05, "retry_max": 0.1},
+    ) as relay:
+        code, text = await send(relay, ["bob@example.net"], message())
+        assert code == 250
+        assert text.startswith("2.0.0 Ok: queued as ")
+        queue_id = text.rsplit(" ", 1)[1]
+        requests = await fake_ses.wait_for_requests(5, within=10)
+        await wait_until_gone(relay, queue_id)
+    assert [r.destinations for r in requests if r.signature_ok][-1] == ["bob@example.net"]
+    assert len(fake_ses.requests) == 5  # 4 refused, 1 accepted, none after
+
+
+async def wait_until_gone(relay: Relay, queue_id: str, within: float = 10.0) -> None:
+    """Until the spool no longer holds ``queue_id`` (delivered and removed)."""
+    assert relay.spool is not None
+    spool = relay.spool
+    async with asyncio.timeout(within):
+        while await asyncio.to_thread(spool.find, queue_id) is not None:
+            await asyncio.sleep(0.02)
 
 
 async def test_null_sender_uses_the_from_header_as_source(
