@@ -238,5 +238,5 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
     Polls every 5 ms, for at most ``TIMEOUT`` seconds.
     """
     async with asyncio.timeout(TIMEOUT):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0.005)
