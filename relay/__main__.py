@@ -16,6 +16,8 @@ from relay.auth import SCHEMES, hash_password, valid_username
 from relay.config import Config, load_config
 from relay.errors import ConfigError, RelayError
 from relay.log import configure as configure_logging
+from relay.queuecmd import add_arguments as add_queue_arguments
+from relay.queuecmd import queue_command as run_queue_command
 from relay.ses.client import SendQuota, SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import new_session
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("serve", "Run the relay in the foreground until SIGTERM or SIGINT.")
     command("check-config", "Check a configuration file and report every problem.")
     command("quota", "Print the SES account's sending quota.")
+    add_queue_arguments(
+        command(
+            "queue",
+            "List, show, retry or delete queued and dead messages while the relay runs "
+            "(like mailq and postsuper).",
+        )
+    )
     hashing = commands.add_parser(
         "hash-password",
         help="Hash a password for the users file ([auth] users_file).",
@@ -63,6 +72,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     environment = os.environ if env is None else env
     try:
         config = load_config(args.config, environment)
+        if args.command == "queue":
+            return run_queue_command(config, args)
         return COMMANDS[args.command](config, environment)
     except ConfigError as exc:
         return report_config_error(exc)

@@ -495,6 +495,32 @@ class Spool:
         except OSError as exc:
             raise _failed(f"cannot move spool entry {entry.id}", exc) from None
 
+    def requeue(self, entry_id: str, change: Callable[[Entry], Entry]) -> Entry:
+        """Move a dead entry back to ``queue/`` with ``change`` applied to its
+        envelope as it is on disk now, under the entry's lock (``modify`` and
+        ``move`` in one step, for ``ses-relay queue retry``); return the new
+        entry. ``NoSuchEntry`` when it is not (or no longer) in ``dead/``;
+        ``ValueError`` when its envelope is unreadable. The same crash
+        guarantees as ``move``."""
+        src, dst = self.dir(DEAD), self.dir(QUEUE)
+        name_eml, name_json = f"{entry_id}.eml", f"{entry_id}.json"
+        try:
+            with self._locked(entry_id, DEAD):
+                self._require(entry_id, DEAD)
+                new = change(self._read(entry_id, DEAD))
+                if new.id != entry_id:
+                    raise ValueError(f"requeue changed the id {entry_id} to {new.id!r}")
+                envelope = _checked(new)
+                _link_into(src / name_eml, dst / name_eml, self.dir(TMP))
+                floor = (src / name_json).stat().st_mtime_ns
+                self._write_envelope(entry_id, envelope, QUEUE, newer_than=floor)
+                (src / name_json).unlink()
+                (src / name_eml).unlink(missing_ok=True)
+                _sync_dir(src)
+                return new
+        except OSError as exc:
+            raise _failed(f"cannot requeue spool entry {entry_id}", exc) from None
+
     def _finish_moves(self) -> None:
         """An entry in both areas was being moved: keep the newer envelope."""
         queued = {p.name[:-5] for p in self.dir(QUEUE).iterdir() if p.name.endswith(".json")}

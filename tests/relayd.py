@@ -14,13 +14,16 @@ from relay.config import Config, load_config
 
 
 class SesTarget(Protocol):
-    """What the relay needs to reach an SES: ``FakeSes``, or moto via ``moto_target``."""
+    """What the relay needs to reach an SES: ``FakeSes``, or moto's ``MotoTarget``."""
 
-    url: str
-    region: str
-    access_key: str
-    secret_key: str
-
+    @property
+    def url(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def access_key(self) -> str: ...
+    @property
+    def secret_key(self) -> str: ...
     @property
     def ca_pem_path(self) -> str: ...
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay.config import SesConfig
-from relay.errors import Disposition, SesError, SesTransportError
+from relay.errors import CredentialsError, Disposition, SesError, SesTransportError
 from relay.ses.client import SendQuota, SendResult, SesClient
 from relay.ses.credentials import StaticProvider
 from relay.ses.query import SendRawEmailRequest
@@ -551,4 +551,24 @@ async def test_untrusted_certificate_is_a_connection_error(fake_ses: FakeSes) ->
             await client.send_raw_email(simple_request(), deadline=3)
     assert caught.value.code == "ConnectionError"
     assert caught.value.retryable
+    assert fake_ses.requests == []
+
+
+class NoCredentialsProvider:
+    async def get(self) -> Credentials:
+        raise CredentialsError("no AWS credentials found; tried, in order: environment")
+
+    def invalidate(self) -> None:
+        """Nothing to forget."""
+
+
+async def test_missing_credentials_defer_the_mail_without_calling_ses(fake_ses: FakeSes) -> None:
+    async with SesClient(config_for(fake_ses), NoCredentialsProvider()) as client:
+        with pytest.raises(SesError) as caught:
+            await client.send_raw_email(simple_request())
+    error = caught.value
+    assert error.code == "NoCredentials"
+    assert error.disposition is Disposition.DEFERRABLE
+    assert str(error.smtp_reply) == "451 4.7.0 relay cannot authenticate to SES"
+    assert "no AWS credentials found" in error.message
     assert fake_ses.requests == []

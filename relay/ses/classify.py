@@ -117,6 +117,22 @@ def ses_error(code: str, message: str, http_status: int | None, request_id: str 
     )
 
 
+def no_credentials(message: str) -> SesError:
+    """The typed error for a call that could not be signed: no credentials.
+
+    Deferrable: the mail is kept while an operator fixes the credentials.
+    """
+    rule = CREDENTIALS
+    return SesError(
+        code="NoCredentials",
+        message=message,
+        http_status=None,
+        request_id=None,
+        disposition=rule.disposition,
+        smtp_reply=rule.reply(),
+    )
+
+
 def transport_error(
     code: str, message: str, *, http_status: int | None = None, request_sent: bool = True
 ) -> SesTransportError:

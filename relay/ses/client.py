@@ -28,9 +28,9 @@ import aiohttp
 from yarl import URL
 
 from relay.config import SesConfig
-from relay.errors import SesError
+from relay.errors import CredentialsError, SesError
 from relay.log import ses_log
-from relay.ses.classify import transport_error
+from relay.ses.classify import no_credentials, transport_error
 from relay.ses.credentials import CredentialProvider
 from relay.ses.http import new_session, read_capped
 from relay.ses.query import (
@@ -170,7 +170,10 @@ class SesClient:
     ) -> T:
         config = self._config
         timeout = min(budget, config.request_timeout)
-        credentials = await self._credentials.get()
+        try:
+            credentials = await self._credentials.get()
+        except CredentialsError as exc:
+            raise no_credentials(str(exc)) from None
         headers = {"Content-Type": FORM_CONTENT_TYPE}
         headers |= sign_request(
             credentials=credentials,
