@@ -222,8 +222,10 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with Relay(config, env) as relay:
-        loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
+    relay = Relay(config, env)
+    # Before the spool lock is taken: `ses-relay queue retry` signals whoever holds it.
+    loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
+    async with relay:
         smtp_log.info("ses-relay ready")
         await stop.wait()
         smtp_log.info("stopping: no new connections; in-flight sessions may finish")
