@@ -107,22 +107,25 @@ class Relay:
         """Where the implicit-TLS listeners are, in ``smtp.tls_listen`` order."""
 
     async def start(self) -> None:
+        """Open the spool (its lock first: a second daemon stops here, before
+        anything else is set up), resume its queue, then listen. A failure
+        undoes whatever was started."""
         config = self.config
         resources = load_resources(config)
-        self._http = new_session(
-            ca_bundle=config.ses.ca_bundle, max_connections=config.ses.max_connections
-        )
-        credentials = default_chain(self._env, session=self._http, region=config.ses.region)
-        ses = SesClient(config.ses, credentials, session=self._http)
-        self.spool = Spool(config.spool.path)
-        await asyncio.to_thread(self.spool.open)
-        self.delivery = Delivery(config, self.spool, ses)
-        await self.delivery.start()
-        handler = RelayHandler(config, self.delivery)
-        if resources.users is not None:
-            self._authenticator = Authenticator(resources.users, config.auth)
-        loop = asyncio.get_running_loop()
         try:
+            self.spool = Spool(config.spool.path)
+            await asyncio.to_thread(self.spool.open)
+            self._http = new_session(
+                ca_bundle=config.ses.ca_bundle, max_connections=config.ses.max_connections
+            )
+            credentials = default_chain(self._env, session=self._http, region=config.ses.region)
+            ses = SesClient(config.ses, credentials, session=self._http)
+            self.delivery = Delivery(config, self.spool, ses)
+            await self.delivery.start()
+            handler = RelayHandler(config, self.delivery)
+            if resources.users is not None:
+                self._authenticator = Authenticator(resources.users, config.auth)
+            loop = asyncio.get_running_loop()
             for address in config.smtp.listen:
                 self.smtp_addresses.append(
                     await self._listen(loop, address, handler, resources, implicit_tls=False)
@@ -131,7 +134,7 @@ class Relay:
                 self.tls_addresses.append(
                     await self._listen(loop, address, handler, resources, implicit_tls=True)
                 )
-        except RelayError:
+        except BaseException:
             await self.stop(grace=0)
             raise
 
@@ -192,6 +195,7 @@ class Relay:
             self.spool = None
         if self._authenticator is not None:
             self._authenticator.close()
+            self._authenticator = None
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -36,6 +36,8 @@ MAX_HISTORY = 20
 QUOTA_PAUSE = 900.0
 """Seconds delivery pauses after "Daily message quota exceeded"."""
 SPACE_CHECK_INTERVAL = 1.0
+SPACE_RECHECK_INTERVAL = 0.1
+"""Seconds between fresh readings before a MAIL is refused for lack of space."""
 STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
@@ -107,8 +109,14 @@ class Delivery:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
+        self._accepting: set[asyncio.Task[SmtpReply]] = set()
+        """Commits and inline attempts: they outlive a client that hangs up."""
+        self._unsaved: dict[str, Entry] = {}
+        """Entries whose latest batch outcomes could not be written (full
+        disk): what SES accepted is remembered here until a write succeeds."""
         self._free_bytes: int | None = None
         self._free_checked = -SPACE_CHECK_INTERVAL
+        self._free_read = -SPACE_RECHECK_INTERVAL
         self._space_floor = int(config.smtp.max_message_size * 1.5)
         self._bounce_from = config.delivery.bounce_sender or f"MAILER-DAEMON@{config.smtp.hostname}"
 
@@ -133,9 +141,12 @@ class Delivery:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
-        for task in self._tasks:
+        # Inline attempts still running belong to clients that hung up or were
+        # cut off: their entries are on disk and resume at the next start.
+        tasks = [*self._tasks, *self._accepting]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -162,14 +173,39 @@ class Delivery:
             task.add_done_callback(self._checks.discard)
         return self._free_bytes is None or self._free_bytes >= self._space_floor
 
+    async def has_space(self) -> bool:
+        """``space_ok``, but a refusal is confirmed by a fresh reading (at most
+        every ``SPACE_RECHECK_INTERVAL``): space that came back (the queue
+        drained, an operator cleaned up) is seen at once."""
+        if self.space_ok():
+            return True
+        if self._monotonic() - self._free_read >= SPACE_RECHECK_INTERVAL:
+            await self._refresh_free_space()
+        return self._free_bytes is None or self._free_bytes >= self._space_floor
+
     async def _refresh_free_space(self) -> None:
         try:
             self._free_bytes = await asyncio.to_thread(self._spool.free_bytes)
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             delivery_log.warning("cannot read free space of the spool: %s", exc)
+        self._free_read = self._monotonic()
 
     async def accept(self, entry: Entry, message: bytes) -> SmtpReply:
-        """Commit, then try SES inline; the reply for the client's DATA."""
+        """Commit, then try SES inline; the reply for the client's DATA.
+
+        The work runs in its own task: if the client hangs up (aiosmtpd then
+        cancels the DATA hook), a message already committed is still tried
+        and scheduled; it is ours from the fsync on."""
+        task = asyncio.create_task(self._accept(entry, message), name=f"relay-accept-{entry.id}")
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_orphan_failure)
+            raise
+
+    async def _accept(self, entry: Entry, message: bytes) -> SmtpReply:
         try:
             await asyncio.to_thread(self._spool.put, entry, message)
         except SpoolError as exc:
@@ -180,6 +216,11 @@ class Delivery:
         try:
             attempt = await self._attempt(entry, message, self._config.delivery.inline_timeout)
             return await self._after_inline(attempt)
+        except Exception:
+            # Committed: the background keeps the promise, so 250 is the truth.
+            delivery_log.exception("%s: inline delivery failed unexpectedly", entry.id)
+            self._schedule(entry.id, self._clock() + self._config.delivery.retry_min)
+            return queued_reply(entry)
         finally:
             self._done(entry.id)
 
@@ -252,10 +293,32 @@ class Delivery:
         try:
             await asyncio.to_thread(self._spool.update, entry)
         except NoSuchEntry:
+            self._unsaved.pop(entry.id, None)
             delivery_log.warning("%s: deleted while being delivered", entry.id)
         except SpoolError as exc:
-            # The outcome is known but not on disk: a restart may resend the batch.
+            # The outcome is known but not on disk: kept in memory so that this
+            # process does not resend the batch; a restart before a write
+            # succeeds may.
+            self._unsaved[entry.id] = entry
             delivery_log.error("%s: cannot record delivery state: %s", entry.id, exc)
+        else:
+            self._unsaved.pop(entry.id, None)
+
+    def _recall(self, entry: Entry) -> Entry:
+        """``entry`` as loaded, with the batch outcomes that could not be written."""
+        known = self._unsaved.get(entry.id)
+        if known is None:
+            return entry
+        for index, (on_disk, remembered) in enumerate(
+            zip(entry.batches, known.batches, strict=False)
+        ):
+            if (
+                on_disk.state == "pending"
+                and remembered.state != "pending"
+                and on_disk.recipients == remembered.recipients
+            ):
+                entry = entry.with_batch(index, remembered)
+        return entry
 
     async def _settle(self, attempt: _Attempt) -> None:
         """After an attempt: schedule what is pending, or finish the entry."""
@@ -295,9 +358,12 @@ class Delivery:
             await asyncio.to_thread(self._spool.move, entry, QUEUE, DEAD)
         except SpoolError as exc:
             delivery_log.error("%s: cannot move to the dead-letter area: %s", entry.id, exc)
+        else:
+            self._unsaved.pop(entry.id, None)
         self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)")
 
     async def _forget(self, entry: Entry) -> None:
+        self._unsaved.pop(entry.id, None)
         try:
             await asyncio.to_thread(self._spool.remove, entry.id)
         except SpoolError as exc:
@@ -404,9 +470,15 @@ class Delivery:
             entry, message = await asyncio.to_thread(self._load, entry_id)
         except NoSuchEntry:
             return  # delivered or deleted meanwhile
-        except (SpoolError, ValueError) as exc:
-            delivery_log.error("%s: cannot load: %s", entry_id, exc)
+        except ValueError as exc:
+            # Garbled while queued: set aside for a person, as at start-up.
+            await asyncio.to_thread(self._spool.quarantine, entry_id, QUEUE, reason=str(exc))
             return
+        except SpoolError as exc:
+            delivery_log.error("%s: cannot load: %s", entry_id, exc)
+            self._schedule(entry_id, self._clock() + self._config.delivery.retry_min)
+            return
+        entry = self._recall(entry)
         now = self._clock()
         if expired(entry.received, now, self._config.delivery.max_age):
             await self._expire(entry, message)
@@ -415,7 +487,14 @@ class Delivery:
         await self._settle(await self._attempt(entry, message, budget))
 
     def _load(self, entry_id: str) -> tuple[Entry, bytes]:
-        return self._spool.load(entry_id), self._spool.message(entry_id)
+        entry = self._spool.load(entry_id)
+        try:
+            message = self._spool.message(entry_id)
+        except NoSuchEntry:
+            if self._spool.find(entry_id) == QUEUE:  # the envelope is still there
+                raise ValueError("its message file is missing") from None
+            raise
+        return entry, message
 
     async def _expire(self, entry: Entry, message: bytes) -> None:
         """Give up on what is still pending after ``delivery.max_age``."""
@@ -447,6 +526,12 @@ def _failed_recipient(address: str, batch: Batch) -> FailedRecipient:
     if enhanced[:1] not in ("4", "5") or enhanced.count(".") != 2:
         enhanced = "5.0.0"
     return FailedRecipient(address, enhanced, f"smtp; {reply}")
+
+
+def _log_orphan_failure(task: asyncio.Task[SmtpReply]) -> None:
+    """What became of an inline attempt whose client is gone (no one else sees it)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        delivery_log.error("%s failed unexpectedly", task.get_name(), exc_info=error)
 
 
 def one_line(text: str) -> str:

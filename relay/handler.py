@@ -50,7 +50,7 @@ class RelayHandler:
         client, user = client_address(session), session_user(session)
         if not self._policy.may_relay(client, user):
             return str(AUTH_REQUIRED)
-        if not self._delivery.space_ok():
+        if not await self._delivery.has_space():
             return str(STORAGE_FULL)
         if address not in NULL_SENDER:
             try:
