@@ -177,12 +177,16 @@ class Relay:
         return bound_host, bound_port
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, let sessions and SES calls in flight finish for up to
-        ``grace`` seconds, then close; what is not delivered stays queued."""
+        """Stop: new connections and idle sessions get 421; transactions and SES
+        calls in flight may finish for up to ``grace`` seconds, then everything
+        is closed; what is not delivered stays queued."""
         ends = asyncio.get_running_loop().time() + grace
+        # Idle sessions and new connections get 421 at once; sessions inside a
+        # transaction get it when the transaction ends.
+        self.limiter.drain()
+        await self.limiter.wait_idle(grace)
         for server in self._servers:
             server.close()
-        await self.limiter.wait_idle(grace)
         self.limiter.close_all()
         for server in self._servers:
             await server.wait_closed()
@@ -203,7 +207,7 @@ class Relay:
     def retry_now(self) -> None:
         """Re-read the queue and try what is due (``ses-relay queue retry``)."""
         if self.delivery is not None:
-            task = asyncio.create_task(self.delivery.rescan())
+            task = asyncio.create_task(self.delivery.retry_now())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 

@@ -78,6 +78,8 @@ class _Attempt:
     entry: Entry
     message: bytes
     errors: dict[int, SesError]
+    starved: bool = False
+    """A batch got no sending-rate token in time (not sent, not an error)."""
 
 
 class Delivery:
@@ -151,11 +153,23 @@ class Delivery:
                 await task
         self._tasks.clear()
 
+    async def retry_now(self) -> None:
+        """``ses-relay queue retry`` (SIGUSR1): end a daily-quota pause (an
+        operator may have raised the quota; SES says again if not) and try
+        what is due."""
+        if self.rate.paused_until is not None:
+            self.rate.resume()
+            delivery_log.warning("daily-quota pause ended by 'ses-relay queue retry'")
+        await self.rescan()
+
     async def rescan(self) -> None:
         """Schedule every entry in the queue at its ``next_attempt`` (start-up,
         and ``ses-relay queue retry`` through SIGUSR1)."""
         entries = await asyncio.to_thread(lambda: list(self._spool.entries(QUEUE)))
+        queued = {entry.id for entry in entries}
         for entry in entries:
+            if entry.bounce_of in queued:
+                continue  # scheduled when the message it reports on leaves the queue
             self._schedule(entry.id, entry.next_attempt)
         if entries:
             delivery_log.info("queue: %d messages to deliver", len(entries))
@@ -249,11 +263,9 @@ class Delivery:
 
         async def send(index: int) -> None:
             batch = attempt.entry.batches[index]
-            try:
-                async with asyncio.timeout(max(0.0, ends - self._monotonic())):
-                    await self.rate.acquire(len(batch.recipients))
-            except TimeoutError:
-                return  # no token in time: stays pending, nothing was sent
+            if not await self._token(len(batch.recipients), ends):
+                attempt.starved = True  # stays pending; nothing was sent
+                return
             try:
                 result = await self._ses.send_raw_email(
                     request_for(entry, message, batch),
@@ -279,6 +291,27 @@ class Delivery:
         await asyncio.gather(*(send(i) for i in entry.pending()))
         return attempt
 
+    async def _token(self, recipients: int, ends: float) -> bool:
+        """Take sending-rate tokens for ``recipients`` before ``ends``
+        (monotonic); False, at once if a daily-quota pause outlasts it."""
+        paused_until = self.rate.paused_until
+        if paused_until is not None and paused_until > ends:
+            return False
+        try:
+            async with asyncio.timeout(max(0.0, ends - self._monotonic())):
+                await self.rate.acquire(recipients)
+        except TimeoutError:
+            return False
+        return True
+
+    def _resume_at(self) -> float:
+        """When sending may go on (clock time): now, or the end of a pause."""
+        now = self._clock()
+        paused_until = self.rate.paused_until
+        if paused_until is None:
+            return now
+        return now + max(0.0, paused_until - self._monotonic())
+
     def _react(self, error: SesError) -> None:
         """Throttling slows the shared rate; the daily quota pauses it."""
         if error.code != "Throttling":
@@ -289,20 +322,23 @@ class Delivery:
         else:
             self.rate.throttled()
 
-    async def _save(self, entry: Entry) -> None:
+    async def _save(self, entry: Entry) -> bool:
+        """Write ``entry``'s state; True when it is on disk."""
         try:
             await asyncio.to_thread(self._spool.update, entry)
         except NoSuchEntry:
             self._unsaved.pop(entry.id, None)
             delivery_log.warning("%s: deleted while being delivered", entry.id)
+            return False
         except SpoolError as exc:
             # The outcome is known but not on disk: kept in memory so that this
             # process does not resend the batch; a restart before a write
             # succeeds may.
             self._unsaved[entry.id] = entry
             delivery_log.error("%s: cannot record delivery state: %s", entry.id, exc)
-        else:
-            self._unsaved.pop(entry.id, None)
+            return False
+        self._unsaved.pop(entry.id, None)
+        return True
 
     def _recall(self, entry: Entry) -> Entry:
         """``entry`` as loaded, with the batch outcomes that could not be written."""
@@ -323,6 +359,12 @@ class Delivery:
     async def _settle(self, attempt: _Attempt) -> None:
         """After an attempt: schedule what is pending, or finish the entry."""
         entry = attempt.entry
+        if entry.pending() and not attempt.errors and attempt.starved:
+            # Nothing was sent: waiting for the sending rate (or the end of a
+            # daily-quota pause) is not a failed attempt.
+            self._schedule(entry.id, self._resume_at())
+            delivery_log.debug("%s: waiting for the SES sending rate", entry.id)
+            return
         if entry.pending():
             now = self._clock()
             errors = "; ".join(
@@ -353,13 +395,38 @@ class Delivery:
             await self._forget(entry)
             self._log(entry, "sent")
             return
-        await self._bounce(entry, attempt.message, failed)
+        await self._give_up(entry, attempt.message, failed)
+
+    async def _give_up(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> None:
+        """Bounce the failed recipients and move the entry to the dead-letter area.
+
+        Exactly one bounce, across crashes: its id is recorded in the entry
+        before it is written; a recorded bounce that is still in the spool is
+        not written again; and a bounce is not delivered (nor scheduled by
+        ``rescan``) while its message is still in the queue, so one that is
+        not in the spool was never written. Anything that cannot be written
+        now is tried again after ``delivery.retry_min``."""
+        retry_at = self._clock() + self._config.delivery.retry_min
+        if should_bounce(entry.sender, self._config.delivery.bounces):
+            if entry.bounce is None:
+                entry = replace(entry, bounce=new_queue_id())
+                if not await self._save(entry):
+                    self._schedule(entry.id, retry_at)
+                    return
+            if not await self._queue_bounce(entry, message, failed):
+                self._schedule(entry.id, retry_at)
+                return
         try:
             await asyncio.to_thread(self._spool.move, entry, QUEUE, DEAD)
+        except NoSuchEntry:
+            delivery_log.warning("%s: deleted while being delivered", entry.id)
         except SpoolError as exc:
             delivery_log.error("%s: cannot move to the dead-letter area: %s", entry.id, exc)
-        else:
-            self._unsaved.pop(entry.id, None)
+            self._schedule(entry.id, retry_at)
+            return
+        self._unsaved.pop(entry.id, None)
+        if entry.bounce is not None:
+            self._schedule(entry.bounce, 0.0)
         self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)")
 
     async def _forget(self, entry: Entry) -> None:
@@ -369,12 +436,18 @@ class Delivery:
         except SpoolError as exc:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
 
-    async def _bounce(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> None:
-        """Queue a DSN to the envelope sender, sent with the null sender."""
-        if not should_bounce(entry.sender, self._config.delivery.bounces):
-            return
+    async def _queue_bounce(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> bool:
+        """Write the DSN ``entry.bounce`` to the envelope sender (sent with the
+        null sender) unless it is in the spool already; False to try again later."""
+        dsn_id = entry.bounce
+        assert dsn_id is not None
+        try:
+            if await asyncio.to_thread(self._spool.find, dsn_id) is not None:
+                return True  # written before a crash or a failed move
+        except SpoolError as exc:
+            delivery_log.error("%s: cannot look for its bounce %s: %s", entry.id, dsn_id, exc)
+            return False
         now = self._clock()
-        dsn_id = new_queue_id()
         try:
             report = build_dsn(
                 original=message,
@@ -393,7 +466,7 @@ class Delivery:
             )
         except ValueError as exc:
             delivery_log.error("%s: cannot build a bounce: %s", entry.id, exc)
-            return
+            return True  # nothing to send: the message is dead all the same
         bounce = Entry(
             id=dsn_id,
             received=now,
@@ -402,14 +475,15 @@ class Delivery:
             source=self._bounce_from,
             recipients=(entry.sender,),
             batches=(Batch(recipients=(entry.sender,)),),
+            bounce_of=entry.id,
         )
         try:
             await asyncio.to_thread(self._spool.put, bounce, report)
         except SpoolError as exc:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
-            return
+            return False
         delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
-        self._schedule(dsn_id, 0.0)
+        return True
 
     def _log(self, entry: Entry, status: str) -> None:
         delivery_log.info(
@@ -466,6 +540,9 @@ class Delivery:
                 self._done(entry_id)
 
     async def _deliver_queued(self, entry_id: str) -> None:
+        if self.rate.paused_until is not None:  # daily quota spent: not an attempt
+            self._schedule(entry_id, self._resume_at())
+            return
         try:
             entry, message = await asyncio.to_thread(self._load, entry_id)
         except NoSuchEntry:

@@ -210,9 +210,8 @@ def decode(line: bytes) -> str:
     return printable(line.decode("utf-8", "backslashreplace"), keep_tabs=True)
 
 
-def format_show(item: Listed, message: bytes | None, now: float, *, body: bool) -> str:
-    """The ``show`` output: every envelope field, then the message's header
-    (and body with ``body``)."""
+def envelope_fields(item: Listed, now: float) -> list[tuple[str, str]]:
+    """``show``'s name-value lines for the envelope, up to the recipient count."""
     entry = item.entry
     size = "unknown (the message file is gone)" if item.size is None else f"{item.size} bytes"
     area = (
@@ -237,8 +236,20 @@ def format_show(item: Listed, message: bytes | None, now: float, *, body: bool) 
         ("Source", printable(entry.source)),
         ("Attempts", str(entry.attempts)),
         ("Next attempt", next_try),
-        ("Recipients", str(len(entry.recipients))),
     ]
+    if entry.bounce is not None:
+        fields.append(("Bounce", f"{entry.bounce} (to the sender)"))
+    if entry.bounce_of is not None:
+        fields.append(("Bounce of", entry.bounce_of))
+    fields.append(("Recipients", str(len(entry.recipients))))
+    return fields
+
+
+def format_show(item: Listed, message: bytes | None, now: float, *, body: bool) -> str:
+    """The ``show`` output: every envelope field, then the message's header
+    (and body with ``body``)."""
+    entry = item.entry
+    fields = envelope_fields(item, now)
     lines = [f"{name + ':':<14}{value}" for name, value in fields]
     lines.extend(f"    {printable(r)}" for r in entry.recipients)
     if entry.ses:
@@ -292,7 +303,7 @@ def revive(now: float) -> Callable[[Entry], Entry]:
     """For a dead entry going back to the queue: failed batches pending again,
     attempts reset, the age counted from now (``delivery.max_age`` starts
     again), due now. Sent batches stay sent. The failed batches' errors move
-    to a history line saying so."""
+    to a history line saying so. A new failure gets a new bounce."""
 
     def change(entry: Entry) -> Entry:
         errors = [b.error for b in entry.batches if b.state == "failed" and b.error]
@@ -309,6 +320,7 @@ def revive(now: float) -> Callable[[Entry], Entry]:
             received=now,
             next_attempt=now,
             history=(*entry.history, note)[-MAX_HISTORY:],
+            bounce=None,
         )
 
     return change

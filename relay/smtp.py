@@ -103,6 +103,7 @@ _PLAIN_PATH: Final = re.compile(rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\
 
 class _Closable(Protocol):
     def shutdown(self, reply: str) -> None: ...
+    def close_when_idle(self, reply: str) -> None: ...
 
 
 class ConnectionLimiter:
@@ -111,7 +112,9 @@ class ConnectionLimiter:
     One instance is shared by every listener of a relay. A connection takes
     an overall slot as soon as it is accepted (``open``) and a per-client slot
     once its client address is known, after the PROXY header if any
-    (``admit``); ``release`` gives both back when it closes.
+    (``admit``); ``release`` gives both back when it closes. ``drain`` starts
+    a shutdown: sessions between transactions get ``421`` at once, the others
+    when their transaction ends, and new connections get ``421``.
     """
 
     def __init__(self, max_connections: int, max_per_client: int) -> None:
@@ -121,6 +124,8 @@ class ConnectionLimiter:
         self._per_client: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.draining = False
+        """Shutting down: every connection is told 421 as soon as it is idle."""
 
     @property
     def active(self) -> int:
@@ -173,6 +178,13 @@ class ConnectionLimiter:
         except TimeoutError:
             return False
         return True
+
+    def drain(self) -> None:
+        """Start a shutdown: ``421 4.3.2`` now for sessions between transactions,
+        after the transaction for the others, at once for new connections."""
+        self.draining = True
+        for connection in list(self._open):
+            connection.close_when_idle(REPLY_SHUTTING_DOWN)
 
     def close_all(self) -> None:
         """Tell every open connection ``421 4.3.2`` and close it."""
@@ -351,6 +363,9 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         self._closing = False
         self._lost = False
         self._in_hook = False
+        self._busy = False
+        """A command is running (its reply is not sent yet)."""
+        self._drain_reply: str | None = None
         self._expired = False
         self._deadline = 0.0
         self._timer_at: float | None = None
@@ -395,6 +410,17 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
     def shutdown(self, reply: str) -> None:
         """Send ``reply`` (a 421) at once and close; for ``ConnectionLimiter.close_all``."""
         self._write_and_close(reply)
+
+    def close_when_idle(self, reply: str) -> None:
+        """Send ``reply`` (a 421) and close once no transaction is open: now if
+        the session is waiting for a command outside one, else when the
+        transaction ends (``ConnectionLimiter.drain``)."""
+        self._drain_reply = reply
+        if not self._busy and not self._in_transaction():
+            self._write_and_close(reply)
+
+    def _in_transaction(self) -> bool:
+        return self.envelope.mail_from is not None
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -496,6 +522,9 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
     async def _admit(self) -> bool:
         """Connection limits and the PROXY header; False if the connection is closed."""
         session = self.session
+        if self.limiter.draining:
+            await self._refuse(REPLY_SHUTTING_DOWN)
+            return False
         if not self.limiter.open(self):
             smtp_log.warning(
                 "client=%s: refused: %d connections open",
@@ -580,9 +609,17 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             if not self._tls_handshake_okay and command != "QUIT":
                 await self.push(REPLY_INSECURE)
                 continue
-            await self._run(command, method, arg)
-            if self._expired and not self._closing:
+            self._busy = True
+            try:
+                await self._run(command, method, arg)
+            finally:
+                self._busy = False
+            if self._closing:
+                return
+            if self._expired:
                 await self._refuse(REPLY_SESSION_TIMEOUT)
+            elif self._drain_reply is not None and not self._in_transaction():
+                await self._refuse(self._drain_reply)
 
     async def _read_command_line(self) -> bytes | None:
         """The next line, or None if it was too long (and has been skipped)."""

@@ -103,7 +103,8 @@ class Entry:
     ``received``, ``client``, ``user`` (or null), ``sender``, ``source``,
     ``recipients``, ``ses`` (an object), ``batches`` (objects with
     ``recipients``, ``state``, ``message_id``, ``error``), ``attempts``,
-    ``next_attempt`` and ``history``. Unknown keys are ignored on reading.
+    ``next_attempt``, ``history``, ``bounce`` and ``bounce_of`` (ids, or
+    null). Unknown keys are ignored on reading.
     """
 
     id: str
@@ -124,6 +125,11 @@ class Entry:
     """Unix time of the next delivery attempt."""
     history: tuple[str, ...] = ()
     """One line per failed attempt, newest last (bounded)."""
+    bounce: str | None = None
+    """The id of the delivery status notification queued for this message's
+    failed recipients; recorded before the notification is written."""
+    bounce_of: str | None = None
+    """For a delivery status notification: the id of the message it reports on."""
 
     def pending(self) -> list[int]:
         """Indexes of the batches still to send."""
@@ -158,6 +164,8 @@ class Entry:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "history": list(self.history),
+            "bounce": self.bounce,
+            "bounce_of": self.bounce_of,
         }
         try:
             text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False)
@@ -203,6 +211,8 @@ def _fields(data: Any) -> dict[str, Any]:
         "attempts": _count(data.get("attempts", 0), "attempts"),
         "next_attempt": _number(data.get("next_attempt", 0.0), "next_attempt"),
         "history": _strings(data.get("history", []), "history"),
+        "bounce": _optional_id(data.get("bounce"), "bounce"),
+        "bounce_of": _optional_id(data.get("bounce_of"), "bounce_of"),
     }
 
 
@@ -225,6 +235,14 @@ def _str(value: Any, name: str) -> str:
 
 def _optional_str(value: Any, name: str) -> str | None:
     return None if value is None else _str(value, name)
+
+
+def _optional_id(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ValueError(f"{name} is not a queue id")
+    return value
 
 
 def _number(value: Any, name: str) -> float:

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,27 @@ EXIT_TIMEOUT = 20.0
 """Seconds any wait for a daemon to exit may take by default."""
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without AWS or ses-relay settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SES_RELAY_"))}
+
+
+def queue_command(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """``python -m relay queue -c CONFIG ARGS``: exit status, stdout, stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env or clean_env(),
+        cwd=REPO,
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 class DaemonFailed(AssertionError):

@@ -23,6 +23,8 @@ import pytest
 
 from relay import queuecmd
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from tests.daemon import clean_env
+from tests.daemon import queue_command as run
 from tests.fakeses import FakeSes, SesErrorReply
 from tests.relayd import ses_env, write_config
 
@@ -42,22 +44,6 @@ WAIT = 20.0
 
 
 # -- a spool and the command line
-
-
-def run(config: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "relay", "queue", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env or clean_env(),
-    )
-    return done.returncode, done.stdout, done.stderr
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SES_RELAY_"))}
 
 
 @dataclass
@@ -231,6 +217,8 @@ def test_list_json_holds_every_envelope_field(setup: Setup) -> None:
         "attempts": 2,
         "next_attempt": LATER,
         "history": ["2026-11-23T12:00:05Z ServiceUnavailable: down"],
+        "bounce": None,
+        "bounce_of": None,
         "last_error": "451 4.3.0 SES is unavailable: down",
     }
     assert (dead["id"], dead["area"], dead["user"], dead["sender"]) == (
@@ -369,6 +357,24 @@ def test_retry_a_dead_message_moves_it_back_to_the_queue(setup: Setup) -> None:
     assert setup.spool.message(DEAD_ID, QUEUE) == b"Subject: refused\r\n\r\nbody\r\n"
     code, out, _ = run(setup.config, "list")
     assert out.splitlines()[-1] == "2 messages in queue, 0 dead"
+
+
+def test_show_names_a_bounce_and_what_it_reports_on(setup: Setup) -> None:
+    put(setup.spool, dead_entry(sender="app@example.com", bounce=OTHER_ID), DEAD)
+    put(setup.spool, queued_entry(OTHER_ID, sender="", bounce_of=DEAD_ID))
+    _, out, _ = run(setup.config, "show", DEAD_ID)
+    assert f"Bounce:       {OTHER_ID} (to the sender)" in out.splitlines()
+    _, out, _ = run(setup.config, "show", OTHER_ID)
+    assert f"Bounce of:    {DEAD_ID}" in out.splitlines()
+
+
+def test_retry_of_a_dead_message_forgets_its_old_bounce(setup: Setup) -> None:
+    put(setup.spool, dead_entry(sender="app@example.com", bounce=OTHER_ID), DEAD)
+    code, _, err = run(setup.config, "retry", DEAD_ID)
+    assert (code, err) == (0, "")
+    entry = setup.spool.load(DEAD_ID, QUEUE)
+    assert entry.bounce is None  # a new failure is reported by a new bounce
+    assert entry.sender == "app@example.com"
 
 
 def test_retry_all_and_by_area(setup: Setup) -> None:

@@ -847,12 +847,48 @@ async def test_close_all_says_421() -> None:
         assert await server.limiter.wait_idle(TIMEOUT)
 
 
+async def test_drain_tells_idle_sessions_and_new_connections_421_at_once() -> None:
+    async with smtp_server() as server, raw_client(server) as idle:
+        await idle.greet()
+        server.limiter.drain()
+        assert await eof_after(idle) == ["421 4.3.2 Service shutting down"]
+        async with raw_client(server) as late:
+            assert await eof_after(late) == ["421 4.3.2 Service shutting down"]
+        assert await server.limiter.wait_idle(TIMEOUT)
+
+
+async def test_drain_lets_a_transaction_finish_then_says_421() -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        await transaction(client)
+        server.limiter.drain()
+        assert await client.command(MESSAGE + b".") == "250 2.0.0 OK"
+        assert await eof_after(client) == ["421 4.3.2 Service shutting down"]
+        assert len(server.handler.messages) == 1
+        assert await server.limiter.wait_idle(TIMEOUT)
+
+
+async def test_drain_ends_a_transaction_abandoned_with_rset() -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        assert (await client.command("MAIL FROM:<a@example.com>")).startswith("250")
+        server.limiter.drain()
+        assert (await client.command("RCPT TO:<b@example.net>")).startswith("250")
+        assert await client.command("RSET") == "250 2.0.0 OK"
+        assert await eof_after(client) == ["421 4.3.2 Service shutting down"]
+        assert server.handler.messages == []
+
+
 class FakeConnection:
     def __init__(self) -> None:
         self.replies: list[str] = []
+        self.when_idle: list[str] = []
 
     def shutdown(self, reply: str) -> None:
         self.replies.append(reply)
+
+    def close_when_idle(self, reply: str) -> None:
+        self.when_idle.append(reply)
 
 
 async def test_limiter_bookkeeping() -> None:
@@ -877,6 +913,18 @@ async def test_limiter_bookkeeping() -> None:
     limiter.release(c)
     assert limiter.active == 0
     assert await limiter.wait_idle(0.01)
+
+
+def test_limiter_drain_tells_every_open_connection() -> None:
+    limiter = ConnectionLimiter(2, 2)
+    a, b = FakeConnection(), FakeConnection()
+    assert limiter.open(a)
+    assert limiter.open(b)
+    assert not limiter.draining
+    limiter.drain()
+    assert limiter.draining
+    assert a.when_idle == b.when_idle == ["421 4.3.2 Service shutting down"]
+    assert a.replies == b.replies == []
 
 
 # -- PROXY protocol ----------------------------------------------------------------------------

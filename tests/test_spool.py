@@ -158,6 +158,8 @@ def test_put_writes_the_documented_files(spool: Spool) -> None:
         "attempts": 0,
         "next_attempt": 0.0,
         "history": [],
+        "bounce": None,
+        "bounce_of": None,
     }
     assert Entry.from_json(text) == entry
     assert spool.load("Q1W2E3R4") == entry
@@ -848,6 +850,9 @@ GARBLED: dict[str, bytes] = {
     "attempts a float": _edit(attempts=1.5),
     "next_attempt a string": _edit(next_attempt="soon"),
     "history a string": _edit(history="tried"),
+    "bounce a number": _edit(bounce=5),
+    "bounce not a queue id": _edit(bounce="../BAD002"),
+    "bounce_of a list": _edit(bounce_of=["BAD002"]),
     "another entry's id": _edit(id="OTHER1"),
 }
 
