@@ -35,6 +35,8 @@ MAX_IDS_IN_REPLY = 5
 MAX_HISTORY = 20
 QUOTA_PAUSE = 900.0
 """Seconds delivery pauses after "Daily message quota exceeded"."""
+PAUSE_SLACK = 0.05
+"""Seconds of a pause short enough to wait for in the sending-rate queue."""
 SPACE_CHECK_INTERVAL = 1.0
 SPACE_RECHECK_INTERVAL = 0.1
 """Seconds between fresh readings before a MAIL is refused for lack of space."""
@@ -304,13 +306,14 @@ class Delivery:
             return False
         return True
 
+    def _pause_left(self) -> float:
+        """Seconds left of a daily-quota pause; 0 when there is none."""
+        paused_until = self.rate.paused_until
+        return 0.0 if paused_until is None else max(0.0, paused_until - self._monotonic())
+
     def _resume_at(self) -> float:
         """When sending may go on (clock time): now, or the end of a pause."""
-        now = self._clock()
-        paused_until = self.rate.paused_until
-        if paused_until is None:
-            return now
-        return now + max(0.0, paused_until - self._monotonic())
+        return self._clock() + self._pause_left()
 
     def _react(self, error: SesError) -> None:
         """Throttling slows the shared rate; the daily quota pauses it."""
@@ -413,9 +416,11 @@ class Delivery:
                 if not await self._save(entry):
                     self._schedule(entry.id, retry_at)
                     return
-            if not await self._queue_bounce(entry, message, failed):
+            queued = await self._queue_bounce(entry, message, failed)
+            if queued is None:
                 self._schedule(entry.id, retry_at)
                 return
+            entry = queued
         try:
             await asyncio.to_thread(self._spool.move, entry, QUEUE, DEAD)
         except NoSuchEntry:
@@ -436,17 +441,21 @@ class Delivery:
         except SpoolError as exc:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
 
-    async def _queue_bounce(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> bool:
+    async def _queue_bounce(
+        self, entry: Entry, message: bytes, failed: Sequence[Batch]
+    ) -> Entry | None:
         """Write the DSN ``entry.bounce`` to the envelope sender (sent with the
-        null sender) unless it is in the spool already; False to try again later."""
+        null sender) unless it is in the spool already. The entry to move to
+        the dead-letter area (without ``bounce`` if none can be built), or
+        None to try again later."""
         dsn_id = entry.bounce
         assert dsn_id is not None
         try:
             if await asyncio.to_thread(self._spool.find, dsn_id) is not None:
-                return True  # written before a crash or a failed move
+                return entry  # written before a crash or a failed move
         except SpoolError as exc:
             delivery_log.error("%s: cannot look for its bounce %s: %s", entry.id, dsn_id, exc)
-            return False
+            return None
         now = self._clock()
         try:
             report = build_dsn(
@@ -466,7 +475,7 @@ class Delivery:
             )
         except ValueError as exc:
             delivery_log.error("%s: cannot build a bounce: %s", entry.id, exc)
-            return True  # nothing to send: the message is dead all the same
+            return replace(entry, bounce=None)  # nothing to send; dead all the same
         bounce = Entry(
             id=dsn_id,
             received=now,
@@ -481,9 +490,9 @@ class Delivery:
             await asyncio.to_thread(self._spool.put, bounce, report)
         except SpoolError as exc:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
-            return False
+            return None
         delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
-        return True
+        return entry
 
     def _log(self, entry: Entry, status: str) -> None:
         delivery_log.info(
@@ -540,7 +549,7 @@ class Delivery:
                 self._done(entry_id)
 
     async def _deliver_queued(self, entry_id: str) -> None:
-        if self.rate.paused_until is not None:  # daily quota spent: not an attempt
+        if self._pause_left() > PAUSE_SLACK:  # daily quota spent: not an attempt
             self._schedule(entry_id, self._resume_at())
             return
         try:

@@ -193,3 +193,19 @@ async def test_a_failed_write_while_bouncing_is_retried_without_a_second_bounce(
     assert bounce.destinations == [SENDER]
     assert bounce.raw_message is not None
     assert b"carol@example.org" in bounce.raw_message
+
+
+async def test_a_bounce_that_cannot_be_built_is_logged_and_not_claimed(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited envelope whose sender cannot go into a header field."""
+    prepare(tmp_path, (original(sender="app\x7f@example.com"), MESSAGE, QUEUE))
+    with caplog.at_level(logging.INFO, logger="relay"):
+        async with running_relay(tmp_path, fake_ses, delivery=FAST_RETRY) as relay:
+            await settled(relay)
+            assert relay.spool is not None
+            dead = relay.spool.load(ORIGINAL_ID, DEAD)
+    assert fake_ses.requests == []
+    assert dead.bounce is None  # `queue show` names no bounce that does not exist
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.startswith(f"{ORIGINAL_ID}: cannot build a bounce: sender must be printable")
