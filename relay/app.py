@@ -236,5 +236,5 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     async with relay:
         smtp_log.info("ses-relay ready")
         await stop.wait()
-        smtp_log.info("stopping: no new connections; in-flight sessions may finish")
+        smtp_log.info("stopping: 421 to new and idle sessions; transactions in flight may finish")
     return 0
