@@ -33,8 +33,6 @@ from relay.spool import DEAD, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolErro
 
 MAX_IDS_IN_REPLY = 5
 MAX_HISTORY = 20
-QUOTA_PAUSE = 900.0
-"""Seconds delivery pauses after "Daily message quota exceeded"."""
 PAUSE_SLACK = 0.05
 """Seconds of a pause short enough to wait for in the sending-rate queue."""
 SPACE_CHECK_INTERVAL = 1.0
@@ -316,13 +314,17 @@ class Delivery:
         return self._clock() + self._pause_left()
 
     def _react(self, error: SesError) -> None:
-        """Throttling slows the shared rate; the daily quota pauses it."""
-        if error.code != "Throttling":
-            return
-        if error.disposition is Disposition.DEFERRABLE:
-            self.rate.pause_until(self._monotonic() + QUOTA_PAUSE)
-            delivery_log.warning("SES daily quota exceeded: pausing delivery for %ds", QUOTA_PAUSE)
-        else:
+        """Throttling slows the shared rate; an error of the whole account
+        (daily quota, sending paused, credentials refused) pauses it, so that
+        queued mail does not hammer SES with calls bound to fail."""
+        if error.pause > 0:
+            ends = self._monotonic() + error.pause
+            if self.rate.paused_until is None or self.rate.paused_until < ends - 1:
+                delivery_log.warning(
+                    "pausing all delivery for %ds: %s", error.pause, one_line(str(error))
+                )
+            self.rate.pause_until(ends)
+        elif error.code == "Throttling":
             self.rate.throttled()
 
     async def _save(self, entry: Entry) -> bool:

@@ -86,6 +86,7 @@ class SesError(RelayError):
         disposition: Disposition,
         smtp_reply: SmtpReply,
         refresh_credentials: bool = False,
+        pause: float = 0.0,
     ) -> None:
         self.code = code
         self.message = message
@@ -94,6 +95,9 @@ class SesError(RelayError):
         self.disposition = disposition
         self.smtp_reply = smtp_reply
         self.refresh_credentials = refresh_credentials
+        self.pause = pause
+        """Seconds all delivery should wait: the error is the account's (daily
+        quota, sending paused, credentials refused), not the message's."""
         super().__init__(f"{code}: {message}" if message else code)
 
     @property

@@ -6,7 +6,7 @@ import pytest
 
 from relay.errors import Disposition, SesTransportError
 from relay.ses.awsxml import xml_fields
-from relay.ses.classify import ses_error, transport_error
+from relay.ses.classify import no_credentials, ses_error, transport_error
 from relay.ses.responses import (
     error_from_answer,
     parse_send_quota,
@@ -17,33 +17,42 @@ R, D, P = Disposition.RETRYABLE, Disposition.DEFERRABLE, Disposition.PERMANENT
 
 
 @pytest.mark.parametrize(
-    ("code", "message", "status", "disposition", "reply", "refresh"),
+    ("code", "message", "status", "disposition", "reply", "refresh", "pause"),
     [
-        ("Throttling", "Maximum sending rate exceeded.", 400, R, "451 4.4.5", False),
-        ("Throttling", "Daily message quota exceeded.", 400, D, "451 4.3.2", False),
-        ("InternalFailure", "", 500, R, "451 4.3.0", False),
-        ("ServiceUnavailable", "", 503, R, "451 4.3.0", False),
-        ("SomethingNew", "", 502, R, "451 4.3.0", False),
-        ("MessageRejected", "Sending paused for this account.", 400, D, "451 4.3.2", False),
-        ("MessageRejected", "Email address is not verified.", 400, P, "554 5.7.1", False),
-        ("MailFromDomainNotVerified", "", 400, D, "451 4.7.1", False),
-        ("SignatureDoesNotMatch", "", 403, D, "451 4.7.0", True),
-        ("ExpiredToken", "", 403, D, "451 4.7.0", True),
-        ("InvalidClientTokenId", "", 403, D, "451 4.7.0", True),
-        ("IncompleteSignature", "", 403, D, "451 4.7.0", True),
-        ("ConfigurationSetDoesNotExist", "", 400, P, "554 5.3.5", False),
-        ("InvalidParameterValue", "Illegal address", 400, P, "554 5.6.0", False),
-        ("AccessDenied", "not authorized", 403, P, "554 5.7.1", False),
-        ("SomethingNew", "", 400, D, "451 4.3.0", False),
+        ("Throttling", "Maximum sending rate exceeded.", 400, R, "451 4.4.5", False, 0),
+        ("Throttling", "Daily message quota exceeded.", 400, D, "451 4.3.2", False, 900),
+        ("InternalFailure", "", 500, R, "451 4.3.0", False, 0),
+        ("ServiceUnavailable", "", 503, R, "451 4.3.0", False, 0),
+        ("SomethingNew", "", 502, R, "451 4.3.0", False, 0),
+        ("MessageRejected", "Sending paused for this account.", 400, D, "451 4.3.2", False, 900),
+        ("AccountSendingPausedException", "", 400, D, "451 4.3.2", False, 900),
+        ("ConfigurationSetSendingPausedException", "", 400, D, "451 4.3.2", False, 0),
+        ("MessageRejected", "Email address is not verified.", 400, P, "554 5.7.1", False, 0),
+        ("MailFromDomainNotVerified", "", 400, D, "451 4.7.1", False, 0),
+        ("SignatureDoesNotMatch", "", 403, D, "451 4.7.0", True, 60),
+        ("ExpiredToken", "", 403, D, "451 4.7.0", True, 60),
+        ("InvalidClientTokenId", "", 403, D, "451 4.7.0", True, 60),
+        ("IncompleteSignature", "", 403, D, "451 4.7.0", True, 60),
+        ("ConfigurationSetDoesNotExist", "", 400, P, "554 5.3.5", False, 0),
+        ("InvalidParameterValue", "Illegal address", 400, P, "554 5.6.0", False, 0),
+        ("AccessDenied", "not authorized", 403, P, "554 5.7.1", False, 0),
+        ("SomethingNew", "", 400, D, "451 4.3.0", False, 0),
     ],
 )
 def test_error_classes(
-    code: str, message: str, status: int, disposition: Disposition, reply: str, refresh: bool
+    code: str,
+    message: str,
+    status: int,
+    disposition: Disposition,
+    reply: str,
+    refresh: bool,
+    pause: float,
 ) -> None:
     error = ses_error(code, message, status, "req-1")
     assert error.disposition is disposition
     assert str(error.smtp_reply).startswith(reply + " ")
     assert error.refresh_credentials is refresh
+    assert error.pause == pause  # seconds all delivery waits: the account's error
     assert (error.code, error.message, error.http_status, error.request_id) == (
         code,
         message,
@@ -52,6 +61,12 @@ def test_error_classes(
     )
     assert error.retryable is (disposition is R)
     assert error.smtp_reply.code // 100 == (5 if disposition is P else 4)
+
+
+def test_missing_credentials_defer_and_pause() -> None:
+    error = no_credentials("no credentials found: environment, shared file, IMDS")
+    assert (error.disposition, error.pause) == (D, 60)
+    assert str(error.smtp_reply) == "451 4.7.0 relay cannot authenticate to SES"
 
 
 def test_permanent_reply_carries_ses_text_on_one_line() -> None:

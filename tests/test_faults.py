@@ -634,7 +634,9 @@ async def test_daily_quota_pauses_delivery_without_calls_or_spin(
     async with running_daemon(config, daemon_env(fake_ses)) as daemon:
         first = await send(daemon, recipients("quota1"), message("quota1"))
         assert first.queued, first
-        await daemon.wait_for_log("SES daily quota exceeded: pausing delivery for 900s")
+        await daemon.wait_for_log(
+            "pausing all delivery for 900s: Throttling: Daily message quota exceeded."
+        )
         started = time.monotonic()
         second = await send(daemon, recipients("quota2"), message("quota2"))
         assert second.queued, second

@@ -22,17 +22,40 @@ class Rule:
     enhanced: str
     text: str
     refresh_credentials: bool = False
+    pause: float = 0.0
+    """Seconds every delivery waits: the error is the account's, not the message's."""
 
     def reply(self) -> SmtpReply:
         return SmtpReply(self.code, self.enhanced, self.text)
 
 
 RATE_EXCEEDED = Rule(RETRYABLE, 451, "4.4.5", "SES sending rate exceeded, try again later")
-DAILY_QUOTA = Rule(DEFERRABLE, 451, "4.3.2", "SES daily sending quota exceeded, try again later")
-SENDING_PAUSED = Rule(DEFERRABLE, 451, "4.3.2", "SES sending is paused for this account")
+ACCOUNT_PAUSE = 900.0
+"""Seconds delivery waits after the daily quota is spent or the account is paused."""
+CREDENTIALS_PAUSE = 60.0
+"""Seconds delivery waits after SES refused the relay's credentials."""
+
+DAILY_QUOTA = Rule(
+    DEFERRABLE,
+    451,
+    "4.3.2",
+    "SES daily sending quota exceeded, try again later",
+    pause=ACCOUNT_PAUSE,
+)
+SENDING_PAUSED = Rule(
+    DEFERRABLE, 451, "4.3.2", "SES sending is paused for this account", pause=ACCOUNT_PAUSE
+)
+CONFIGURATION_SET_PAUSED = Rule(
+    DEFERRABLE, 451, "4.3.2", "SES sending is paused for this configuration set"
+)
 MAIL_FROM_UNVERIFIED = Rule(DEFERRABLE, 451, "4.7.1", "SES custom MAIL FROM domain is not verified")
 CREDENTIALS = Rule(
-    DEFERRABLE, 451, "4.7.0", "relay cannot authenticate to SES", refresh_credentials=True
+    DEFERRABLE,
+    451,
+    "4.7.0",
+    "relay cannot authenticate to SES",
+    refresh_credentials=True,
+    pause=CREDENTIALS_PAUSE,
 )
 REJECTED = Rule(PERMANENT, 554, "5.7.1", "message rejected by SES")
 NO_CONFIGURATION_SET = Rule(PERMANENT, 554, "5.3.5", "SES configuration set does not exist")
@@ -67,7 +90,7 @@ BY_CODE: dict[str, Rule] = {
     "MailFromDomainNotVerified": MAIL_FROM_UNVERIFIED,
     "MailFromDomainNotVerifiedException": MAIL_FROM_UNVERIFIED,
     "AccountSendingPausedException": SENDING_PAUSED,
-    "ConfigurationSetSendingPausedException": SENDING_PAUSED,
+    "ConfigurationSetSendingPausedException": CONFIGURATION_SET_PAUSED,
     "ConfigurationSetDoesNotExist": NO_CONFIGURATION_SET,
     "ConfigurationSetDoesNotExistException": NO_CONFIGURATION_SET,
     "InvalidParameterValue": INVALID_PARAMETER,
@@ -114,6 +137,7 @@ def ses_error(code: str, message: str, http_status: int | None, request_id: str 
         disposition=rule.disposition,
         smtp_reply=reply,
         refresh_credentials=rule.refresh_credentials,
+        pause=rule.pause,
     )
 
 
@@ -130,6 +154,7 @@ def no_credentials(message: str) -> SesError:
         request_id=None,
         disposition=rule.disposition,
         smtp_reply=rule.reply(),
+        pause=rule.pause,
     )
 
 
