@@ -8,19 +8,19 @@ import getpass
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from relay import __version__
-from relay.app import load_resources, serve
 from relay.auth import SCHEMES, hash_password, valid_username
 from relay.config import Config, load_config
 from relay.errors import ConfigError, RelayError
-from relay.log import configure as configure_logging
 from relay.queuecmd import add_arguments as add_queue_arguments
 from relay.queuecmd import queue_command as run_queue_command
-from relay.ses.client import SendQuota, SesClient
-from relay.ses.credentials import default_chain
-from relay.ses.http import new_session
+
+# The daemon and the SES client (aiohttp) are imported by the commands that
+# use them: `ses-relay queue` runs often, from scripts, and needs neither.
+if TYPE_CHECKING:
+    from relay.ses.client import SendQuota
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -83,11 +83,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 def serve_command(config: Config, env: Mapping[str, str]) -> int:
+    from relay.app import serve
+    from relay.log import configure as configure_logging
+
     configure_logging()
     return asyncio.run(serve(config, env))
 
 
 def check_config_command(config: Config, env: Mapping[str, str]) -> int:
+    from relay.app import load_resources
+
     load_resources(config)
     print(f"ses-relay: configuration OK ({config.source})")
     return 0
@@ -149,6 +154,10 @@ def hash_password_command(
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
+    from relay.ses.client import SesClient
+    from relay.ses.credentials import default_chain
+    from relay.ses.http import new_session
+
     ses = config.ses
     async with new_session(ca_bundle=ses.ca_bundle, max_connections=2) as session:
         credentials = default_chain(env, session=session, region=ses.region)

@@ -29,10 +29,9 @@ from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
 from relay.ses.client import SesClient
 from relay.ses.query import SendRawEmailRequest
-from relay.spool import DEAD, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
+from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
 
 MAX_IDS_IN_REPLY = 5
-MAX_HISTORY = 20
 PAUSE_SLACK = 0.05
 """Seconds of a pause short enough to wait for in the sending-rate queue."""
 SPACE_CHECK_INTERVAL = 1.0

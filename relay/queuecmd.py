@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from relay.config import Config
-from relay.delivery import MAX_HISTORY
-from relay.spool import AREAS, DEAD, QUEUE, Entry, NoSuchEntry, Spool, SpoolError
+from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, NoSuchEntry, Spool, SpoolError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -54,6 +54,9 @@ _LOCK_RETRY = 0.05
 """Seconds ``open`` keeps trying when the lock is busy: ``daemon_pid`` of a
 ``queue`` command holds it shared for a moment, which is not a daemon."""
 
+MAX_HISTORY = 20
+"""Lines an entry's ``history`` keeps (the newest)."""
+
 BatchState = Literal["pending", "sent", "failed"]
 
 _tmp_seq = itertools.count()

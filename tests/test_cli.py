@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +90,13 @@ async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
     code, out, _ = await run_cli("check-config", "-c", str(EXAMPLE), env=clean_env(tmp_path))
     assert code == 0
     assert out == f"ses-relay: configuration OK ({EXAMPLE})\n"
+
+
+def test_the_command_line_loads_the_daemon_only_for_the_commands_that_run_it() -> None:
+    """`ses-relay queue` runs from scripts and cron: it starts without aiohttp."""
+    heavy = ["aiohttp", "relay.app", "relay.delivery", "relay.ses.client"]
+    probe = f"import sys, relay.__main__; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout == "[]\n"
