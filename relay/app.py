@@ -224,6 +224,10 @@ class Relay:
         await self.stop()
 
 
+def _reload_not_supported() -> None:
+    smtp_log.warning("SIGHUP: reloading the configuration is not supported yet; restart to apply")
+
+
 async def serve(config: Config, env: Mapping[str, str]) -> int:
     """Run until SIGTERM or SIGINT; then stop gracefully and return 0."""
     stop = asyncio.Event()
@@ -233,6 +237,8 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     relay = Relay(config, env)
     # Before the spool lock is taken: `ses-relay queue retry` signals whoever holds it.
     loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
+    # SIGHUP would end the process (log rotation scripts send it): not yet a reload.
+    loop.add_signal_handler(signal.SIGHUP, _reload_not_supported)
     async with relay:
         smtp_log.info("ses-relay ready")
         await stop.wait()

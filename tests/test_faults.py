@@ -19,6 +19,7 @@ import contextlib
 import email
 import email.policy
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -1031,6 +1032,17 @@ async def test_sigterm_with_an_idle_client_exits_promptly(
         daemon.terminate()
         assert await client.reply(within=3) == (421, "4.3.2 Service shutting down")
         assert await daemon.wait_exit(within=3) == 0
+
+
+async def test_sighup_is_not_fatal(tmp_path: Path, fake_ses: FakeSes, model: SesModel) -> None:
+    config, _ = setup(tmp_path, fake_ses)
+    async with running_daemon(config, daemon_env(fake_ses)) as daemon:
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for_log("SIGHUP: reloading the configuration is not supported yet")
+        reply = await send(daemon, recipients("hup"), message("hup"))
+        assert reply.code == 250, reply
+        assert daemon.returncode is None
+    expect_once(model, recipients("hup"))
 
 
 async def test_a_second_daemon_on_the_same_spool_exits_with_a_clear_message(
