@@ -72,6 +72,7 @@ class RelayHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         started = time.monotonic()
+        size = len(envelope.content or b"")
         queue_id = self._queue_id()
         try:
             reply = await self._relay(queue_id, session, envelope)
@@ -83,7 +84,7 @@ class RelayHandler:
             client_address(session),
             envelope.mail_from,
             len(envelope.rcpt_tos),
-            len(envelope.content or b""),
+            size,
             reply,
             time.monotonic() - started,
         )
@@ -97,6 +98,8 @@ class RelayHandler:
             message_id=lambda: f"<{queue_id}@{self._config.smtp.hostname}>",
             defaults=self._defaults,
         )
+        # Only the message as SES gets it stays in memory while it is delivered.
+        envelope.content = envelope.original_content = message.raw
         self._policy.check_sender(message.from_address, user, where="From:")
         self._policy.check_identity_headers(message.ses.identity_headers(), client, user)
         source = envelope.mail_from or ascii_address(message.from_address, "sender")

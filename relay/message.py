@@ -86,6 +86,12 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
 
     A line that is neither a field nor a continuation ends the header block.
     """
+    fields, end = header_fields(raw)
+    return fields, raw[end:]
+
+
+def header_fields(raw: bytes) -> tuple[list[HeaderField], int]:
+    """The header fields, and where the rest (the empty line and the body) starts."""
     fields: list[HeaderField] = []
     start = 0
     size = len(raw)
@@ -102,7 +108,7 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
                 break
             fields.append(HeaderField(name.decode("ascii", "replace"), line))
         start = end
-    return fields, raw[start:]
+    return fields, start
 
 
 def prepare(
@@ -117,7 +123,7 @@ def prepare(
     ``message_id`` makes a ``<unique@host>`` id for a message without one.
     ``defaults`` are the configured parameters that headers may override.
     """
-    fields, rest = split_header(raw)
+    fields, body_at = header_fields(raw)
     by_name: dict[str, list[HeaderField]] = {}
     for field in fields:
         by_name.setdefault(field.name.lower(), []).append(field)
@@ -127,18 +133,25 @@ def prepare(
         raise refuse(550, "5.6.0", "message has no From: header with an address")
     ses = _ses_parameters(by_name, defaults)
     newline = b"\r\n" if raw.find(b"\r\n") >= 0 or not raw else b"\n"
-    kept = [f.raw for f in fields if f.name.lower() not in _REMOVED]
-    if kept and not kept[-1].endswith(b"\n"):
-        kept[-1] += newline
+    headers = [f.raw for f in fields if f.name.lower() not in _REMOVED]
+    changed = len(headers) < len(fields)
+    if headers and not headers[-1].endswith(b"\n"):
+        headers[-1] += newline
+        changed = True
+    kept: list[bytes | memoryview] = list(headers)
     if "date" not in by_name:
         kept.append(b"Date: " + email.utils.format_datetime(now).encode() + newline)
+        changed = True
     if "message-id" not in by_name:
         kept.append(b"Message-ID: " + message_id().encode() + newline)
-    if not rest:
-        rest = newline
-    kept.append(rest)
+        changed = True
+    if body_at == len(raw):
+        kept.append(newline)
+        changed = True
+    else:
+        kept.append(memoryview(raw)[body_at:])  # the body is copied once, by join
     return PreparedMessage(
-        raw=b"".join(kept),
+        raw=b"".join(kept) if changed else raw,
         from_address=senders[0],
         header_recipients=frozenset(
             address_key(a) for a in addresses([*by_name.get("to", ()), *by_name.get("cc", ())])

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import random
 import string
+import tracemalloc
 from typing import Any
 from unittest import mock
 from urllib.parse import parse_qs, parse_qsl, quote
@@ -233,6 +234,29 @@ def test_large_message_round_trip_without_per_character_quoting() -> None:
     assert sum(quoted) < 100  # the message itself never goes through quote()
     [data] = parse_qs(body.decode("ascii"))["RawMessage.Data"]
     assert base64.b64decode(data, validate=True) == raw
+
+
+CHUNK = relay.ses.query._BASE64_CHUNK
+
+
+@pytest.mark.parametrize("size", [CHUNK - 1, CHUNK, CHUNK + 1, CHUNK + 2, 2 * CHUNK + 1])
+def test_message_encoded_in_chunks_is_one_base64_text(size: int) -> None:
+    raw = random.Random(size).randbytes(size)
+    body = send_raw_email_body(SendRawEmailRequest(raw))
+    [data] = parse_qs(body.decode("ascii"), strict_parsing=True)["RawMessage.Data"]
+    assert data.encode() == base64.b64encode(raw)  # padding only at the very end
+
+
+def test_building_a_large_body_costs_its_size_about_once() -> None:
+    raw = random.Random(7).randbytes(7_000_000)
+    tracemalloc.start()
+    try:
+        body = send_raw_email_body(SendRawEmailRequest(raw, ("a@example.com",)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(body) > 9_000_000
+    assert peak < 1.35 * len(body)  # not the encoded text and a joined copy of it
 
 
 def test_unset_parameters_are_omitted() -> None:
