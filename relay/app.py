@@ -26,7 +26,7 @@ from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
-from relay.spool import Spool
+from relay.spool import Spool, SpoolError, SpoolLocked
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
@@ -114,7 +114,14 @@ class Relay:
         resources = load_resources(config)
         try:
             self.spool = Spool(config.spool.path)
-            await asyncio.to_thread(self.spool.open)
+            try:
+                await asyncio.to_thread(self.spool.open)
+            except SpoolLocked:
+                raise
+            except SpoolError as exc:
+                raise SpoolError(
+                    f"{exc} (spool.path in {config.source})", errno=exc.errno
+                ) from None
             self._http = new_session(
                 ca_bundle=config.ses.ca_bundle, max_connections=config.ses.max_connections
             )

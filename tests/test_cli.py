@@ -100,3 +100,16 @@ def test_the_command_line_loads_the_daemon_only_for_the_commands_that_run_it() -
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
     )
     assert done.stdout == "[]\n"
+
+
+async def test_serve_names_the_key_of_a_spool_it_cannot_open(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = ["127.0.0.1:0"]\n[spool]\npath = "{tmp_path / "not-a-dir" / "spool"}"\n'
+    )
+    code, out, err = await run_cli("serve", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (1, "")
+    assert err.startswith("ses-relay: serve: spool ")
+    assert err.endswith(f"(spool.path in {config})\n")
+    assert "Traceback" not in err
