@@ -154,12 +154,14 @@ def hash_password_command(
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
+    from relay.app import load_resources
     from relay.ses.client import SesClient
     from relay.ses.credentials import default_chain
     from relay.ses.http import new_session
 
     ses = config.ses
-    async with new_session(ca_bundle=ses.ca_bundle, max_connections=2) as session:
+    tls = load_resources(config).ses_tls
+    async with new_session(tls=tls, max_connections=2) as session:
         credentials = default_chain(env, session=session, region=ses.region)
         client = SesClient(ses, credentials, session=session)
         return await client.get_send_quota()

@@ -24,7 +24,7 @@ from relay.handler import RelayHandler
 from relay.log import smtp_log
 from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
-from relay.ses.http import new_session
+from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
 from relay.spool import Spool, SpoolError, SpoolLocked
 
@@ -38,12 +38,18 @@ class Resources:
 
     tls_context: ssl.SSLContext | None
     users: Users | None
+    ses_tls: ssl.SSLContext
+    """TLS for the calls to AWS (``ses.ca_bundle`` or the system's CAs)."""
 
 
 def load_resources(config: Config) -> Resources:
-    """Load the certificate and the users file; ``ConfigError`` lists every problem."""
+    """Load the certificates and the users file; ``ConfigError`` lists every problem."""
     smtp, source = config.smtp, config.source
     problems: list[str] = []
+    try:
+        ses_tls = client_tls_context(config.ses.ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        problems.append(f"{source}: [ses] ca_bundle: cannot load {config.ses.ca_bundle}: {exc}")
     tls_context = None
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         problems.append(f"{source}: [smtp] tls_cert, tls_key: set both or neither")
@@ -76,7 +82,7 @@ def load_resources(config: Config) -> Resources:
             )
     if problems:
         raise ConfigError(problems)
-    return Resources(tls_context=tls_context, users=users)
+    return Resources(tls_context=tls_context, users=users, ses_tls=ses_tls)
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -123,7 +129,7 @@ class Relay:
                     f"{exc} (spool.path in {config.source})", errno=exc.errno
                 ) from None
             self._http = new_session(
-                ca_bundle=config.ses.ca_bundle, max_connections=config.ses.max_connections
+                tls=resources.ses_tls, max_connections=config.ses.max_connections
             )
             credentials = default_chain(self._env, session=self._http, region=config.ses.region)
             ses = SesClient(config.ses, credentials, session=self._http)

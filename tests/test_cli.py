@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fakeses import FakeSes, SesErrorReply
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -84,6 +86,24 @@ async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
         f"  {config}: [ses] endpoint: must start with https:// "
         "(or http:// for a local test endpoint)",
     ]
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve", "quota"])
+async def test_an_unreadable_ca_bundle_is_a_configuration_error(
+    tmp_path: Path, command: str
+) -> None:
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate\n")
+    for bundle in (tmp_path / "missing.pem", tmp_path / "not-a-ca.pem"):
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            f'[smtp]\nlisten = ["127.0.0.1:0"]\n[ses]\nca_bundle = "{bundle}"\n'
+            f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        )
+        code, out, err = await run_cli(command, "-c", str(config), env=clean_env(tmp_path))
+        assert (code, out) == (78, ""), err
+        [head, problem] = err.splitlines()
+        assert head == "ses-relay: configuration is invalid (1 problem):"
+        assert problem.startswith(f"  {config}: [ses] ca_bundle: cannot load {bundle}: ")
 
 
 async def test_check_config_accepts_the_example(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from relay.errors import CredentialsError, SesError
 from relay.log import ses_log
 from relay.ses.classify import no_credentials, transport_error
 from relay.ses.credentials import CredentialProvider
-from relay.ses.http import new_session, read_capped
+from relay.ses.http import client_tls_context, new_session, read_capped
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
     SendRawEmailRequest,
@@ -101,7 +101,8 @@ class SesClient:
         """The pooled HTTP session."""
         if self._session is None:
             self._session = new_session(
-                ca_bundle=self._config.ca_bundle, max_connections=self._config.max_connections
+                tls=client_tls_context(self._config.ca_bundle),
+                max_connections=self._config.max_connections,
             )
         return self._session
 

@@ -11,12 +11,18 @@ from relay import __version__
 USER_AGENT = f"ses-relay/{__version__}"
 
 
-def new_session(*, ca_bundle: str = "", max_connections: int = 64) -> aiohttp.ClientSession:
-    """One pooled keep-alive session for every AWS call.
+def client_tls_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """TLS for AWS calls: the system's CAs, or instead those in ``ca_bundle``
+    (a PEM file); ``OSError`` or ``ssl.SSLError`` when it cannot be loaded."""
+    return ssl.create_default_context(cafile=ca_bundle or None)
 
-    ``ca_bundle`` is a PEM file of CAs to trust instead of the system's.
-    """
-    context = ssl.create_default_context(cafile=ca_bundle or None)
+
+def new_session(
+    *, tls: ssl.SSLContext | None = None, max_connections: int = 64
+) -> aiohttp.ClientSession:
+    """One pooled keep-alive session for every AWS call (``tls``: default
+    ``client_tls_context()``)."""
+    context = tls if tls is not None else client_tls_context()
     connector = aiohttp.TCPConnector(limit=max_connections, ssl=context, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector,

@@ -1,0 +1,193 @@
+"""Child processes of the benchmark: started with their output in a log file,
+waited for with a bound, and always stopped and reaped.
+
+Each child runs in its own session (a ^C in the terminal reaches only the
+driver, which then stops the children itself) and, on Linux, gets SIGKILL
+when the driver dies (``PR_SET_PDEATHSIG``), so even a killed driver leaves
+nothing running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parent.parent
+STOP_TIMEOUT = 10.0
+"""Seconds a child may take to exit after SIGTERM, then again after SIGKILL."""
+_POLL = 0.05
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+class ChildFailed(RuntimeError):
+    """A child did not start, did not answer in time, or failed."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def python_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (this environment by default) with the repository importable
+    and output unbuffered."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Child:
+    """One child process whose stdout and stderr go to ``log_path``."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+                list(argv),
+                cwd=REPO,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # The driver has no other threads when it starts a child.
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
+
+    @classmethod
+    def python(
+        cls, name: str, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> Child:
+        """``python ARGS`` with this interpreter."""
+        return cls(name, [sys.executable, *args], log_path, env or python_env())
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def failed(self, what: str) -> ChildFailed:
+        status = self.process.poll()
+        state = "running" if status is None else f"exit status {status}"
+        return ChildFailed(
+            f"{self.name} ({state}): {what}; last lines of its log:\n{self.log_tail()}"
+        )
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first match of ``pattern`` in the log; ChildFailed if the child
+        exits first or nothing matches within ``timeout`` seconds."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.process.poll() is not None
+            match = regex.search(self.log())
+            if match is not None:
+                return match
+            if exited:
+                raise self.failed(f"exited before logging {pattern!r}")
+            if time.monotonic() >= deadline:
+                raise self.failed(f"logged no {pattern!r} within {timeout:g}s")
+            time.sleep(_POLL)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status; ChildFailed (the child still running) after ``timeout`` s."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self.failed(f"did not finish within {timeout:g}s") from None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; always reaped. Never raises."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(STOP_TIMEOUT)
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds so far (``/proc/PID/stat`` fields 14, 15)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds so far."""
+        return sum(self.cpu_times())
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident set size so far (``VmHWM``), in MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise self.failed("no VmHWM in /proc/PID/status")
+
+
+class Children:
+    """Every child started through it is stopped when the ``with`` block ends."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+
+    def add(self, child: Child) -> Child:
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        with contextlib.suppress(ValueError):
+            self._children.remove(child)
+
+    def stop_all(self) -> None:
+        while self._children:
+            self._children.pop().stop()
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt, so cleanup runs as on ^C."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

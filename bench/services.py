@@ -1,0 +1,177 @@
+"""How the driver starts each process of the benchmark, and talks to it.
+
+Every start registers the new process with the caller's ``Children`` at
+once (so it is stopped whatever happens next), waits (bounded) for the line
+the process logs when it is ready, and returns what the driver needs to
+reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Child, Children, python_env
+
+READY_TIMEOUT = 30.0
+"""Seconds any process may take to say it is ready."""
+_ADDRESS = r"on 127\.0\.0\.1:(\d+)"
+MAX_SEND_RATE = 100000.0
+"""Recipients per second the relay may send: far above anything reached here."""
+DUMMY_ACCESS_KEY = "AKIABENCHFAKE0000000"
+DUMMY_SECRET_KEY = "benchSecretKeyNotChecked/bench0000000000"  # noqa: S105 - a dummy the fake never checks
+
+
+@dataclass
+class FakeSes:
+    child: Child
+    url: str
+    stats_url: str
+    ca_pem: Path
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(self.stats_url, timeout=5) as answer:  # noqa: S310 - our URL
+            stats: dict[str, int] = json.load(answer)
+        return stats
+
+
+@dataclass
+class Server:
+    """An SMTP server under load: the ceiling or the relay."""
+
+    child: Child
+    port: int
+
+
+def start_fake_ses(children: Children, directory: Path, delay_ms: float) -> FakeSes:
+    directory.mkdir(parents=True, exist_ok=True)
+    child = children.add(
+        Child.python(
+            "fake SES",
+            ["-m", "bench.fakeses", "--dir", str(directory), "--delay-ms", str(delay_ms)],
+            directory / "fakeses.log",
+        )
+    )
+    ses_port = child.wait_for_line(r"ses " + _ADDRESS, READY_TIMEOUT)[1]
+    stats_port = child.wait_for_line(r"stats " + _ADDRESS, READY_TIMEOUT)[1]
+    return FakeSes(
+        child=child,
+        url=f"https://127.0.0.1:{ses_port}",
+        stats_url=f"http://127.0.0.1:{stats_port}/stats",
+        ca_pem=directory / "ca.pem",
+    )
+
+
+def start_ceiling(children: Children, directory: Path) -> Server:
+    directory.mkdir(parents=True, exist_ok=True)
+    child = children.add(
+        Child.python("ceiling", ["-m", "bench.ceiling"], directory / "ceiling.log")
+    )
+    port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
+    return Server(child, port)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def relay_config(directory: Path, ses: FakeSes) -> Path:
+    """The relay's TOML: SMTP on a free port, the spool (fsync on, as always)
+    under ``directory``, SES at the fake with an explicit sending rate (so no
+    GetSendQuota call); everything else at its default."""
+    sections: dict[str, dict[str, Any]] = {
+        "smtp": {"listen": ["127.0.0.1:0"], "hostname": "relay.bench"},
+        "ses": {
+            "endpoint": ses.url,
+            "ca_bundle": str(ses.ca_pem),
+            "region": "us-east-1",
+            "max_send_rate": MAX_SEND_RATE,
+        },
+        "spool": {"path": str(directory / "spool")},
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
+    path = directory / "relay.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def relay_env() -> dict[str, str]:
+    """This environment without AWS or ses-relay settings, with dummy keys."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SES_RELAY_"))}
+    env |= {
+        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_KEY,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return python_env(env)
+
+
+def start_relay(children: Children, directory: Path, ses: FakeSes) -> Server:
+    """``python -m relay serve -c CONFIG``; ready once it logs ``listening on``
+    and ``ses-relay ready``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = relay_config(directory, ses)
+    child = children.add(
+        Child.python(
+            "relay",
+            ["-m", "relay", "serve", "-c", str(config)],
+            directory / "relay.log",
+            relay_env(),
+        )
+    )
+    port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
+    child.wait_for_line(r"ses-relay ready", READY_TIMEOUT)
+    return Server(child, port)
+
+
+def run_load(
+    children: Children,
+    directory: Path,
+    name: str,
+    port: int,
+    *,
+    mode: str,
+    sessions: int,
+    size: int,
+    warmup: float,
+    duration: float,
+    count: int | None,
+) -> dict[str, Any]:
+    """Run the load generator against ``port`` to its end; its JSON result."""
+    out = directory / f"load-{name}.json"
+    options = {
+        "--port": port,
+        "--out": out,
+        "--mode": mode,
+        "--sessions": sessions,
+        "--size": size,
+        "--warmup": warmup,
+        "--duration": duration,
+    }
+    if count is not None:
+        options["--count"] = count
+    args = ["-m", "bench.load", *(s for pair in options.items() for s in map(str, pair))]
+    log = directory / f"load-{name}.log"
+    child = children.add(Child.python(f"load generator ({name})", args, log))
+    # The generator bounds itself; this is the bound on the generator.
+    limit = warmup + (duration if count is None else 120.0) + 90.0
+    try:
+        status = child.wait_exit(limit)
+    finally:
+        children.stop(child)
+    if status != 0 or not out.exists():
+        raise child.failed("failed")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
