@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -102,6 +102,8 @@ class Relay:
         self._http: aiohttp.ClientSession | None = None
         self.spool: Spool | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._grace_over = asyncio.Event()
+        """Set by ``end_grace``: ``stop`` waits no longer."""
         self.delivery: Delivery | None = None
         self._authenticator: Authenticator | None = None
         self.limiter = ConnectionLimiter(
@@ -197,7 +199,7 @@ class Relay:
         # Idle sessions and new connections get 421 at once; sessions inside a
         # transaction get it when the transaction ends.
         self.limiter.drain()
-        await self.limiter.wait_idle(grace)
+        await self._within_grace(self.limiter.wait_idle(grace), ends)
         for server in self._servers:
             server.close()
         self.limiter.close_all()
@@ -205,7 +207,8 @@ class Relay:
             await server.wait_closed()
         self._servers.clear()
         if self.delivery is not None:
-            await self.delivery.stop(max(0.0, ends - asyncio.get_running_loop().time()))
+            await self._within_grace(self.delivery.quiesce(), ends)
+            await self.delivery.stop()
             self.delivery = None
         if self.spool is not None:
             self.spool.close()
@@ -216,6 +219,31 @@ class Relay:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def end_grace(self) -> None:
+        """Cut a ``stop`` in progress short: what is open is closed at once
+        (a second SIGTERM or SIGINT)."""
+        if not self._grace_over.is_set():
+            smtp_log.warning(
+                "stopping now: open sessions get 421; SES calls in flight are abandoned "
+                "and their messages stay queued"
+            )
+        self._grace_over.set()
+
+    async def _within_grace(self, waiting: Awaitable[object], ends: float) -> None:
+        """Await ``waiting`` until ``ends`` (loop time) or ``end_grace``."""
+        work = asyncio.ensure_future(waiting)
+        cut = asyncio.ensure_future(self._grace_over.wait())
+        try:
+            await asyncio.wait(
+                (work, cut),
+                timeout=max(0.0, ends - asyncio.get_running_loop().time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for task in (work, cut):
+                task.cancel()
+            await asyncio.gather(work, cut, return_exceptions=True)
 
     def retry_now(self) -> None:
         """Re-read the queue and try what is due (``ses-relay queue retry``)."""
@@ -255,5 +283,10 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     async with relay:
         smtp_log.info("ses-relay ready")
         await stop.wait()
-        smtp_log.info("stopping: 421 to new and idle sessions; transactions in flight may finish")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, relay.end_grace)
+        smtp_log.info(
+            "stopping: 421 to new and idle sessions; transactions in flight may finish "
+            "(a second SIGTERM or SIGINT stops at once)"
+        )
     return 0

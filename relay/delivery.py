@@ -133,15 +133,17 @@ class Delivery:
         if self._config.ses.max_send_rate <= 0:
             self._tasks.append(asyncio.create_task(self._follow_quota(), name="relay-quota"))
 
-    async def stop(self, grace: float) -> None:
-        """Let SES calls in flight finish for up to ``grace`` seconds; what is
-        not done stays queued."""
+    async def quiesce(self) -> None:
+        """Start no new attempt; return when the attempts in flight are done
+        (the caller bounds the wait, then calls ``stop``)."""
         if self._tasks:
             self._tasks[0].cancel()  # the scheduler: no new attempts
         if self._in_flight:
             self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Cancel whatever still runs; what is not done stays queued."""
         # Inline attempts still running belong to clients that hung up or were
         # cut off: their entries are on disk and resume at the next start.
         tasks = [*self._tasks, *self._accepting]

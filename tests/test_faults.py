@@ -1034,6 +1034,38 @@ async def test_sigterm_with_an_idle_client_exits_promptly(
         assert await daemon.wait_exit(within=3) == 0
 
 
+async def test_a_second_sigterm_stops_at_once_and_keeps_the_queue(
+    tmp_path: Path, fake_ses: FakeSes, model: SesModel
+) -> None:
+    model.down = True
+    config, spool = setup(tmp_path, fake_ses, delivery={"inline_timeout": 0.3})
+    env = daemon_env(fake_ses)
+    async with running_daemon(config, env) as daemon:
+        reply = await send(daemon, recipients("again"), message("again"))
+        assert reply.queued, reply
+        model.hold_all()
+        model.down = False
+        calls = len(model.arrivals)
+        await wait_until(lambda: len(model.arrivals) > calls, "a background attempt")
+        async with RawClient.connect(daemon) as client:
+            assert (await client.command("EHLO client.test"))[0] == 250
+            assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+            daemon.terminate()
+            await daemon.wait_for_log("stopping")
+            await asyncio.sleep(0.2)  # the first SIGTERM waits for both
+            assert daemon.returncode is None
+            daemon.terminate()
+            assert await client.reply(within=3) == (421, "4.3.2 Service shutting down")
+            assert await daemon.wait_exit(within=3) == 0
+        assert "stopping now" in daemon.log
+        assert "Traceback" not in daemon.log
+    assert queued(spool) == [reply.queue_id]
+    model.release()
+    async with running_daemon(config, env) as daemon:
+        await spool_drained(spool, daemon)
+    expect_once(model, recipients("again"))
+
+
 async def test_sighup_is_not_fatal(tmp_path: Path, fake_ses: FakeSes, model: SesModel) -> None:
     config, _ = setup(tmp_path, fake_ses)
     async with running_daemon(config, daemon_env(fake_ses)) as daemon:
