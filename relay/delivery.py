@@ -25,6 +25,7 @@ from relay.config import Config
 from relay.dsn import FailedRecipient, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
 from relay.log import delivery_log
+from relay.outage import Outage
 from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
 from relay.ses.client import SesClient
@@ -100,6 +101,7 @@ class Delivery:
         self._clock = clock
         self._jitter = jitter
         self.rate = SendRate(clock=monotonic, sleep=asyncio.sleep, rate=config.ses.max_send_rate)
+        self.outage = Outage(first=config.delivery.retry_min, longest=config.delivery.retry_max)
         self._monotonic = monotonic
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
@@ -282,6 +284,7 @@ class Delivery:
                     error=str(error.smtp_reply),
                 )
             else:
+                self.outage.answered()
                 new = replace(batch, state="sent", message_id=result.message_id, error=None)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
@@ -316,8 +319,23 @@ class Delivery:
 
     def _react(self, error: SesError) -> None:
         """Throttling slows the shared rate; an error of the whole account
-        (daily quota, sending paused, credentials refused) pauses it, so that
-        queued mail does not hammer SES with calls bound to fail."""
+        (daily quota, sending paused, credentials refused) or an outage
+        pauses it, so that queued mail does not hammer SES with calls bound
+        to fail."""
+        if error.retryable and error.code != "Throttling":
+            now = self._monotonic()
+            pause = self.outage.failed(now)
+            if pause is not None:
+                self.rate.pause_until(now + pause)
+                delivery_log.warning(
+                    "SES unreachable (%d calls in a row failed, the last with %s): "
+                    "pausing all delivery for %gs",
+                    self.outage.failures,
+                    one_line(str(error))[:200],
+                    pause,
+                )
+            return
+        self.outage.answered()
         if error.pause > 0:
             ends = self._monotonic() + error.pause
             if self.rate.paused_until is None or self.rate.paused_until < ends - 1:

@@ -389,6 +389,33 @@ async def test_ses_503_queues_then_delivers_each_recipient_once(
     assert model.bounces() == []
 
 
+async def test_an_ses_outage_pauses_the_whole_queue_instead_of_hammering(
+    tmp_path: Path, fake_ses: FakeSes, model: SesModel
+) -> None:
+    """Past 10 failed calls in a row the whole queue waits on one schedule
+    (retry_min doubling): a few calls per pause, not one per message."""
+    model.down = True
+    config, spool = setup(
+        tmp_path,
+        fake_ses,
+        delivery={"inline_timeout": 0.3, "retry_min": 0.5, "retry_max": 1.0, "concurrency": 4},
+    )
+    tags = [f"outage{n}" for n in range(20)]
+    async with running_daemon(config, daemon_env(fake_ses)) as daemon:
+        replies = await asyncio.gather(
+            *(send(daemon, recipients(tag), message(tag)) for tag in tags)
+        )
+        assert all(r.queued for r in replies), replies
+        line = await daemon.wait_for_log(r"SES unreachable \(10 calls in a row failed")
+        assert line.endswith("pausing all delivery for 0.5s"), line
+        start = model.refused
+        await asyncio.sleep(3.0)  # a retry each for 20 messages at 0.5 s: 60 calls or more
+        assert model.refused - start <= 4 * 4, model.refused - start  # concurrency per pause
+        model.down = False
+        await spool_drained(spool, daemon)
+    expect_once(model, (a for tag in tags for a in recipients(tag)))
+
+
 class TcpGate:
     """A loopback port that forwards to the fake SES while open and refuses
     connections (ECONNREFUSED) while closed: SES unreachable, then back."""
