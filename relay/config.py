@@ -282,6 +282,11 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> 
         if name == "auth":
             values["users"] = _user_policies(users, source, problems)
         sections[name] = cls(**values)
+    delivery = sections["delivery"]
+    if delivery.retry_max < delivery.retry_min:
+        problems.append(
+            f"{source}: [delivery] retry_max: must be at least retry_min ({delivery.retry_min:g})"
+        )
     if problems:
         raise ConfigError(problems)
     return Config(source=source, **sections)

@@ -127,6 +127,15 @@ def test_every_problem_is_reported_with_key_and_file(tmp_path: Path) -> None:
     assert len(problems) == 7
 
 
+def test_retry_max_below_retry_min_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "[delivery]\nretry_min = 600\nretry_max = 60\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == (
+        f"{path}: [delivery] retry_max: must be at least retry_min (600)",
+    )
+
+
 def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.toml"
     with pytest.raises(ConfigError, match=re.escape(f"{missing}: cannot read")):
