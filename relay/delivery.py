@@ -157,12 +157,13 @@ class Delivery:
         self._tasks.clear()
 
     async def retry_now(self) -> None:
-        """``ses-relay queue retry`` (SIGUSR1): end a daily-quota pause (an
-        operator may have raised the quota; SES says again if not) and try
-        what is due."""
+        """``ses-relay queue retry`` (SIGUSR1): end a pause of all delivery (an
+        operator may have raised the quota or fixed the cause; SES says again
+        if not) and try what is due."""
         if self.rate.paused_until is not None:
             self.rate.resume()
-            delivery_log.warning("daily-quota pause ended by 'ses-relay queue retry'")
+            delivery_log.warning("delivery pause ended by 'ses-relay queue retry'")
+        self.outage.answered()  # an outage is looked for afresh: a pause after 10 failures
         await self.rescan()
 
     async def rescan(self) -> None:

@@ -411,6 +411,12 @@ async def test_an_ses_outage_pauses_the_whole_queue_instead_of_hammering(
         start = model.refused
         await asyncio.sleep(3.0)  # a retry each for 20 messages at 0.5 s: 60 calls or more
         assert model.refused - start <= 4 * 4, model.refused - start  # concurrency per pause
+        # `queue retry` ends the pause; the outage is looked for afresh.
+        mark = len(daemon.lines)
+        code, _, err = await asyncio.to_thread(queue_command, config, "retry", "--all")
+        assert (code, err) == (0, ""), err
+        line = await daemon.wait_for_log(r"SES unreachable \(10 calls in a row failed", start=mark)
+        assert line.endswith("pausing all delivery for 0.5s"), line
         model.down = False
         await spool_drained(spool, daemon)
     expect_once(model, (a for tag in tags for a in recipients(tag)))
@@ -687,7 +693,7 @@ async def test_daily_quota_pauses_delivery_without_calls_or_spin(
         model.quota_exhausted = False
         code, _, err = await asyncio.to_thread(queue_command, config, "retry", "--all")
         assert (code, err) == (0, ""), err
-        await daemon.wait_for_log("daily-quota pause ended by 'ses-relay queue retry'")
+        await daemon.wait_for_log("delivery pause ended by 'ses-relay queue retry'")
         await spool_drained(spool, daemon)
     expect_once(model, [*recipients("quota1"), *recipients("quota2")])
 
