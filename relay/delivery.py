@@ -298,7 +298,7 @@ class Delivery:
 
     async def _token(self, recipients: int, ends: float) -> bool:
         """Take sending-rate tokens for ``recipients`` before ``ends``
-        (monotonic); False, at once if a daily-quota pause outlasts it."""
+        (monotonic); False, at once if a pause of all delivery outlasts it."""
         paused_until = self.rate.paused_until
         if paused_until is not None and paused_until > ends:
             return False
@@ -310,7 +310,8 @@ class Delivery:
         return True
 
     def _pause_left(self) -> float:
-        """Seconds left of a daily-quota pause; 0 when there is none."""
+        """Seconds left of a pause of all delivery (quota, account, outage); 0
+        when there is none."""
         paused_until = self.rate.paused_until
         return 0.0 if paused_until is None else max(0.0, paused_until - self._monotonic())
 
@@ -386,7 +387,7 @@ class Delivery:
         entry = attempt.entry
         if entry.pending() and not attempt.errors and attempt.starved:
             # Nothing was sent: waiting for the sending rate (or the end of a
-            # daily-quota pause) is not a failed attempt.
+            # pause of all delivery) is not a failed attempt.
             self._schedule(entry.id, self._resume_at())
             delivery_log.debug("%s: waiting for the SES sending rate", entry.id)
             return
@@ -571,7 +572,7 @@ class Delivery:
                 self._done(entry_id)
 
     async def _deliver_queued(self, entry_id: str) -> None:
-        if self._pause_left() > PAUSE_SLACK:  # daily quota spent: not an attempt
+        if self._pause_left() > PAUSE_SLACK:  # all delivery paused: not an attempt
             self._schedule(entry_id, self._resume_at())
             return
         try:

@@ -28,8 +28,9 @@ then climbs back linearly, by the configured rate every ``recovery`` seconds
 
     r(t) = min(rate, r_cut + rate * (t - t_cut) / recovery)
 
-Pausing. ``pause_until(when)`` (daily quota exhausted) hands out no tokens
-before ``when``; waiters sleep until then. ``resume()`` ends a pause early.
+Pausing. ``pause_until(when)`` (all delivery paused: the daily quota, the
+account, an outage) hands out no tokens before ``when``; waiters sleep until
+then. ``resume()`` ends a pause early.
 """
 
 from __future__ import annotations
