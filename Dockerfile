@@ -18,5 +18,7 @@ ENV STATE_DIRECTORY=/var/lib/ses-relay \
     SES_RELAY_METRICS_LISTEN=0.0.0.0:9465
 VOLUME /var/lib/ses-relay
 EXPOSE 2525 9465
+HEALTHCHECK --interval=30s --timeout=5s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9465/healthz', timeout=4)"]
 ENTRYPOINT ["ses-relay"]
 CMD ["serve"]

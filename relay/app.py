@@ -21,12 +21,14 @@ from relay.config import Config, split_host_port
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
+from relay.httpserver import HttpServer
 from relay.log import smtp_log
+from relay.metrics import RelayMetrics, State, count_entries
 from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
-from relay.spool import Spool, SpoolError, SpoolLocked
+from relay.spool import DEAD, QUEUE, Spool, SpoolError, SpoolLocked
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
@@ -113,6 +115,11 @@ class Relay:
         """Where the plain (STARTTLS) listeners are, in ``smtp.listen`` order."""
         self.tls_addresses: list[tuple[str, int]] = []
         """Where the implicit-TLS listeners are, in ``smtp.tls_listen`` order."""
+        self.metrics = RelayMetrics()
+        self.metrics.add_state(self._state)
+        self._http_server: HttpServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        """Where /metrics, /healthz and /readyz are served (``metrics.listen``)."""
 
     async def start(self) -> None:
         """Open the spool (its lock first: a second daemon stops here, before
@@ -134,10 +141,12 @@ class Relay:
                 tls=resources.ses_tls, max_connections=config.ses.max_connections
             )
             credentials = default_chain(self._env, session=self._http, region=config.ses.region)
-            ses = SesClient(config.ses, credentials, session=self._http)
+            ses = SesClient(
+                config.ses, credentials, session=self._http, observe=self.metrics.ses_call
+            )
             self.delivery = Delivery(config, self.spool, ses)
             await self.delivery.start()
-            handler = RelayHandler(config, self.delivery)
+            handler = RelayHandler(config, self.delivery, metrics=self.metrics)
             if resources.users is not None:
                 self._authenticator = Authenticator(resources.users, config.auth)
             loop = asyncio.get_running_loop()
@@ -149,6 +158,9 @@ class Relay:
                 self.tls_addresses.append(
                     await self._listen(loop, address, handler, resources, implicit_tls=True)
                 )
+            self._http_server = HttpServer(self.metrics, self._readiness)
+            self.metrics_address = await self._http_server.start(config.metrics.listen)
+            smtp_log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -219,6 +231,35 @@ class Relay:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._http_server is not None:
+            await self._http_server.stop()
+            self._http_server = None
+
+    def _state(self) -> State:
+        """The spool's contents and any pause, for a scrape (runs in a thread)."""
+        spool, delivery = self.spool, self.delivery
+        return State(
+            queued=count_entries(spool.dir(QUEUE)) if spool is not None else 0,
+            dead=count_entries(spool.dir(DEAD)) if spool is not None else 0,
+            pause_remaining=delivery.pause_left() if delivery is not None else 0.0,
+        )
+
+    def _readiness(self) -> dict[str, str]:
+        """``/readyz``'s checks: "ok", or what is wrong."""
+        delivery = self.delivery
+        smtp = "ok"
+        if self.limiter.draining:
+            smtp = "stopping"
+        elif not (self.smtp_addresses or self.tls_addresses):
+            smtp = "not listening"
+        spool = "ok"
+        if delivery is None:
+            spool = "not open"
+        elif not delivery.space_ok():
+            spool = "no room: free space is below 1.5 x smtp.max_message_size"
+        pause = delivery.pause_left() if delivery is not None else 0.0
+        ses = "ok" if pause <= 0 else f"all delivery paused for {pause:.0f}s more (see the log)"
+        return {"smtp": smtp, "spool": spool, "ses": ses}
 
     def end_grace(self) -> None:
         """Cut a ``stop`` in progress short: what is open is closed at once

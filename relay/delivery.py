@@ -309,7 +309,7 @@ class Delivery:
             return False
         return True
 
-    def _pause_left(self) -> float:
+    def pause_left(self) -> float:
         """Seconds left of a pause of all delivery (quota, account, outage); 0
         when there is none."""
         paused_until = self.rate.paused_until
@@ -317,7 +317,7 @@ class Delivery:
 
     def _resume_at(self) -> float:
         """When sending may go on (clock time): now, or the end of a pause."""
-        return self._clock() + self._pause_left()
+        return self._clock() + self.pause_left()
 
     def _react(self, error: SesError) -> None:
         """Throttling slows the shared rate; an error of the whole account
@@ -572,7 +572,7 @@ class Delivery:
                 self._done(entry_id)
 
     async def _deliver_queued(self, entry_id: str) -> None:
-        if self._pause_left() > PAUSE_SLACK:  # all delivery paused: not an attempt
+        if self.pause_left() > PAUSE_SLACK:  # all delivery paused: not an attempt
             self._schedule(entry_id, self._resume_at())
             return
         try:

@@ -18,6 +18,7 @@ from relay.delivery import STORAGE_FULL, Delivery, new_queue_id
 from relay.errors import MessageRefused, SmtpReply
 from relay.log import smtp_log
 from relay.message import SesParameters, plan_batches, prepare
+from relay.metrics import RelayMetrics
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
 from relay.session import authenticated_user as session_user
 from relay.session import client_address
@@ -36,9 +37,11 @@ class RelayHandler:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         queue_id: Callable[[], str] = new_queue_id,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._config = config
         self._delivery = delivery
+        self._metrics = metrics
         self._policy = AccessPolicy.from_config(config.smtp, config.auth)
         self._defaults = SesParameters(configuration_set=config.ses.configuration_set or None)
         self._clock = clock
@@ -78,6 +81,8 @@ class RelayHandler:
             reply = await self._relay(queue_id, session, envelope)
         except MessageRefused as refused:
             reply = refused.reply
+        if self._metrics is not None:
+            self._metrics.message(reply)
         smtp_log.info(
             "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,

@@ -77,6 +77,7 @@ def relay_config(
             "max_send_rate": 1000.0,
         },
         "spool": {"path": str(tmp_path / "spool")},
+        "metrics": {"listen": "127.0.0.1:0"},
         "delivery": {"inline_timeout": 5.0},
     }
     for section, values in sections.items():

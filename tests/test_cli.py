@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,4 +133,22 @@ async def test_serve_names_the_key_of_a_spool_it_cannot_open(tmp_path: Path) -> 
     assert (code, out) == (1, "")
     assert err.startswith("ses-relay: serve: spool ")
     assert err.endswith(f"(spool.path in {config})\n")
+    assert "Traceback" not in err
+
+
+async def test_serve_names_metrics_listen_when_its_port_is_taken(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            f'[smtp]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+            f'[spool]\npath = "{tmp_path / "spool"}"\n[ses]\nmax_send_rate = 10\n'
+        )
+        code, out, err = await run_cli("serve", "-c", str(config), env=ses_env(tmp_path, fake_ses))
+    assert (code, out) == (1, "")
+    assert f"ses-relay: serve: cannot listen on 127.0.0.1:{port} (metrics.listen): " in err
     assert "Traceback" not in err

@@ -79,7 +79,10 @@ class SesClient:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``observe(action, code, seconds)`` hears of every HTTP call (``code``:
+        SES's error code, "" on success), for metrics."""
         self._config = config
         self._credentials = credentials
         self._url = endpoint_url(config)
@@ -91,6 +94,7 @@ class SesClient:
         self._monotonic = monotonic
         self._sleep = sleep
         self._jitter = jitter
+        self._observe = observe
 
     @property
     def url(self) -> URL:
@@ -128,12 +132,14 @@ class SesClient:
     ) -> SendResult:
         """Send one message; ``deadline`` bounds the whole call, retries included."""
         body = send_raw_email_body(request)
-        return await self._call(body, parse_send_raw_email, deadline)
+        return await self._call("SendRawEmail", body, parse_send_raw_email, deadline)
 
     async def get_send_quota(self, *, deadline: float | None = None) -> SendQuota:
-        return await self._call(get_send_quota_body(), parse_send_quota, deadline)
+        return await self._call("GetSendQuota", get_send_quota_body(), parse_send_quota, deadline)
 
-    async def _call(self, body: bytes, parse: Callable[[bytes], T], deadline: float | None) -> T:
+    async def _call(
+        self, action: str, body: bytes, parse: Callable[[bytes], T], deadline: float | None
+    ) -> T:
         config = self._config
         budget = deadline if deadline is not None else config.request_timeout * config.max_attempts
         ends = self._monotonic() + budget
@@ -146,7 +152,7 @@ class SesClient:
             if remaining <= 0:
                 raise transport_error("Timeout", "deadline passed before SES answered")
             try:
-                return await self._attempt(body, body_sha256, parse, remaining)
+                return await self._observed(action, body, body_sha256, parse, remaining)
             except SesError as error:
                 if error.refresh_credentials and not refreshed:
                     # Rotated or expired credentials: fetch new ones and try once more.
@@ -165,6 +171,21 @@ class SesClient:
                     "retrying SES call in %.2fs after %s (attempt %d)", delay, error.code, attempt
                 )
                 await self._sleep(delay)
+
+    async def _observed(
+        self, action: str, body: bytes, body_sha256: str, parse: Callable[[bytes], T], budget: float
+    ) -> T:
+        """``_attempt``, told to ``observe``."""
+        if self._observe is None:
+            return await self._attempt(body, body_sha256, parse, budget)
+        started = self._monotonic()
+        try:
+            result = await self._attempt(body, body_sha256, parse, budget)
+        except SesError as error:
+            self._observe(action, error.code, self._monotonic() - started)
+            raise
+        self._observe(action, "", self._monotonic() - started)
+        return result
 
     async def _attempt(
         self, body: bytes, body_sha256: str, parse: Callable[[bytes], T], budget: float

@@ -1,0 +1,68 @@
+"""The relay's HTTP server on ``metrics.listen``: /metrics, /healthz, /readyz.
+
+``/metrics`` is the Prometheus text format (built in a thread: it reads the
+spool). ``/healthz`` answers 200 while the process runs. ``/readyz``
+answers 200 when every check passes and 503 otherwise, with a JSON body
+naming each check: ``smtp`` (listening and not stopping), ``spool`` (room
+for a message) and ``ses`` (no pause of all delivery: not unreachable, no
+quota or account pause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from relay.config import split_host_port
+from relay.errors import RelayError
+from relay.metrics import RelayMetrics
+
+Checks = Callable[[], Mapping[str, str]]
+"""Readiness checks: name → "ok" or what is wrong."""
+
+
+class HttpServer:
+    """Serves the metrics and health endpoints of one relay."""
+
+    def __init__(self, metrics: RelayMetrics, checks: Checks) -> None:
+        self._metrics = metrics
+        self._checks = checks
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_page)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, listen: str) -> tuple[str, int]:
+        host, port = split_host_port(listen)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise RelayError(
+                f"cannot listen on {listen} (metrics.listen): {exc.strerror or exc}"
+            ) from None
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.address = (bound_host, bound_port)
+        return self.address
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self._metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        checks = dict(self._checks())
+        ready = all(result == "ok" for result in checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)

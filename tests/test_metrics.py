@@ -1,0 +1,151 @@
+"""/metrics, /healthz and /readyz of a running relay, read over HTTP after
+real SMTP traffic through the fake SES: the values are exact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from platform import python_version
+from typing import Any
+
+import aiohttp
+import aiosmtplib
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay import __version__
+from relay.app import Relay
+from tests.fakeses import FakeSes, SesErrorReply
+from tests.relayd import running_relay
+from tests.smtpserver import RawClient
+from tests.test_e2e import message, send
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@asynccontextmanager
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+def url(relay: Relay, path: str) -> str:
+    assert relay.metrics_address is not None
+    host, port = relay.metrics_address
+    return f"http://{host}:{port}{path}"
+
+
+async def scrape(relay: Relay) -> Samples:
+    async with http() as session, session.get(url(relay, "/metrics")) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def get_json(relay: Relay, path: str) -> tuple[int, Any]:
+    async with http() as session, session.get(url(relay, path)) as response:
+        return response.status, await response.json()
+
+
+async def test_metrics_count_what_happened(tmp_path: Path, fake_ses: FakeSes) -> None:
+    async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 1}) as relay:
+        before = await scrape(relay)
+        assert (
+            value(before, "ses_relay_build_info", version=__version__, python=python_version()) == 1
+        )
+        for outcome in ("sent", "queued", "deferred", "rejected"):
+            assert value(before, "ses_relay_messages_total", outcome=outcome) == 0
+
+        assert (await send(relay, ["a@example.net"], message()))[0] == 250
+        fake_ses.script(SesErrorReply(400, "MessageRejected", "Email address is not verified."))
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(relay, ["b@example.net"], message())
+        assert refused.value.code == 554
+        fake_ses.script(SesErrorReply(503, "ServiceUnavailable", "down", "Receiver"))
+        code, text = await send(relay, ["c@example.net"], message())
+        assert (code, " queued as " in text) == (250, True)
+
+        after = await scrape(relay)
+    counts = {
+        outcome: value(after, "ses_relay_messages_total", outcome=outcome)
+        for outcome in ("sent", "queued", "deferred", "rejected")
+    }
+    assert counts == {"sent": 1, "queued": 1, "deferred": 0, "rejected": 1}
+    calls = {
+        (outcome, code): value(
+            after, "ses_relay_ses_requests_total", action="SendRawEmail", outcome=outcome, code=code
+        )
+        for outcome, code in (
+            ("success", ""),
+            ("error", "MessageRejected"),
+            ("error", "ServiceUnavailable"),
+        )
+    }
+    assert calls == {
+        ("success", ""): 1,
+        ("error", "MessageRejected"): 1,
+        ("error", "ServiceUnavailable"): 1,
+    }
+    assert value(after, "ses_relay_ses_request_duration_seconds_count", action="SendRawEmail") == 3
+    assert value(after, "ses_relay_spool_messages", area="queue") == 1
+    assert value(after, "ses_relay_spool_messages", area="dead") == 0
+    assert value(after, "ses_relay_delivery_pause_remaining_seconds") == 0
+
+
+async def test_health_and_readiness_follow_a_pause_of_all_delivery(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 1}) as relay:
+        assert await get_json(relay, "/healthz") == (200, {"status": "ok"})
+        assert await get_json(relay, "/readyz") == (
+            200,
+            {"ready": True, "checks": {"smtp": "ok", "spool": "ok", "ses": "ok"}},
+        )
+        fake_ses.script(SesErrorReply(400, "Throttling", "Daily message quota exceeded."))
+        assert (await send(relay, ["a@example.net"], message()))[0] == 250
+        status, body = await get_json(relay, "/readyz")
+        assert (status, body["ready"], body["checks"]["smtp"]) == (503, False, "ok")
+        assert body["checks"]["ses"].startswith("all delivery paused for 900s more")
+        samples = await scrape(relay)
+        assert 899 < value(samples, "ses_relay_delivery_pause_remaining_seconds") <= 900
+        assert await get_json(relay, "/healthz") == (200, {"status": "ok"})  # alive all along
+
+        relay.retry_now()  # `ses-relay queue retry`
+        async with asyncio.timeout(10):
+            while (await get_json(relay, "/readyz"))[0] != 200:
+                await asyncio.sleep(0.02)
+
+
+async def test_readiness_says_stopping_while_a_transaction_finishes(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    async with running_relay(tmp_path, fake_ses) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        client = RawClient(reader, writer)
+        try:
+            await client.greet()
+            assert (await client.command("MAIL FROM:<app@example.com>")).startswith("250")
+            stopping = asyncio.create_task(relay.stop(grace=10))
+            async with asyncio.timeout(10):
+                while relay.limiter.draining is False:
+                    await asyncio.sleep(0.01)
+            status, body = await get_json(relay, "/readyz")
+            assert (status, body["checks"]["smtp"]) == (503, "stopping")
+            assert await client.command("RSET") == "250 2.0.0 OK"
+            assert await client.replies_until_eof() == ["421 4.3.2 Service shutting down"]
+            await asyncio.wait_for(stopping, 10)
+        finally:
+            writer.close()
