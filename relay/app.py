@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,12 +19,12 @@ import aiohttp
 
 from relay.auth import Authenticator, Users, load_users
 from relay.config import Config, split_host_port
-from relay.delivery import Delivery
+from relay.delivery import Delivery, queue_id_time
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer
 from relay.log import smtp_log
-from relay.metrics import RelayMetrics, State, count_entries
+from relay.metrics import RelayMetrics, State, scan_area
 from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import client_tls_context, new_session
@@ -144,7 +145,7 @@ class Relay:
             ses = SesClient(
                 config.ses, credentials, session=self._http, observe=self.metrics.ses_call
             )
-            self.delivery = Delivery(config, self.spool, ses)
+            self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
             await self.delivery.start()
             handler = RelayHandler(config, self.delivery, metrics=self.metrics)
             if resources.users is not None:
@@ -236,12 +237,22 @@ class Relay:
             self._http_server = None
 
     def _state(self) -> State:
-        """The spool's contents and any pause, for a scrape (runs in a thread)."""
-        spool, delivery = self.spool, self.delivery
+        """The spool's contents, delivery and connections, for a scrape (runs in
+        a thread: it lists the spool)."""
+        spool, delivery, limiter = self.spool, self.delivery, self.limiter
+        queued, oldest = scan_area(spool.dir(QUEUE)) if spool is not None else (0, None)
+        dead, _ = scan_area(spool.dir(DEAD)) if spool is not None else (0, None)
+        arrived = queue_id_time(oldest) if oldest is not None else None
         return State(
-            queued=count_entries(spool.dir(QUEUE)) if spool is not None else 0,
-            dead=count_entries(spool.dir(DEAD)) if spool is not None else 0,
+            queued=queued,
+            dead=dead,
+            oldest_age=max(0.0, time.time() - arrived) if arrived is not None else 0.0,
             pause_remaining=delivery.pause_left() if delivery is not None else 0.0,
+            send_rate=delivery.rate.effective_rate if delivery is not None else 0.0,
+            quota=delivery.quota if delivery is not None else None,
+            smtp_open=limiter.active,
+            smtp_admitted=limiter.admitted,
+            smtp_refused=limiter.refused,
         )
 
     def _readiness(self) -> dict[str, str]:

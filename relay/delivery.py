@@ -25,10 +25,11 @@ from relay.config import Config
 from relay.dsn import FailedRecipient, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
 from relay.log import delivery_log
+from relay.metrics import RelayMetrics
 from relay.outage import Outage
 from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
-from relay.ses.client import SesClient
+from relay.ses.client import SendQuota, SesClient
 from relay.ses.query import SendRawEmailRequest
 from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
 
@@ -44,6 +45,16 @@ STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again l
 def new_queue_id() -> str:
     """A unique id for one message: time-ordered, like Postfix's long queue ids."""
     return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
+
+
+def queue_id_time(queue_id: str) -> float | None:
+    """The Unix time a ``new_queue_id`` was made; None for another kind of id."""
+    if len(queue_id) != 20:
+        return None
+    try:
+        return int(queue_id[:14], 16) / 1e6
+    except ValueError:
+        return None
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailRequest:
@@ -94,9 +105,13 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
+        self._metrics = metrics
+        self.quota: SendQuota | None = None
+        """The account's quota as GetSendQuota last said (``ses.max_send_rate = 0``)."""
         self._ses = ses
         self._clock = clock
         self._jitter = jitter
@@ -279,6 +294,7 @@ class Delivery:
                 self._react(error)
                 attempt.errors[index] = error
                 permanent = error.disposition is Disposition.PERMANENT
+                self._count_batch("failed" if permanent else "deferred")
                 new = replace(
                     batch,
                     state="failed" if permanent else "pending",
@@ -286,6 +302,7 @@ class Delivery:
                 )
             else:
                 self.outage.answered()
+                self._count_batch("sent")
                 new = replace(batch, state="sent", message_id=result.message_id, error=None)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
@@ -295,6 +312,10 @@ class Delivery:
 
         await asyncio.gather(*(send(i) for i in entry.pending()))
         return attempt
+
+    def _count_batch(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.batch(outcome)
 
     async def _token(self, recipients: int, ends: float) -> bool:
         """Take sending-rate tokens for ``recipients`` before ``ends``
@@ -414,6 +435,8 @@ class Delivery:
             )
             await self._save(entry)
             self._schedule(entry.id, retry_at)
+            if self._metrics is not None:
+                self._metrics.retry()
             self._log(entry, f"deferred ({errors or 'no answer in time'})")
             return
         failed = [b for b in entry.batches if b.state == "failed"]
@@ -515,6 +538,8 @@ class Delivery:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
             return None
         delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
+        if self._metrics is not None:
+            self._metrics.bounce()
         return entry
 
     def _log(self, entry: Entry, status: str) -> None:
@@ -624,6 +649,7 @@ class Delivery:
             except SesError as exc:
                 delivery_log.warning("cannot read the SES send quota: %s", one_line(str(exc)))
             else:
+                self.quota = quota
                 self.rate.set_rate(quota.max_send_rate)
             await asyncio.sleep(self._config.delivery.quota_refresh)
 

@@ -82,7 +82,7 @@ class RelayHandler:
         except MessageRefused as refused:
             reply = refused.reply
         if self._metrics is not None:
-            self._metrics.message(reply)
+            self._metrics.message(reply, size=size, recipients=len(envelope.rcpt_tos))
         smtp_log.info(
             "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,

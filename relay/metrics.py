@@ -16,14 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.errors import SmtpReply
+from relay.ses.client import SendQuota
 
 SES_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Seconds; SES answers in well under a second when it is healthy."""
+SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760)
+"""Bytes of a message as received."""
+RECIPIENT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000)
 
 
 def message_outcome(reply: SmtpReply) -> str:
@@ -67,12 +71,56 @@ class RelayMetrics:
             buckets=SES_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._sizes = Histogram(
+            "ses_relay_message_size_bytes",
+            "Size of each message received (DATA complete).",
+            buckets=SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self._recipients = Histogram(
+            "ses_relay_message_recipients",
+            "Envelope recipients of each message received.",
+            buckets=RECIPIENT_BUCKETS,
+            registry=self.registry,
+        )
+        self._batches = Counter(
+            "ses_relay_batches",
+            "SendRawEmail batches tried, by outcome: sent, failed (for good), deferred (to retry).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._retries = Counter(
+            "ses_relay_delivery_retries",
+            "Delivery attempts that left batches to retry later.",
+            registry=self.registry,
+        )
+        self._bounces = Counter(
+            "ses_relay_bounces",
+            "Delivery status notifications queued for mail that failed after 250.",
+            registry=self.registry,
+        )
         for outcome in ("sent", "queued", "deferred", "rejected"):
             self._messages.labels(outcome)  # present at 0 from the start
+        for outcome in ("sent", "failed", "deferred"):
+            self._batches.labels(outcome)
 
-    def message(self, reply: SmtpReply) -> None:
-        """One DATA reply."""
+    def message(self, reply: SmtpReply, *, size: int, recipients: int) -> None:
+        """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
         self._messages.labels(message_outcome(reply)).inc()
+        self._sizes.observe(size)
+        self._recipients.observe(recipients)
+
+    def batch(self, outcome: str) -> None:
+        """One batch's outcome: "sent", "failed" or "deferred"."""
+        self._batches.labels(outcome).inc()
+
+    def retry(self) -> None:
+        """An attempt left batches to retry."""
+        self._retries.inc()
+
+    def bounce(self) -> None:
+        """A delivery status notification was queued."""
+        self._bounces.inc()
 
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""
@@ -95,8 +143,17 @@ class State:
 
     queued: int
     dead: int
+    oldest_age: float
+    """Seconds since the oldest queued message arrived; 0 when none is queued."""
     pause_remaining: float
     """Seconds left of a pause of all delivery; 0 when delivering."""
+    send_rate: float
+    """Recipients per second allowed now (below the account's after throttling)."""
+    quota: SendQuota | None
+    """The account's quota as GetSendQuota last said; None until it answers."""
+    smtp_open: int
+    smtp_admitted: int
+    smtp_refused: int
 
 
 class StateCollector(Collector):
@@ -119,17 +176,59 @@ class StateCollector(Collector):
         spool.add_metric(["dead"], state.dead)
         yield spool
         yield GaugeMetricFamily(
+            "ses_relay_spool_oldest_message_age_seconds",
+            "Seconds since the oldest queued message arrived (by its queue id); 0 when "
+            "the queue is empty.",
+            value=state.oldest_age,
+        )
+        yield GaugeMetricFamily(
             "ses_relay_delivery_pause_remaining_seconds",
             "Seconds left of a pause of all delivery (daily quota, account paused, "
             "credentials refused, SES unreachable); 0 while delivering.",
             value=state.pause_remaining,
         )
+        yield GaugeMetricFamily(
+            "ses_relay_send_rate_recipients_per_second",
+            "Recipients per second the relay lets through now: the account's MaxSendRate "
+            "(or ses.max_send_rate), lower for a while after throttling.",
+            value=state.send_rate,
+        )
+        if state.quota is not None:
+            quota = state.quota
+            for name, text, number in (
+                ("max_24_hour_send", "Max24HourSend: messages the account may send in 24 h.",
+                 quota.max_24_hour_send),
+                ("sent_last_24_hours", "SentLast24Hours: messages the account sent in 24 h.",
+                 quota.sent_last_24_hours),
+                ("max_send_rate", "MaxSendRate: messages per second the account may send.",
+                 quota.max_send_rate),
+            ):  # fmt: skip
+                yield GaugeMetricFamily(f"ses_relay_ses_quota_{name}", text, value=number)
+        connections = CounterMetricFamily(
+            "ses_relay_smtp_connections",
+            "SMTP connections, by outcome: admitted, or refused for a connection limit.",
+            labels=["outcome"],
+        )
+        connections.add_metric(["admitted"], state.smtp_admitted)
+        connections.add_metric(["refused"], state.smtp_refused)
+        yield connections
+        yield GaugeMetricFamily(
+            "ses_relay_smtp_connections_open", "SMTP connections open now.", value=state.smtp_open
+        )
 
 
-def count_entries(directory: str | os.PathLike[str]) -> int:
-    """Envelopes (``*.json``) in one spool area; 0 when it cannot be read."""
+def scan_area(directory: str | os.PathLike[str]) -> tuple[int, str | None]:
+    """Envelopes (``*.json``) in one spool area, and the smallest queue id
+    (queue ids begin with their time: the oldest); (0, None) when unreadable."""
+    count, smallest = 0, None
     try:
         with os.scandir(directory) as entries:
-            return sum(1 for entry in entries if entry.name.endswith(".json"))
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".json"):
+                    count += 1
+                    if smallest is None or name < smallest:
+                        smallest = name
     except OSError:
-        return 0
+        return 0, None
+    return count, None if smallest is None else smallest.removesuffix(".json")

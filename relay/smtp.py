@@ -126,6 +126,10 @@ class ConnectionLimiter:
         self._idle.set()
         self.draining = False
         """Shutting down: every connection is told 421 as soon as it is idle."""
+        self.admitted = 0
+        """Connections admitted since start (for metrics)."""
+        self.refused = 0
+        """Connections refused for a limit since start (for metrics)."""
 
     @property
     def active(self) -> int:
@@ -141,6 +145,7 @@ class ConnectionLimiter:
         if connection in self._open:
             return True
         if len(self._open) >= self.max_connections:
+            self.refused += 1
             return False
         self._open[connection] = None
         self._idle.clear()
@@ -153,9 +158,11 @@ class ConnectionLimiter:
         if self._open[connection] is not None:
             return True  # admitted already
         if self._per_client[client] >= self.max_per_client:
+            self.refused += 1
             return False
         self._per_client[client] += 1
         self._open[connection] = client
+        self.admitted += 1
         return True
 
     def release(self, connection: _Closable) -> None:

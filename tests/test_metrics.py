@@ -101,7 +101,43 @@ async def test_metrics_count_what_happened(tmp_path: Path, fake_ses: FakeSes) ->
     assert value(after, "ses_relay_ses_request_duration_seconds_count", action="SendRawEmail") == 3
     assert value(after, "ses_relay_spool_messages", area="queue") == 1
     assert value(after, "ses_relay_spool_messages", area="dead") == 0
+    assert 0 < value(after, "ses_relay_spool_oldest_message_age_seconds") < 60
     assert value(after, "ses_relay_delivery_pause_remaining_seconds") == 0
+    size = len(message())
+    assert value(after, "ses_relay_message_size_bytes_count") == 3
+    assert value(after, "ses_relay_message_size_bytes_sum") == 3 * size
+    assert value(after, "ses_relay_message_size_bytes_bucket", le="1024.0") == 3
+    assert value(after, "ses_relay_message_recipients_sum") == 3
+    batches = {
+        outcome: value(after, "ses_relay_batches_total", outcome=outcome)
+        for outcome in ("sent", "failed", "deferred")
+    }
+    assert batches == {"sent": 1, "failed": 1, "deferred": 1}
+    assert value(after, "ses_relay_delivery_retries_total") == 1  # the queued one
+    assert value(after, "ses_relay_bounces_total") == 0  # refused before 250: no bounce
+    assert value(after, "ses_relay_smtp_connections_total", outcome="admitted") == 3
+    assert value(after, "ses_relay_smtp_connections_total", outcome="refused") == 0
+    assert value(after, "ses_relay_send_rate_recipients_per_second") == 1000  # ses.max_send_rate
+    assert not any(name.startswith("ses_relay_ses_quota_") for name, _ in after)
+
+
+async def test_quota_gauges_follow_get_send_quota(tmp_path: Path, fake_ses: FakeSes) -> None:
+    async with running_relay(tmp_path, fake_ses, ses={"max_send_rate": 0}) as relay:
+        async with asyncio.timeout(10):
+            while "GetSendQuota" not in [r.action for r in fake_ses.requests]:
+                await asyncio.sleep(0.01)
+            samples = await scrape(relay)
+            while ("ses_relay_ses_quota_max_send_rate", ()) not in samples:
+                await asyncio.sleep(0.01)
+                samples = await scrape(relay)
+    assert value(samples, "ses_relay_ses_quota_max_24_hour_send") == 50000
+    assert value(samples, "ses_relay_ses_quota_sent_last_24_hours") == 127
+    assert value(samples, "ses_relay_ses_quota_max_send_rate") == 14
+    assert value(samples, "ses_relay_send_rate_recipients_per_second") == 14
+    calls = value(
+        samples, "ses_relay_ses_requests_total", action="GetSendQuota", outcome="success", code=""
+    )
+    assert calls == 1
 
 
 async def test_health_and_readiness_follow_a_pause_of_all_delivery(
