@@ -167,14 +167,14 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self._read()
-        spool = GaugeMetricFamily(
-            "ses_relay_spool_messages",
-            "Messages in the spool, by area: queue (to deliver) and dead (given up on).",
-            labels=["area"],
+        yield _by_label(
+            GaugeMetricFamily(
+                "ses_relay_spool_messages",
+                "Messages in the spool, by area: queue (to deliver) and dead (given up on).",
+                labels=["area"],
+            ),
+            {"queue": state.queued, "dead": state.dead},
         )
-        spool.add_metric(["queue"], state.queued)
-        spool.add_metric(["dead"], state.dead)
-        yield spool
         yield GaugeMetricFamily(
             "ses_relay_spool_oldest_message_age_seconds",
             "Seconds since the oldest queued message arrived (by its queue id); 0 when "
@@ -204,17 +204,24 @@ class StateCollector(Collector):
                  quota.max_send_rate),
             ):  # fmt: skip
                 yield GaugeMetricFamily(f"ses_relay_ses_quota_{name}", text, value=number)
-        connections = CounterMetricFamily(
-            "ses_relay_smtp_connections",
-            "SMTP connections, by outcome: admitted, or refused for a connection limit.",
-            labels=["outcome"],
+        yield _by_label(
+            CounterMetricFamily(
+                "ses_relay_smtp_connections",
+                "SMTP connections, by outcome: admitted, or refused for a connection limit.",
+                labels=["outcome"],
+            ),
+            {"admitted": state.smtp_admitted, "refused": state.smtp_refused},
         )
-        connections.add_metric(["admitted"], state.smtp_admitted)
-        connections.add_metric(["refused"], state.smtp_refused)
-        yield connections
         yield GaugeMetricFamily(
             "ses_relay_smtp_connections_open", "SMTP connections open now.", value=state.smtp_open
         )
+
+
+def _by_label(family: GaugeMetricFamily | CounterMetricFamily, values: dict[str, float]) -> Metric:
+    """``family`` (one label) with a sample per label value."""
+    for label, number in values.items():
+        family.add_metric([label], number)
+    return family
 
 
 def scan_area(directory: str | os.PathLike[str]) -> tuple[int, str | None]:
