@@ -317,6 +317,10 @@ class Relay:
         await self.stop()
 
 
+REPEATED_SIGNAL = 1.0
+"""Seconds after the first SIGTERM/SIGINT before another one ends the grace."""
+
+
 def _reload_not_supported() -> None:
     smtp_log.warning("SIGHUP: reloading the configuration is not supported yet; restart to apply")
 
@@ -335,8 +339,16 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     async with relay:
         smtp_log.info("ses-relay ready")
         await stop.wait()
+        first = loop.time()
+
+        def second_signal() -> None:
+            # One ^C can arrive twice (a wrapper forwards what the terminal
+            # already sent to the whole process group): only a later one counts.
+            if loop.time() - first >= REPEATED_SIGNAL:
+                relay.end_grace()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, relay.end_grace)
+            loop.add_signal_handler(signum, second_signal)
         smtp_log.info(
             "stopping: 421 to new and idle sessions; transactions in flight may finish "
             "(a second SIGTERM or SIGINT stops at once)"
