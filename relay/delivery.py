@@ -105,7 +105,7 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
-        metrics: RelayMetrics | None = None,
+        metrics: RelayMetrics,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -294,7 +294,7 @@ class Delivery:
                 self._react(error)
                 attempt.errors[index] = error
                 permanent = error.disposition is Disposition.PERMANENT
-                self._count_batch("failed" if permanent else "deferred")
+                self._metrics.batch("failed" if permanent else "deferred")
                 new = replace(
                     batch,
                     state="failed" if permanent else "pending",
@@ -302,7 +302,7 @@ class Delivery:
                 )
             else:
                 self.outage.answered()
-                self._count_batch("sent")
+                self._metrics.batch("sent")
                 new = replace(batch, state="sent", message_id=result.message_id, error=None)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
@@ -312,10 +312,6 @@ class Delivery:
 
         await asyncio.gather(*(send(i) for i in entry.pending()))
         return attempt
-
-    def _count_batch(self, outcome: str) -> None:
-        if self._metrics is not None:
-            self._metrics.batch(outcome)
 
     async def _token(self, recipients: int, ends: float) -> bool:
         """Take sending-rate tokens for ``recipients`` before ``ends``
@@ -435,8 +431,7 @@ class Delivery:
             )
             await self._save(entry)
             self._schedule(entry.id, retry_at)
-            if self._metrics is not None:
-                self._metrics.retry()
+            self._metrics.retry()
             self._log(entry, f"deferred ({errors or 'no answer in time'})")
             return
         failed = [b for b in entry.batches if b.state == "failed"]
@@ -538,8 +533,7 @@ class Delivery:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
             return None
         delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
-        if self._metrics is not None:
-            self._metrics.bounce()
+        self._metrics.bounce()
         return entry
 
     def _log(self, entry: Entry, status: str) -> None:

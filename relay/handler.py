@@ -37,7 +37,7 @@ class RelayHandler:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         queue_id: Callable[[], str] = new_queue_id,
-        metrics: RelayMetrics | None = None,
+        metrics: RelayMetrics,
     ) -> None:
         self._config = config
         self._delivery = delivery
@@ -81,8 +81,7 @@ class RelayHandler:
             reply = await self._relay(queue_id, session, envelope)
         except MessageRefused as refused:
             reply = refused.reply
-        if self._metrics is not None:
-            self._metrics.message(reply, size=size, recipients=len(envelope.rcpt_tos))
+        self._metrics.message(reply, size=size, recipients=len(envelope.rcpt_tos))
         smtp_log.info(
             "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,
