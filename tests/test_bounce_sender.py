@@ -24,8 +24,16 @@ import pytest
 
 from relay.bouncecheck import identities_of, judge
 from relay.dsn import bounce_sender
+from relay.errors import SesError
+from relay.ses.responses import parse_identity_verification
 from relay.spool import DEAD, QUEUE, Spool
-from tests.fakeses import FakeSes, SesErrorReply, Succeed
+from tests.fakeses import (
+    HTML_BODY,
+    FakeSes,
+    SesErrorReply,
+    Succeed,
+    identity_verification_body,
+)
 from tests.motoses import MotoSes
 from tests.relayd import running_relay, write_config
 from tests.test_cli import clean_env, run_cli
@@ -65,6 +73,19 @@ def test_an_address_is_verified_by_itself_its_domain_or_a_parent_domain() -> Non
     assert refused.verified is False
     assert "delivery.bounce_sender MAILER-DAEMON@mail.example.com" in refused.text
     assert "example.com is Pending" in refused.text
+
+
+def test_verification_statuses_are_read_per_identity() -> None:
+    body = identity_verification_body(
+        {"example.com": "Success", "a@example.org": "Pending"}, "req-1"
+    )
+    assert parse_identity_verification(body) == {
+        "example.com": "Success",
+        "a@example.org": "Pending",
+    }
+    with pytest.raises(SesError) as caught:
+        parse_identity_verification(HTML_BODY)
+    assert caught.value.code == "MalformedResponse"
 
 
 # --------------------------------------------------------------------------- log waits
