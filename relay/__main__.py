@@ -7,8 +7,8 @@ import asyncio
 import getpass
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from relay import __version__
 from relay.auth import SCHEMES, hash_password, valid_username
@@ -20,7 +20,10 @@ from relay.queuecmd import queue_command as run_queue_command
 # The daemon and the SES client (aiohttp) are imported by the commands that
 # use them: `ses-relay queue` runs often, from scripts, and needs neither.
 if TYPE_CHECKING:
-    from relay.ses.client import SendQuota
+    from relay.bouncecheck import BounceSenderCheck
+    from relay.ses.client import SendQuota, SesClient
+
+T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -91,11 +94,24 @@ def serve_command(config: Config, env: Mapping[str, str]) -> int:
 
 
 def check_config_command(config: Config, env: Mapping[str, str]) -> int:
+    """Problems fail; what SES says of the bounce sender is told, never a failure."""
     from relay.app import load_resources
+    from relay.bouncecheck import check_bounce_sender
 
     load_resources(config)
     print(f"ses-relay: configuration OK ({config.source})")
+    check = asyncio.run(with_ses(config, env, lambda ses: check_bounce_sender(config, ses)))
+    if check is not None:
+        print_check(check)
     return 0
+
+
+def print_check(check: BounceSenderCheck) -> None:
+    if check.verified:
+        print(f"ses-relay: {check.text}")
+    else:
+        kind = "warning" if check.verified is False else "note"
+        print(f"ses-relay: {kind}: {check.text}", file=sys.stderr)
 
 
 def quota_command(config: Config, env: Mapping[str, str]) -> int:
@@ -154,6 +170,13 @@ def hash_password_command(
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
+    return await with_ses(config, env, lambda ses: ses.get_send_quota())
+
+
+async def with_ses(
+    config: Config, env: Mapping[str, str], call: Callable[[SesClient], Awaitable[T]]
+) -> T:
+    """``call`` with an SES client for ``config``, closed after."""
     from relay.app import load_resources
     from relay.ses.client import SesClient
     from relay.ses.credentials import default_chain
@@ -163,8 +186,7 @@ async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
     tls = load_resources(config).ses_tls
     async with new_session(tls=tls, max_connections=2) as session:
         credentials = default_chain(env, session=session, region=ses.region)
-        client = SesClient(ses, credentials, session=session)
-        return await client.get_send_quota()
+        return await call(SesClient(ses, credentials, session=session))
 
 
 def format_quota(quota: SendQuota) -> str:

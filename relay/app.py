@@ -10,7 +10,7 @@ import asyncio
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -18,12 +18,13 @@ from typing import Self
 import aiohttp
 
 from relay.auth import Authenticator, Users, load_users
+from relay.bouncecheck import check_bounce_sender
 from relay.config import Config, split_host_port
 from relay.delivery import Delivery, queue_id_time
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer
-from relay.log import smtp_log
+from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State, scan_area
 from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
@@ -147,6 +148,7 @@ class Relay:
             )
             self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
             await self.delivery.start()
+            self._in_background(self._check_bounce_sender(ses))
             handler = RelayHandler(config, self.delivery, metrics=self.metrics)
             if resources.users is not None:
                 self._authenticator = Authenticator(resources.users, config.auth)
@@ -223,6 +225,9 @@ class Relay:
             await self._within_grace(self.delivery.quiesce(), ends)
             await self.delivery.stop()
             self.delivery = None
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.spool is not None:
             self.spool.close()
             self.spool = None
@@ -300,9 +305,22 @@ class Relay:
     def retry_now(self) -> None:
         """Re-read the queue and try what is due (``ses-relay queue retry``)."""
         if self.delivery is not None:
-            task = asyncio.create_task(self.delivery.retry_now())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self.delivery.retry_now())
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_bounce_sender(self, ses: SesClient) -> None:
+        """Tell the operator when SES will refuse the bounces (start goes on)."""
+        check = await check_bounce_sender(self.config, ses)
+        if check is None:
+            return
+        if check.verified is False:
+            delivery_log.warning("%s", check.text)
+        else:
+            delivery_log.info("%s", check.text)
 
     async def __aenter__(self) -> Self:
         await self.start()

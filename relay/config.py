@@ -86,6 +86,14 @@ def url_or_empty(value: str) -> str | None:
     return None
 
 
+def address_or_empty(value: str) -> str | None:
+    """An ASCII mail address (SES's ``Source`` and a header's address), or ""."""
+    local, at, domain = value.rpartition("@")
+    if value and not (at and local and domain and all("!" <= c <= "~" for c in value)):
+        return "must be an address like MAILER-DAEMON@example.com (ASCII, no spaces), or empty"
+    return None
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     """``"127.0.0.1:2525"`` → ``("127.0.0.1", 2525)``; ``"[::1]:25"`` → ``("::1", 25)``."""
     if value.startswith("["):
@@ -226,8 +234,9 @@ class DeliveryConfig:
     """Seconds a message may stay queued before it bounces (5 days, as Postfix)."""
     bounces: bool = True
     """Send a delivery status notification (RFC 3464) for mail that fails after 250."""
-    bounce_sender: str = ""
-    """From: of bounces; empty means MAILER-DAEMON@<smtp.hostname>. Must be SES-verified."""
+    bounce_sender: str = checked("", address_or_empty)
+    """From: and Source of bounces; must be verified in SES (checked at start and by
+    ``check-config``). Empty: MAILER-DAEMON@ the failed message's sender domain."""
     quota_refresh: float = checked(300.0, positive)
     """Seconds between GetSendQuota calls that set the sending rate."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from relay.config import Config
-from relay.dsn import FailedRecipient, build_dsn, should_bounce
+from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
@@ -136,7 +136,6 @@ class Delivery:
         self._free_checked = -SPACE_CHECK_INTERVAL
         self._free_read = -SPACE_RECHECK_INTERVAL
         self._space_floor = int(config.smtp.max_message_size * 1.5)
-        self._bounce_from = config.delivery.bounce_sender or f"MAILER-DAEMON@{config.smtp.hostname}"
 
     # -- life cycle
 
@@ -438,6 +437,8 @@ class Delivery:
         if not failed:
             await self._forget(entry)
             self._log(entry, "sent")
+            if entry.bounce_of is not None:
+                self._metrics.bounce("sent")
             return
         await self._give_up(entry, attempt.message, failed)
 
@@ -473,7 +474,28 @@ class Delivery:
         self._unsaved.pop(entry.id, None)
         if entry.bounce is not None:
             self._schedule(entry.bounce, 0.0)
+        if entry.bounce_of is not None:
+            self._bounce_failed(entry, failed)
+            return
         self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)")
+
+    def _bounce_failed(self, bounce: Entry, failed: Sequence[Batch]) -> None:
+        """A bounce given up on (now in the dead-letter area): its recipient,
+        the failed message's sender, will not be told. Said loudly, once."""
+        reason = "; ".join(dict.fromkeys(one_line(b.error or "no reason given") for b in failed))
+        delivery_log.error(
+            "%s: the bounce for %s to <%s> failed, so its sender is not told: %s; kept in the "
+            "dead-letter area (ses-relay queue show %s); bounces come from <%s>: if SES "
+            "refuses that sender, verify it or set delivery.bounce_sender to an identity "
+            "verified in SES",
+            bounce.id,
+            bounce.bounce_of,
+            ", ".join(bounce.recipients),
+            reason[:500],
+            bounce.id,
+            bounce.source,
+        )
+        self._metrics.bounce("failed")
 
     async def _forget(self, entry: Entry) -> None:
         self._unsaved.pop(entry.id, None)
@@ -498,6 +520,9 @@ class Delivery:
             delivery_log.error("%s: cannot look for its bounce %s: %s", entry.id, dsn_id, exc)
             return None
         now = self._clock()
+        bounce_from = bounce_sender(
+            self._config.delivery.bounce_sender, entry.source, self._config.smtp.hostname
+        )
         try:
             report = build_dsn(
                 original=message,
@@ -509,7 +534,7 @@ class Delivery:
                     for address in batch.recipients
                 ],
                 reporting_mta=self._config.smtp.hostname,
-                bounce_from=self._bounce_from,
+                bounce_from=bounce_from,
                 arrival=datetime.fromtimestamp(entry.received, UTC),
                 now=datetime.fromtimestamp(now, UTC),
                 message_id=f"<{dsn_id}@{self._config.smtp.hostname}>",
@@ -522,7 +547,7 @@ class Delivery:
             received=now,
             client="localhost",
             sender="",
-            source=self._bounce_from,
+            source=bounce_from,
             recipients=(entry.sender,),
             batches=(Batch(recipients=(entry.sender,)),),
             bounce_of=entry.id,
@@ -533,7 +558,7 @@ class Delivery:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
             return None
         delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
-        self._metrics.bounce()
+        self._metrics.bounce("queued")
         return entry
 
     def _log(self, entry: Entry, status: str) -> None:

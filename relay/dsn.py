@@ -91,6 +91,20 @@ def should_bounce(sender: str, bounces_enabled: bool) -> bool:
     return local.split("+", 1)[0].lower() not in _DAEMONS
 
 
+def bounce_sender(configured: str, source: str, hostname: str) -> str:
+    """The address a bounce for a message sent as ``source`` comes from.
+
+    ``delivery.bounce_sender`` when set; otherwise ``MAILER-DAEMON@`` the
+    domain of the failed message's SES ``Source`` (its envelope sender), an
+    identity SES took that message from, so it will most likely take the
+    bounce too; ``MAILER-DAEMON@<hostname>`` when ``source`` has no domain.
+    """
+    if configured:
+        return configured
+    domain = source.rpartition("@")[2].strip().rstrip(">")
+    return f"MAILER-DAEMON@{domain if '@' in source and domain else hostname}"
+
+
 def build_dsn(
     *,
     original: bytes,

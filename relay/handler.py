@@ -109,7 +109,7 @@ class RelayHandler:
         source = envelope.mail_from or ascii_address(message.from_address, "sender")
         batches = plan_batches(
             envelope.rcpt_tos,
-            message.header_recipients,
+            message.header_count,
             self._config.smtp.max_batch_recipients,
         )
         ses = message.ses

@@ -10,7 +10,7 @@ at the end of the header block.
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,6 +71,9 @@ class PreparedMessage:
     from_address: str
     header_recipients: frozenset[str]
     """Addresses of the To and Cc headers, as ``address_key``s."""
+    header_count: int
+    """How many addresses the To and Cc headers name, every occurrence counted:
+    what an SES may count beside ``Destinations`` (see ``plan_batches``)."""
     ses: SesParameters
 
 
@@ -156,6 +159,7 @@ def prepare(
         header_recipients=frozenset(
             address_key(a) for a in addresses([*by_name.get("to", ()), *by_name.get("cc", ())])
         ),
+        header_count=len(addresses([*by_name.get("to", ()), *by_name.get("cc", ())])),
         ses=ses,
     )
 
@@ -210,41 +214,31 @@ def parse_tags(value: str) -> tuple[tuple[str, str], ...]:
 
 def plan_batches(
     recipients: Sequence[str],
-    header_recipients: Collection[str],
+    header_count: int,
     limit: int = SES_MAX_RECIPIENTS,
 ) -> list[tuple[str, ...]]:
     """Envelope recipients in SendRawEmail batches, in order, each address once.
 
-    SES counts every recipient across To, Cc and Bcc against ``limit``; an
-    independent SES such as moto counts the union of ``Destinations`` and the
-    To/Cc header addresses. So a batch holds at most ``limit`` minus the
-    header addresses not already in it. Raises ``MessageRefused`` (550 5.5.3)
-    when the headers alone leave no room.
+    ``header_count`` is how many addresses the To and Cc headers name, every
+    occurrence counted. SES counts every recipient across To, Cc and Bcc
+    against ``limit``, but how it counts an address named both in
+    ``Destinations`` and in a header is not documented: moto counts the
+    ``Destinations`` plus every To/Cc occurrence, duplicates included. A
+    batch of ``limit - header_count`` recipients passes whichever way they
+    are counted (the union is never larger than that sum). Raises
+    ``MessageRefused`` (550 5.5.3) when the headers alone leave no room.
     """
-    header = frozenset(header_recipients)
-    batches: list[tuple[str, ...]] = []
-    batch: list[str] = []
-    extra = 0  # batch members the headers do not name
-    seen: set[str] = set()
+    room = limit - header_count
+    if room < 1:
+        raise refuse(
+            550,
+            "5.5.3",
+            f"the To/Cc headers name {header_count} addresses, which leaves no room for "
+            f"recipients within SES's {limit} per message: put the list in Bcc or address "
+            "it to undisclosed-recipients:; and send it again",
+        )
+    first: dict[str, str] = {}
     for recipient in recipients:
-        key = address_key(recipient)
-        if key in seen:
-            continue
-        seen.add(key)
-        adds = key not in header
-        if len(header) + adds > limit:
-            raise refuse(
-                550,
-                "5.5.3",
-                f"the To/Cc headers name {len(header)} addresses; SES takes at most {limit} "
-                "recipients per message: put the list in Bcc or address it to "
-                "undisclosed-recipients:; and send it again",
-            )
-        if len(header) + extra + adds > limit:
-            batches.append(tuple(batch))
-            batch, extra = [], 0
-        batch.append(recipient)
-        extra += adds
-    if batch:
-        batches.append(tuple(batch))
-    return batches
+        first.setdefault(address_key(recipient), recipient)
+    unique = list(first.values())
+    return [tuple(unique[i : i + room]) for i in range(0, len(unique), room)]

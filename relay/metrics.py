@@ -38,6 +38,7 @@ SES_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760)
 """Bytes of a message as received."""
 RECIPIENT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000)
+BOUNCE_OUTCOMES = ("queued", "sent", "failed")
 
 
 def message_outcome(reply: SmtpReply) -> str:
@@ -106,13 +107,18 @@ class RelayMetrics:
         )
         self._bounces = Counter(
             "ses_relay_bounces",
-            "Delivery status notifications queued for mail that failed after 250.",
+            "Delivery status notifications for mail that failed after 250, by outcome: "
+            "queued (written to the spool), sent (SES took it), failed (SES refused it "
+            "or it expired: the sender is not told; kept in the dead-letter area).",
+            ["outcome"],
             registry=self.registry,
         )
         for outcome in ("sent", "queued", "deferred", "rejected"):
             self._messages.labels(outcome)  # present at 0 from the start
         for outcome in ("sent", "failed", "deferred"):
             self._batches.labels(outcome)
+        for outcome in BOUNCE_OUTCOMES:
+            self._bounces.labels(outcome)
 
     def message(self, reply: SmtpReply, *, size: int, recipients: int) -> None:
         """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
@@ -128,9 +134,9 @@ class RelayMetrics:
         """An attempt left batches to retry."""
         self._retries.inc()
 
-    def bounce(self) -> None:
-        """A delivery status notification was queued."""
-        self._bounces.inc()
+    def bounce(self, outcome: str) -> None:
+        """A delivery status notification's outcome: one of ``BOUNCE_OUTCOMES``."""
+        self._bounces.labels(outcome).inc()
 
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""

@@ -13,7 +13,8 @@ throwaway CA made by ``trustme``. For every request it:
   unknown key a 403 ``InvalidClientTokenId``, exactly as SES words them;
 * answers with the next scripted behaviour (``FakeSes.script(...)``), or, when
   the script is empty, with SES's success answer for the action
-  (``SendRawEmail``, ``GetSendQuota``).
+  (``SendRawEmail``, ``GetSendQuota``, ``GetIdentityVerificationAttributes``:
+  "Success" for the identities in ``FakeSes.verified``, the others left out).
 
 Requests refused for their signature do not consume a scripted behaviour.
 
@@ -77,9 +78,12 @@ SEND_RAW_EMAIL_PARAMS = re.compile(
     r"|Tags\.member\.[1-9][0-9]*\.(Name|Value)"
 )
 GET_SEND_QUOTA_PARAMS = re.compile(r"Action|Version")
+IDENTITY_VERIFICATION_PARAMS = re.compile(r"Action|Version|Identities\.member\.[1-9][0-9]*")
 
 ACTION = web.RequestKey("ses_action", str)
 """Where the handler leaves the request's Action for the behaviours."""
+PARAMS = web.RequestKey("ses_params", dict[str, str])
+"""... and its form parameters."""
 
 
 # --------------------------------------------------------------------------- bodies
@@ -121,6 +125,25 @@ def get_send_quota_body(
         f"    <RequestId>{escape(request_id)}</RequestId>\n"
         f"  </ResponseMetadata>\n"
         f"</GetSendQuotaResponse>\n"
+    ).encode()
+
+
+def identity_verification_body(statuses: dict[str, str], request_id: str) -> bytes:
+    entries = "".join(
+        f"      <entry>\n        <key>{escape(name)}</key>\n        <value>\n"
+        f"          <VerificationStatus>{escape(status)}</VerificationStatus>\n"
+        f"        </value>\n      </entry>\n"
+        for name, status in statuses.items()
+    )
+    return (
+        f'<GetIdentityVerificationAttributesResponse xmlns="{SES_XMLNS}">\n'
+        f"  <GetIdentityVerificationAttributesResult>\n"
+        f"    <VerificationAttributes>\n{entries}    </VerificationAttributes>\n"
+        f"  </GetIdentityVerificationAttributesResult>\n"
+        f"  <ResponseMetadata>\n"
+        f"    <RequestId>{escape(request_id)}</RequestId>\n"
+        f"  </ResponseMetadata>\n"
+        f"</GetIdentityVerificationAttributesResponse>\n"
     ).encode()
 
 
@@ -245,7 +268,11 @@ class RecordedRequest:
 
     def unexpected_params(self) -> list[str]:
         """Parameter names the action does not define."""
-        pattern = {"SendRawEmail": SEND_RAW_EMAIL_PARAMS, "GetSendQuota": GET_SEND_QUOTA_PARAMS}
+        pattern = {
+            "SendRawEmail": SEND_RAW_EMAIL_PARAMS,
+            "GetSendQuota": GET_SEND_QUOTA_PARAMS,
+            "GetIdentityVerificationAttributes": IDENTITY_VERIFICATION_PARAMS,
+        }
         allowed = pattern.get(self.action or "")
         if allowed is None:
             return sorted(self.params)
@@ -642,6 +669,8 @@ class FakeSes:
             "max_send_rate": 14.0,
             "sent_last_24_hours": 127.0,
         }
+        self.verified: set[str] = set()
+        """Identities GetIdentityVerificationAttributes calls verified."""
         self.requests: list[RecordedRequest] = []
         self.handler_errors: list[BaseException] = []
         self.closing = asyncio.Event()
@@ -740,6 +769,10 @@ class FakeSes:
                 self.quota["sent_last_24_hours"],
                 request_id,
             )
+        elif action == "GetIdentityVerificationAttributes":
+            asked = _members(request[PARAMS], "Identities.member.")
+            statuses = {name: "Success" for name in asked if name in self.verified}
+            body = identity_verification_body(statuses, request_id)
         else:
             body = error_body("InvalidAction", f"Unsupported action {action}", request_id)
             return web.Response(status=400, body=body, content_type="text/xml")
@@ -814,6 +847,7 @@ class FakeSes:
                 content_type="text/xml",
             )
         request[ACTION] = params["Action"]
+        request[PARAMS] = params
         behaviour: Behaviour = self._script.popleft() if self._script else Succeed()
         return await behaviour.respond(request, self)
 
@@ -841,7 +875,7 @@ def _request_problem(method: str, params: dict[str, str]) -> tuple[str, str] | N
     action = params.get("Action")
     if action is None:
         return "MissingAction", "The request must contain the parameter Action"
-    if action not in ("SendRawEmail", "GetSendQuota"):
+    if action not in ("SendRawEmail", "GetSendQuota", "GetIdentityVerificationAttributes"):
         return "InvalidAction", f"The action {action} is not valid for this web service."
     version = params.get("Version")
     if version is None:

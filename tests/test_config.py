@@ -136,6 +136,17 @@ def test_retry_max_below_retry_min_is_refused(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["mailer-daemon", "@example.com", "bounces @example.com"])
+def test_a_bounce_sender_that_is_not_an_address_is_refused(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f'[delivery]\nbounce_sender = "{value}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == (
+        f"{path}: [delivery] bounce_sender: must be an address like "
+        "MAILER-DAEMON@example.com (ASCII, no spaces), or empty",
+    )
+
+
 def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.toml"
     with pytest.raises(ConfigError, match=re.escape(f"{missing}: cannot read")):

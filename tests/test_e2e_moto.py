@@ -75,3 +75,29 @@ async def test_120_recipients_through_moto(tmp_path: Path, moto_ses: MotoSes) ->
     delivered = [d for s in stored for d in s["destinations"] if "team@example.org" not in d]
     assert sorted(delivered) == sorted(recipients)
     assert all(len(s["destinations"]) <= 50 for s in stored)
+
+
+async def test_120_recipients_named_in_to_and_cc_through_moto(
+    tmp_path: Path, moto_ses: MotoSes
+) -> None:
+    """moto counts Destinations plus every To/Cc address, duplicates included:
+    each batch leaves a seat for each of them, so none is refused after 250."""
+    recipients = [f"listed{i}@example.net" for i in range(120)]
+    named = recipients[:2]
+    raw = (
+        f"From: App <{SENDER}>\r\nTo: {named[0]}\r\nCc: {named[1]}\r\n"
+        "Subject: moto e2e\r\n"
+        "Date: Mon, 23 Nov 2026 12:00:00 +0000\r\nMessage-ID: <moto-e2e-cc@example.com>\r\n"
+        "\r\nHello, moto.\r\n"
+    ).encode()
+    async with running_relay(tmp_path, target(moto_ses), smtp={"max_recipients": 200}) as relay:
+        text = await send(*relay.smtp_addresses[0], recipients, raw)
+        assert relay.spool is not None
+        assert list(relay.spool.entries()) == []  # nothing queued, nothing bounced
+    ids = sent_ids(text)
+    assert len(ids) == 3
+    stored = [moto_ses.raw_message(i) for i in ids]
+    assert all(len(s["destinations"]) <= 50 for s in stored)
+    assert all(s["destinations"][-2:] == named for s in stored)  # moto's header copies
+    delivered = [d for s in stored for d in s["destinations"][:-2]]
+    assert sorted(delivered) == sorted(recipients)

@@ -46,7 +46,7 @@ from tests.daemon import (
 from tests.fakeses import ACTION, FakeSes, SesErrorReply
 
 SENDER = "app@example.com"
-BOUNCE_SENDER = "MAILER-DAEMON@relay.test"
+BOUNCE_SENDER = "MAILER-DAEMON@example.com"  # the sender's domain (bounce_sender unset)
 WAIT = 15.0
 """Seconds any wait for the daemon or the fake SES may take."""
 

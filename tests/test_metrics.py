@@ -114,7 +114,8 @@ async def test_metrics_count_what_happened(tmp_path: Path, fake_ses: FakeSes) ->
     }
     assert batches == {"sent": 1, "failed": 1, "deferred": 1}
     assert value(after, "ses_relay_delivery_retries_total") == 1  # the queued one
-    assert value(after, "ses_relay_bounces_total") == 0  # refused before 250: no bounce
+    for outcome in ("queued", "sent", "failed"):  # refused before 250: no bounce
+        assert value(after, "ses_relay_bounces_total", outcome=outcome) == 0
     assert value(after, "ses_relay_smtp_connections_total", outcome="admitted") == 3
     assert value(after, "ses_relay_smtp_connections_total", outcome="refused") == 0
     assert value(after, "ses_relay_send_rate_recipients_per_second") == 1000  # ses.max_send_rate

@@ -19,7 +19,7 @@ import asyncio
 import io
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self, TypeVar
@@ -36,6 +36,7 @@ from relay.ses.http import client_tls_context, new_session, read_capped
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
     SendRawEmailRequest,
+    get_identity_verification_attributes_body,
     get_send_quota_body,
     send_raw_email_body,
 )
@@ -43,6 +44,7 @@ from relay.ses.responses import (
     SendQuota,
     SendResult,
     error_from_answer,
+    parse_identity_verification,
     parse_send_quota,
     parse_send_raw_email,
 )
@@ -136,6 +138,16 @@ class SesClient:
 
     async def get_send_quota(self, *, deadline: float | None = None) -> SendQuota:
         return await self._call("GetSendQuota", get_send_quota_body(), parse_send_quota, deadline)
+
+    async def get_identity_verification_attributes(
+        self, identities: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, str]:
+        """Identity → SES's ``VerificationStatus`` ("Success" when verified);
+        identities SES does not know are left out. Read-only."""
+        body = get_identity_verification_attributes_body(identities)
+        return await self._call(
+            "GetIdentityVerificationAttributes", body, parse_identity_verification, deadline
+        )
 
     async def _call(
         self, action: str, body: bytes, parse: Callable[[bytes], T], deadline: float | None

@@ -18,6 +18,7 @@ __all__ = [
     "FORM_CONTENT_TYPE",
     "SendRawEmailRequest",
     "encode_form",
+    "get_identity_verification_attributes_body",
     "get_send_quota_body",
     "percent_encode",
     "send_raw_email_body",
@@ -116,3 +117,11 @@ def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
 def get_send_quota_body() -> bytes:
     """The form body of a GetSendQuota call."""
     return _GET_SEND_QUOTA
+
+
+def get_identity_verification_attributes_body(identities: Sequence[str]) -> bytes:
+    """The form body of a GetIdentityVerificationAttributes call (at most
+    100 identities: addresses or domains)."""
+    params = [("Action", "GetIdentityVerificationAttributes"), ("Version", API_VERSION)]
+    params.extend((f"Identities.member.{i}", name) for i, name in enumerate(identities, 1))
+    return encode_form(params)

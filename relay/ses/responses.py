@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.errors import SesError
-from relay.ses.awsxml import xml_fields
+from relay.ses.awsxml import local_name, xml_fields, xml_root
 from relay.ses.classify import ses_error, transport_error
 
 
@@ -73,6 +73,32 @@ def parse_send_quota(body: bytes) -> SendQuota:
             "MalformedResponse", "SES quota answer lacks a figure", http_status=200
         ) from None
     return SendQuota(*values)
+
+
+def parse_identity_verification(body: bytes) -> dict[str, str]:
+    """Identity → ``VerificationStatus`` ("Success", "Pending", "Failed", ...)
+    of a 2xx GetIdentityVerificationAttributes answer. SES leaves out the
+    identities it does not know."""
+    try:
+        root = xml_root(body)
+    except ValueError as exc:
+        raise transport_error(
+            "MalformedResponse", f"SES answer is {exc}", http_status=200
+        ) from None
+    statuses: dict[str, str] = {}
+    for entry in root.iter():
+        if local_name(entry.tag) != "entry":
+            continue
+        key = status = None
+        for element in entry.iter():
+            name = local_name(element.tag)
+            if name == "key":
+                key = (element.text or "").strip()
+            elif name == "VerificationStatus":
+                status = (element.text or "").strip()
+        if key and status:
+            statuses[key] = status
+    return statuses
 
 
 def _success_fields(body: bytes, names: Iterable[str]) -> dict[str, str]:
