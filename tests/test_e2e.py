@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import ssl
 from pathlib import Path
@@ -392,7 +393,11 @@ async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: Fake
     async with running_relay(
         tmp_path,
         fake_ses,
-        smtp={"proxy_protocol": True, "allowed_networks": ["198.51.100.0/24"]},
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["127.0.0.1/32"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
     ) as relay:
         host, port = relay.smtp_addresses[0]
         results = {}
@@ -408,6 +413,78 @@ async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: Fake
             await writer.wait_closed()
     assert results["198.51.100.7"].startswith(b"250 ")
     assert results["203.0.113.9"] == b"530 5.7.0 Authentication required\r\n"
+
+
+async def test_proxy_header_from_an_untrusted_peer_relays_nothing(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that is not a load balancer claims an allowed network: closed
+    before the banner, nothing relayed, the log names the peer."""
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["10.0.0.0/8"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            proxy_v1("198.51.100.7")
+            + f"EHLO c\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n".encode()
+            + message()
+            + b".\r\nQUIT\r\n"
+        )
+        try:
+            received = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            received = b""
+        writer.close()
+        assert received == b""
+        assert await relay.limiter.wait_idle(10)
+    assert fake_ses.requests == []
+    lines = [r.getMessage() for r in caplog.records if "client=" in r.getMessage()]
+    assert lines == [
+        "client=127.0.0.1: closed: PROXY header from a peer outside smtp.proxy_trusted_networks"
+    ]
+
+
+async def test_log_names_the_client_and_the_proxy_that_vouched_for_it(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    fake_ses.script(Succeed(message_id="0100-via-proxy"))
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["127.0.0.1/32"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(proxy_v1("198.51.100.7"))
+        replies = [await read_reply(reader)]
+        for command in (b"EHLO c", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<bob@example.net>"):
+            writer.write(command + b"\r\n")
+            replies.append(await read_reply(reader))
+        writer.write(b"DATA\r\n")
+        assert (await read_reply(reader)).startswith(b"354 ")
+        writer.write(message() + b".\r\n")
+        sent = await read_reply(reader)
+        writer.close()
+        await writer.wait_closed()
+    assert [reply[:4] for reply in replies] == [b"220 ", b"250-", b"250 ", b"250 "]
+    assert sent.startswith(b"250 2.0.0 Ok: ")
+    [request] = fake_ses.requests
+    assert request.destinations == ["bob@example.net"]
+    [line] = [r.getMessage() for r in caplog.records if " from=<" in r.getMessage()]
+    assert f"client=198.51.100.7 via=127.0.0.1 from=<{SENDER}> rcpts=1 " in line
 
 
 SMUGGLED = (
