@@ -73,7 +73,7 @@ def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailReque
 
 def sent_reply(entry: Entry) -> SmtpReply:
     ids = [b.message_id for b in entry.batches if b.message_id]
-    shown = " ".join(ids[:MAX_IDS_IN_REPLY])
+    shown = " ".join(ids[:MAX_IDS_IN_REPLY]) or "(SES gave no usable message id)"
     more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
     return SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}")
 
