@@ -122,6 +122,9 @@ class SmtpConfig:
     tls_cert: str = ""
     tls_key: str = ""
     proxy_protocol: bool = False
+    proxy_trusted_networks: tuple[str, ...] = checked((), each(network))
+    """Peers whose PROXY header is believed (the load balancers); required with
+    ``proxy_protocol``: a header from any other peer is refused."""
     proxy_protocol_timeout: float = checked(5.0, positive)
     """Seconds a client may take to send its PROXY header."""
     bare_newline: str = checked("normalize", one_of("normalize", "reject"))
@@ -291,6 +294,12 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> 
         if name == "auth":
             values["users"] = _user_policies(users, source, problems)
         sections[name] = cls(**values)
+    smtp = sections["smtp"]
+    if smtp.proxy_protocol and not smtp.proxy_trusted_networks:
+        problems.append(
+            f"{source}: [smtp] proxy_trusted_networks: required when proxy_protocol is true "
+            "(the addresses of the load balancers that send the PROXY header)"
+        )
     delivery = sections["delivery"]
     if delivery.retry_max < delivery.retry_min:
         problems.append(

@@ -26,6 +26,7 @@ from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
+from relay.oneline import one_line
 from relay.outage import Outage
 from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
@@ -35,6 +36,8 @@ from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, NoSuchEntry, Spo
 
 MAX_IDS_IN_REPLY = 5
 PAUSE_SLACK = 0.05
+LOG_TEXT_LIMIT = 500
+"""Characters of an error's text kept in one log line."""
 """Seconds of a pause short enough to wait for in the sending-rate queue."""
 SPACE_CHECK_INTERVAL = 1.0
 SPACE_RECHECK_INTERVAL = 0.1
@@ -73,7 +76,7 @@ def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailReque
 
 def sent_reply(entry: Entry) -> SmtpReply:
     ids = [b.message_id for b in entry.batches if b.message_id]
-    shown = " ".join(ids[:MAX_IDS_IN_REPLY])
+    shown = " ".join(ids[:MAX_IDS_IN_REPLY]) or "(SES gave no usable message id)"
     more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
     return SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}")
 
@@ -349,7 +352,7 @@ class Delivery:
                     "SES unreachable (%d calls in a row failed, the last with %s): "
                     "pausing all delivery for %gs",
                     self.outage.failures,
-                    one_line(str(error))[:200],
+                    one_line(str(error), 200),
                     pause,
                 )
             return
@@ -358,7 +361,9 @@ class Delivery:
             ends = self._monotonic() + error.pause
             if self.rate.paused_until is None or self.rate.paused_until < ends - 1:
                 delivery_log.warning(
-                    "pausing all delivery for %ds: %s", error.pause, one_line(str(error))
+                    "pausing all delivery for %ds: %s",
+                    error.pause,
+                    one_line(str(error), LOG_TEXT_LIMIT),
                 )
             self.rate.pause_until(ends)
         elif error.code == "Throttling":
@@ -410,7 +415,7 @@ class Delivery:
         if entry.pending():
             now = self._clock()
             errors = "; ".join(
-                one_line(f"{e.code}: {e.message}")[:200] for e in attempt.errors.values()
+                one_line(f"{e.code}: {e.message}", 200) for e in attempt.errors.values()
             )
             history = (*entry.history, f"{_stamp(now)} {errors or 'no answer in time'}")
             retry_at = next_attempt_at(
@@ -482,7 +487,7 @@ class Delivery:
     def _bounce_failed(self, bounce: Entry, failed: Sequence[Batch]) -> None:
         """A bounce given up on (now in the dead-letter area): its recipient,
         the failed message's sender, will not be told. Said loudly, once."""
-        reason = "; ".join(dict.fromkeys(one_line(b.error or "no reason given") for b in failed))
+        reason = "; ".join(dict.fromkeys(b.error or "no reason given" for b in failed))
         delivery_log.error(
             "%s: the bounce for %s to <%s> failed, so its sender is not told: %s; kept in the "
             "dead-letter area (ses-relay queue show %s); bounces come from <%s>: if SES "
@@ -491,7 +496,7 @@ class Delivery:
             bounce.id,
             bounce.bounce_of,
             ", ".join(bounce.recipients),
-            reason[:500],
+            one_line(reason, LOG_TEXT_LIMIT),
             bounce.id,
             bounce.source,
         )
@@ -666,7 +671,9 @@ class Delivery:
             try:
                 quota = await self._ses.get_send_quota()
             except SesError as exc:
-                delivery_log.warning("cannot read the SES send quota: %s", one_line(str(exc)))
+                delivery_log.warning(
+                    "cannot read the SES send quota: %s", one_line(str(exc), LOG_TEXT_LIMIT)
+                )
             else:
                 self.quota = quota
                 self.rate.set_rate(quota.max_send_rate)
@@ -686,11 +693,6 @@ def _log_orphan_failure(task: asyncio.Task[SmtpReply]) -> None:
     """What became of an inline attempt whose client is gone (no one else sees it)."""
     if not task.cancelled() and (error := task.exception()) is not None:
         delivery_log.error("%s failed unexpectedly", task.get_name(), exc_info=error)
-
-
-def one_line(text: str) -> str:
-    """Log text on one line (credential errors list their sources on several)."""
-    return " ".join(text.split())
 
 
 def _stamp(moment: float) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay.oneline import one_line
+
 
 class Disposition(enum.Enum):
     """What to do with a message after an SES error."""
@@ -32,13 +34,28 @@ class Disposition(enum.Enum):
     """SES will never accept this message: reject it (5xx) or bounce it."""
 
 
+REPLY_LINE_LIMIT = 510
+"""Characters of one reply line without its CRLF (RFC 5321 4.5.3.1.5)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpReply:
-    """An SMTP reply: basic code, enhanced status code (RFC 3463) and text."""
+    """An SMTP reply: basic code, enhanced status code (RFC 3463) and text.
+
+    Always one line, whatever the text was built from (SES's words, a
+    client's address): ``text`` is kept as ASCII (no SMTPUTF8; other
+    characters escaped), without control characters, and short enough for
+    the line limit.
+    """
 
     code: int
     enhanced: str
     text: str
+
+    def __post_init__(self) -> None:
+        room = REPLY_LINE_LIMIT - len(f"{self.code} {self.enhanced} ")
+        flat = one_line(self.text, room).encode("ascii", "backslashreplace").decode("ascii")
+        object.__setattr__(self, "text", one_line(flat, room))
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"

@@ -21,7 +21,7 @@ from relay.message import SesParameters, plan_batches, prepare
 from relay.metrics import RelayMetrics
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
 from relay.session import authenticated_user as session_user
-from relay.session import client_address
+from relay.session import client_address, client_label
 from relay.spool import Batch, Entry
 
 NULL_SENDER = ("", "<>")
@@ -85,7 +85,7 @@ class RelayHandler:
         smtp_log.info(
             "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,
-            client_address(session),
+            client_label(session),
             envelope.mail_from,
             len(envelope.rcpt_tos),
             size,

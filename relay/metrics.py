@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.errors import SmtpReply
+from relay.ses.classify import metric_code
 from relay.ses.client import SendQuota
 
 # The *_created series double what is exposed and tell Prometheus nothing it uses.
@@ -71,7 +72,8 @@ class RelayMetrics:
         self._ses_requests = Counter(
             "ses_relay_ses_requests",
             "Calls to SES (each retry counts), by action, outcome and SES error code "
-            '("" on success; NoCredentials: none could be signed).',
+            '("" on success; NoCredentials: none could be signed; other: a code the relay '
+            "does not know).",
             ["action", "outcome", "code"],
             registry=self.registry,
         )
@@ -141,7 +143,7 @@ class RelayMetrics:
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""
         outcome = "error" if code else "success"
-        self._ses_requests.labels(action, outcome, code).inc()
+        self._ses_requests.labels(action, outcome, metric_code(code)).inc()
         self._ses_duration.labels(action).observe(seconds)
 
     def add_state(self, read: Callable[[], State]) -> None:

@@ -1,9 +1,11 @@
-"""Facts about one SMTP session that policy decisions need."""
+"""Facts about one SMTP session that policy decisions and log lines need."""
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def authenticated_user(session: Any) -> str | None:
@@ -28,16 +30,36 @@ def client_address(session: Any) -> str:
 def find_client_address(session: Any) -> str:
     proxy = getattr(session, "proxy_data", None)
     source = getattr(proxy, "src_addr", None) if proxy else None
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        address = source
-    else:  # no PROXY header, or one without addresses (LOCAL, UNKNOWN, AF_UNIX)
-        peer = getattr(session, "peer", None)
-        host = peer[0] if isinstance(peer, tuple) and peer else peer
-        try:
-            address = ipaddress.ip_address(host)  # type: ignore[arg-type]
-        except ValueError:
-            return str(host)
+    if isinstance(source, Address):
+        return _shown(source)
+    # no PROXY header, or one without addresses (LOCAL, UNKNOWN, AF_UNIX)
+    return peer_address(session)
+
+
+def peer_address(session: Any) -> str:
+    """The IP address at the other end of the TCP connection (a load balancer
+    when the session came through one), in the form ``client_address`` uses."""
+    peer = getattr(session, "peer", None)
+    host = peer[0] if isinstance(peer, tuple) and peer else peer
+    try:
+        address = ipaddress.ip_address(host)  # type: ignore[arg-type]
+    except ValueError:
+        return str(host)
+    return _shown(address)
+
+
+def client_label(session: Any) -> str:
+    """The client as log lines name it after ``client=``.
+
+    ``203.0.113.9 via=10.0.0.5`` when the peer 10.0.0.5 vouched for
+    203.0.113.9 in a PROXY header, so that both can be traced; the address
+    alone otherwise.
+    """
+    client, peer = client_address(session), peer_address(session)
+    return client if client == peer else f"{client} via={peer}"
+
+
+def _shown(address: Address) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)

@@ -21,6 +21,7 @@ EHLO                                             SIZE, 8BITMIME, PIPELINING, ENH
                                                  AUTH PLAIN LOGIN only under TLS
 over ``max_connections`` / ``..._per_client``    ``421 4.7.0 too many connections`` (no banner)
 PROXY header missing, garbled or late            connection closed, nothing sent
+peer outside ``proxy_trusted_networks``          connection closed at once, nothing sent or read
 ``MAIL ... SIZE=`` over ``max_message_size``     ``552 5.3.4``
 malformed path                                   ``553 5.1.7`` (MAIL) / ``553 5.1.3`` (RCPT)
 non-ASCII local part, bad IDN domain             ``553 5.6.7`` / ``553 5.1.x`` (relay.addresses)
@@ -61,7 +62,8 @@ from relay.config import SmtpConfig
 from relay.dataread import BareNewline, DataReader
 from relay.errors import MessageRefused
 from relay.log import smtp_log
-from relay.session import client_address, find_client_address
+from relay.policy import Network, in_networks, networks
+from relay.session import client_label, find_client_address, peer_address
 from relay.smtpauth import AuthMixin
 
 BANNER_SOFTWARE: Final = "ESMTP ses-relay"
@@ -224,6 +226,8 @@ class SessionSettings:
     session_timeout: float
     proxy_timeout: float | None
     """Seconds for the PROXY header; None: no PROXY protocol."""
+    proxy_trusted: tuple[Network, ...]
+    """Peers whose PROXY header is believed; every other peer is closed at once."""
     call_limits: Mapping[str, int]
     implicit_tls: bool
 
@@ -231,6 +235,8 @@ class SessionSettings:
     def from_config(cls, config: SmtpConfig, *, implicit_tls: bool) -> SessionSettings:
         if config.bare_newline not in ("normalize", "reject"):
             raise ValueError(f"smtp.bare_newline: {config.bare_newline!r}")
+        if config.proxy_protocol and not config.proxy_trusted_networks:
+            raise ValueError("smtp.proxy_protocol needs smtp.proxy_trusted_networks")
         return cls(
             # Never empty: aiosmtpd would call socket.getfqdn() per connection.
             hostname=config.hostname or socket.getfqdn(),
@@ -241,6 +247,7 @@ class SessionSettings:
             data_timeout=config.data_timeout,
             session_timeout=config.session_timeout,
             proxy_timeout=config.proxy_protocol_timeout if config.proxy_protocol else None,
+            proxy_trusted=networks(config.proxy_trusted_networks),
             call_limits=call_limits(config),
             implicit_tls=implicit_tls,
         )
@@ -478,14 +485,14 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             self._timer_at = self._deadline
             return
         if self._timeout_reply is not None:
-            smtp_log.info("client=%s: %s", client_address(self.session), self._timeout_reply[10:])
+            smtp_log.info("client=%s: %s", client_label(self.session), self._timeout_reply[10:])
         self._write_and_close(self._timeout_reply)
 
     def _session_expired(self) -> None:
         if self._in_hook:  # let the handler answer first: it may be delivering
             self._expired = True
             return
-        smtp_log.info("client=%s: session time limit reached", client_address(self.session))
+        smtp_log.info("client=%s: session time limit reached", client_label(self.session))
         self._write_and_close(REPLY_SESSION_TIMEOUT)
 
     # -- the session -----------------------------------------------------------
@@ -519,7 +526,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             self._close()
         except Exception:
             if not self._connection_gone():
-                smtp_log.exception("client=%s: session failed", client_address(self.session))
+                smtp_log.exception("client=%s: session failed", client_label(self.session))
             self._close()
 
     def _connection_gone(self) -> bool:
@@ -535,7 +542,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         if not self.limiter.open(self):
             smtp_log.warning(
                 "client=%s: refused: %d connections open",
-                client_address(session),
+                client_label(session),
                 self.limiter.active,
             )
             await self._refuse(REPLY_TOO_MANY_CONNECTIONS)
@@ -549,7 +556,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         if not self.limiter.admit(self, client):
             smtp_log.warning(
                 "client=%s: refused: %d connections open from it",
-                client,
+                client_label(session),
                 self.limiter.connections(client),
             )
             await self._refuse(REPLY_TOO_MANY_CONNECTIONS)
@@ -561,7 +568,21 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         self._close()
 
     async def _read_proxy_header(self) -> bool:
+        """The PROXY header, believed only from ``proxy_trusted_networks``.
+
+        Any other peer is closed before a byte of its header is read: it could
+        claim any address (a trusted network, or a victim to lock out), and
+        nothing it sends is worth parsing.
+        """
         session = self.session
+        peer = peer_address(session)
+        if not in_networks(peer, self.settings.proxy_trusted):
+            smtp_log.warning(
+                "client=%s: closed: PROXY header from a peer outside smtp.proxy_trusted_networks",
+                peer,
+            )
+            self._close()
+            return False
         try:
             proxy = await get_proxy(self._reader)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -570,7 +591,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             problem = getattr(proxy, "error", "") or "no header"
             smtp_log.warning(
                 "client=%s: closed: PROXY header missing or invalid (%s)",
-                client_address(session),
+                client_label(session),
                 problem,
             )
             self._close()
@@ -608,7 +629,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             if used[command] > base_limits.get(command, default_limit):
                 smtp_log.warning(
                     "client=%s: closed: %s sent too many times",
-                    client_address(self.session),
+                    client_label(self.session),
                     command,
                 )
                 await self._refuse(f"421 4.7.0 {command} sent too many times")
@@ -685,7 +706,7 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
             if self._connection_gone():  # the client went away: no one to answer
                 raise
             smtp_log.exception(
-                "client=%s: internal error in %s", client_address(self.session), command
+                "client=%s: internal error in %s", client_label(self.session), command
             )
             if command == "DATA":
                 self._set_post_data_state()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from relay.errors import Disposition, SesTransportError
+from relay.errors import Disposition, SesTransportError, SmtpReply
+from relay.oneline import one_line
 from relay.ses.awsxml import xml_fields
-from relay.ses.classify import no_credentials, ses_error, transport_error
+from relay.ses.classify import metric_code, no_credentials, ses_error, transport_error
 from relay.ses.responses import (
     error_from_answer,
     parse_send_quota,
@@ -185,3 +186,46 @@ def test_quota_answer() -> None:
     )
     with pytest.raises(SesTransportError, match="lacks a figure"):
         parse_send_quota(body.replace(b"<MaxSendRate>1.0</MaxSendRate>", b""))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a\r\n250 forged", "a\n250 forged", "a\r250 forged", "a\x85250 forged", "a\u2028250 forged"],
+)
+def test_a_reply_is_one_line_whatever_its_text(text: str) -> None:
+    reply = SmtpReply(554, "5.7.1", text)
+    assert str(reply) == "554 5.7.1 a 250 forged"
+
+
+def test_a_reply_fits_the_line_limit_in_ascii() -> None:
+    reply = str(SmtpReply(554, "5.7.1", "\u00e9" * 1000))
+    assert len(reply) == 510
+    assert reply.isascii()
+    assert reply.startswith("554 5.7.1 \\xe9\\xe9")
+    assert reply.endswith("...")
+
+
+def test_one_line_keeps_printable_text_and_flattens_the_rest() -> None:
+    assert one_line("Email  address is fine", 100) == "Email  address is fine"
+    assert one_line("Email  address\tis fine", 100) == "Email address is fine"
+    assert one_line("a\u202e\u200bb\x9b[2J", 100) == "a b [2J"
+    assert one_line("abcdef", 5) == "ab..."
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        ("", ""),
+        ("MessageRejected", "MessageRejected"),
+        ("Throttling", "Throttling"),
+        ("SignatureDoesNotMatch", "SignatureDoesNotMatch"),
+        ("NoCredentials", "NoCredentials"),
+        ("Timeout", "Timeout"),
+        ("MalformedResponse", "MalformedResponse"),
+        ("HTTP503", "HTTP503"),
+        ("HTTP600", "other"),
+        ("Invented42", "other"),
+    ],
+)
+def test_metric_code_knows_its_codes_and_calls_the_rest_other(code: str, label: str) -> None:
+    assert metric_code(code) == label

@@ -89,6 +89,20 @@ async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     ]
 
 
+async def test_check_config_requires_trusted_networks_for_proxy_protocol(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("[smtp]\nproxy_protocol = true\n")
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert err.splitlines() == [
+        "ses-relay: configuration is invalid (1 problem):",
+        f"  {config}: [smtp] proxy_trusted_networks: required when proxy_protocol is true "
+        "(the addresses of the load balancers that send the PROXY header)",
+    ]
+
+
 @pytest.mark.parametrize("command", ["check-config", "serve", "quota"])
 async def test_an_unreadable_ca_bundle_is_a_configuration_error(
     tmp_path: Path, command: str

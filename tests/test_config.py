@@ -85,6 +85,7 @@ def test_environment_overrides_are_typed() -> None:
         "SES_RELAY_SMTP_LISTEN": "0.0.0.0:25, [::]:25",
         "SES_RELAY_SMTP_MAX_RECIPIENTS": "50",
         "SES_RELAY_SMTP_PROXY_PROTOCOL": "true",
+        "SES_RELAY_SMTP_PROXY_TRUSTED_NETWORKS": "10.0.0.5/32, 10.0.1.0/24",
         "SES_RELAY_SES_REQUEST_TIMEOUT": "2",
         "SES_RELAY_SMTP_ALLOWED_NETWORKS": '["10.0.0.0/8"]',
     }
@@ -92,6 +93,7 @@ def test_environment_overrides_are_typed() -> None:
     assert config.smtp.listen == ("0.0.0.0:25", "[::]:25")
     assert config.smtp.max_recipients == 50
     assert config.smtp.proxy_protocol is True
+    assert config.smtp.proxy_trusted_networks == ("10.0.0.5/32", "10.0.1.0/24")
     assert config.ses.request_timeout == 2.0
     assert config.smtp.allowed_networks == ("10.0.0.0/8",)
 
@@ -145,6 +147,20 @@ def test_a_bounce_sender_that_is_not_an_address_is_refused(tmp_path: Path, value
         f"{path}: [delivery] bounce_sender: must be an address like "
         "MAILER-DAEMON@example.com (ASCII, no spaces), or empty",
     )
+
+
+def test_proxy_protocol_needs_trusted_networks(tmp_path: Path) -> None:
+    path = write(tmp_path, "[smtp]\nproxy_protocol = true\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == (
+        f"{path}: [smtp] proxy_trusted_networks: required when proxy_protocol is true "
+        "(the addresses of the load balancers that send the PROXY header)",
+    )
+    path = write(tmp_path, '[smtp]\nproxy_protocol = true\nproxy_trusted_networks = ["lb"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems[0].startswith(f"{path}: [smtp] proxy_trusted_networks: 'lb': ")
 
 
 def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import ssl
 from pathlib import Path
@@ -13,7 +14,7 @@ import trustme
 
 from relay.app import Relay
 from relay.auth import hash_password
-from tests.fakeses import FakeSes, SesErrorReply, Succeed
+from tests.fakeses import FakeSes, RawReply, SesErrorReply, Succeed, error_body, send_raw_email_body
 from tests.relayd import running_relay
 
 SENDER = "app@example.com"
@@ -392,7 +393,11 @@ async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: Fake
     async with running_relay(
         tmp_path,
         fake_ses,
-        smtp={"proxy_protocol": True, "allowed_networks": ["198.51.100.0/24"]},
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["127.0.0.1/32"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
     ) as relay:
         host, port = relay.smtp_addresses[0]
         results = {}
@@ -408,6 +413,162 @@ async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: Fake
             await writer.wait_closed()
     assert results["198.51.100.7"].startswith(b"250 ")
     assert results["203.0.113.9"] == b"530 5.7.0 Authentication required\r\n"
+
+
+async def test_proxy_header_from_an_untrusted_peer_relays_nothing(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that is not a load balancer claims an allowed network: closed
+    before the banner, nothing relayed, the log names the peer."""
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["10.0.0.0/8"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            proxy_v1("198.51.100.7")
+            + f"EHLO c\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n".encode()
+            + message()
+            + b".\r\nQUIT\r\n"
+        )
+        try:
+            received = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            received = b""
+        writer.close()
+        assert received == b""
+        assert await relay.limiter.wait_idle(10)
+    assert fake_ses.requests == []
+    lines = [r.getMessage() for r in caplog.records if "client=" in r.getMessage()]
+    assert lines == [
+        "client=127.0.0.1: closed: PROXY header from a peer outside smtp.proxy_trusted_networks"
+    ]
+
+
+async def test_log_names_the_client_and_the_proxy_that_vouched_for_it(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    fake_ses.script(Succeed(message_id="0100-via-proxy"))
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={
+            "proxy_protocol": True,
+            "proxy_trusted_networks": ["127.0.0.1/32"],
+            "allowed_networks": ["198.51.100.0/24"],
+        },
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(proxy_v1("198.51.100.7"))
+        replies = [await read_reply(reader)]
+        for command in (b"EHLO c", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<bob@example.net>"):
+            writer.write(command + b"\r\n")
+            replies.append(await read_reply(reader))
+        writer.write(b"DATA\r\n")
+        assert (await read_reply(reader)).startswith(b"354 ")
+        writer.write(message() + b".\r\n")
+        sent = await read_reply(reader)
+        writer.close()
+        await writer.wait_closed()
+    assert [reply[:4] for reply in replies] == [b"220 ", b"250-", b"250 ", b"250 "]
+    assert sent.startswith(b"250 2.0.0 Ok: ")
+    [request] = fake_ses.requests
+    assert request.destinations == ["bob@example.net"]
+    [line] = [r.getMessage() for r in caplog.records if " from=<" in r.getMessage()]
+    assert f"client=198.51.100.7 via=127.0.0.1 from=<{SENDER}> rcpts=1 " in line
+
+
+CRLF_FORGERY = b"&#13;&#10;250 forged&#13;&#10;"
+"""CR LF encoded in SES's XML, then a line that would pass for a reply or a log line."""
+
+
+async def transaction_replies(relay: Relay, raw: bytes) -> tuple[list[bytes], bytes]:
+    """A message over a raw socket: every line that came back after the
+    message's end marker, until the NOOP sent after it is answered; and NOOP's."""
+    host, port = relay.smtp_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await read_reply(reader)
+        for command in (b"EHLO c", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<bob@example.net>"):
+            writer.write(command + b"\r\n")
+            assert (await read_reply(reader)).startswith(b"250")
+        writer.write(b"DATA\r\n")
+        assert (await read_reply(reader)).startswith(b"354 ")
+        writer.write(raw + b".\r\nNOOP\r\n")
+        lines = []
+        async with asyncio.timeout(10):
+            while not (line := await reader.readline()).startswith(b"250 2.0.0 OK"):
+                lines.append(line)
+        return lines, line
+    finally:
+        writer.close()
+
+
+def log_lines_with(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def log_lines_broken(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Log records that would print as more than one line."""
+    breaks = ("\r", "\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+    return [r.getMessage() for r in caplog.records if any(c in r.getMessage() for c in breaks)]
+
+
+async def test_message_id_with_crlf_adds_no_reply_line_and_no_log_line(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SES said yes (200) with a MessageId holding CR LF: the message counts as
+    sent (no second call, no duplicate); the client gets one reply line
+    without that id; the log gets a warning on one line."""
+    caplog.set_level(logging.INFO)
+    body = send_raw_email_body("0100-accepted", "req-crlf")
+    fake_ses.script(RawReply(200, body.replace(b"0100-accepted", b"0100-accepted" + CRLF_FORGERY)))
+    async with running_relay(tmp_path, fake_ses) as relay:
+        lines, noop = await transaction_replies(relay, message())
+    [reply] = lines
+    assert reply.startswith(b"250 2.0.0 Ok: ")
+    assert reply.endswith(b" sent as (SES gave no usable message id)\r\n")
+    assert noop == b"250 2.0.0 OK\r\n"
+    assert len(fake_ses.requests) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "SES accepted a message (request req-crlf) with a MessageId that is not a token, "
+        "not used: '0100-accepted 250 forged'"
+    ]
+    assert log_lines_with(caplog, "250 forged") == warnings
+    assert log_lines_broken(caplog) == []
+
+
+async def test_ses_error_message_with_crlf_stays_on_one_reply_line(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    body = error_body("MessageRejected", "Email address is not verified.MARK", "req-bad")
+    fake_ses.script(
+        RawReply(400, body.replace(b"MARK", CRLF_FORGERY + b"&#x2028;&#133;&#x9B;[31m end"))
+    )
+    async with running_relay(tmp_path, fake_ses) as relay:
+        lines, noop = await transaction_replies(relay, message())
+    assert lines == [
+        b"554 5.7.1 message rejected by SES: Email address is not verified. 250 forged [31m end\r\n"
+    ]
+    assert noop == b"250 2.0.0 OK\r\n"
+    assert len(fake_ses.requests) == 1
+    [status] = log_lines_with(caplog, "250 forged")
+    assert (
+        " status=554 5.7.1 message rejected by SES: Email address is not verified. "
+        "250 forged [31m end delay="
+    ) in status
+    assert log_lines_broken(caplog) == []
 
 
 SMUGGLED = (

@@ -122,6 +122,25 @@ async def test_metrics_count_what_happened(tmp_path: Path, fake_ses: FakeSes) ->
     assert not any(name.startswith("ses_relay_ses_quota_") for name, _ in after)
 
 
+async def test_unknown_ses_error_codes_share_one_label(tmp_path: Path, fake_ses: FakeSes) -> None:
+    """A hostile endpoint answering a new code per call creates no new series."""
+    async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 1}) as relay:
+        for number in range(3):
+            fake_ses.script(SesErrorReply(400, f"Invented{number}", "whatever"))
+            code, text = await send(relay, [f"user{number}@example.net"], message())
+            assert (code, " queued as " in text) == (250, True)
+        fake_ses.script(SesErrorReply(400, "MessageRejected", "Email address is not verified."))
+        with pytest.raises(aiosmtplib.SMTPDataError):
+            await send(relay, ["b@example.net"], message())
+        samples = await scrape(relay)
+    codes = {
+        dict(labels)["code"]: number
+        for (name, labels), number in samples.items()
+        if name == "ses_relay_ses_requests_total" and dict(labels)["action"] == "SendRawEmail"
+    }
+    assert codes == {"other": 3, "MessageRejected": 1}
+
+
 async def test_quota_gauges_follow_get_send_quota(tmp_path: Path, fake_ses: FakeSes) -> None:
     async with running_relay(tmp_path, fake_ses, ses={"max_send_rate": 0}) as relay:
         async with asyncio.timeout(10):

@@ -31,6 +31,8 @@ from tests.fakeses import (
     ResetMidBody,
     Trickle,
     billion_laughs_body,
+    error_body,
+    get_send_quota_body,
     send_raw_email_body,
     success_without_message_id_body,
     xxe_body,
@@ -252,3 +254,78 @@ async def test_client_survives_hostile_answers_on_one_pool(fake_ses: FakeSes) ->
         result = await client.send_raw_email(REQUEST, deadline=3)
     assert result.message_id
     assert len(fake_ses.requests) == 6
+
+
+CRLF_FORGERY = b"&#13;&#10;250 forged&#13;&#10;"
+
+
+async def test_message_id_that_is_not_a_token_is_accepted_without_it(
+    fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = send_raw_email_body("0100-ok", "req-1").replace(b"0100-ok", b"0100-ok" + CRLF_FORGERY)
+    fake_ses.script(RawReply(200, body))
+    async with hostile_client(fake_ses) as client:
+        result = await client.send_raw_email(REQUEST)
+    assert (result.message_id, result.request_id) == (None, "req-1")
+    assert result.unusable_id == "0100-ok 250 forged"
+    assert len(fake_ses.requests) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "relay.ses"] == [
+        "SES accepted a message (request req-1) with a MessageId that is not a token, "
+        "not used: '0100-ok 250 forged'"
+    ]
+
+
+@pytest.mark.parametrize(
+    "request_id", [b"req&#13;&#10;forged", b"r" * 129, b"req id"], ids=["crlf", "long", "space"]
+)
+async def test_request_id_that_is_not_a_token_is_dropped(
+    fake_ses: FakeSes, request_id: bytes
+) -> None:
+    body = send_raw_email_body("0100-ok", "REQ").replace(b"REQ", request_id)
+    fake_ses.script(RawReply(200, body))
+    async with hostile_client(fake_ses) as client:
+        result = await client.send_raw_email(REQUEST)
+    assert (result.message_id, result.request_id) == ("0100-ok", None)
+
+
+async def test_error_message_is_flattened_and_bounded(fake_ses: FakeSes) -> None:
+    text = "Email address is not verified.MARK" + "x" * 5000
+    body = error_body("MessageRejected", text, "req-1").replace(
+        b"MARK", CRLF_FORGERY + b"&#x9B;[31m&#x202E;&#x2028;"
+    )
+    fake_ses.script(RawReply(400, body))
+    async with hostile_client(fake_ses) as client:
+        with pytest.raises(SesError) as caught:
+            await client.send_raw_email(REQUEST)
+    error = caught.value
+    assert error.message.startswith("Email address is not verified. 250 forged [31m xxx")
+    assert len(error.message) == 500
+    assert error.message.isprintable()
+    reply = str(error.smtp_reply)
+    assert reply.startswith("554 5.7.1 message rejected by SES: Email address is not verified. ")
+    assert reply.isprintable()
+    assert len(reply) <= 510
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(400, "MalformedResponse"), (503, "HTTP503")], ids=["4xx", "5xx"]
+)
+async def test_error_code_that_is_not_a_token_is_judged_by_status(
+    fake_ses: FakeSes, status: int, code: str
+) -> None:
+    body = error_body("Throttling", "Maximum sending rate exceeded.", "req-1").replace(
+        b"<Code>Throttling", b"<Code>Throttling" + CRLF_FORGERY
+    )
+    fake_ses.script(RawReply(status, body))
+    error = await failing_send(fake_ses)
+    assert error.code == code
+
+
+@pytest.mark.parametrize("figure", ["nan", "inf", "-1", "1e999"])
+async def test_quota_figures_must_be_finite(fake_ses: FakeSes, figure: str) -> None:
+    body = get_send_quota_body(50000, 14, 127, "req-1").replace(b"14", figure.encode(), 1)
+    fake_ses.script(RawReply(200, body))
+    async with hostile_client(fake_ses) as client:
+        with pytest.raises(SesTransportError) as caught:
+            await client.get_send_quota()
+    assert caught.value.code == "MalformedResponse"

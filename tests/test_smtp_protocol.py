@@ -30,13 +30,13 @@ from hypothesis import strategies as st
 
 from relay.auth import Authenticator, Users, hash_password, parse_hash
 from relay.config import AuthConfig
+from relay.session import client_address, client_label
 from relay.smtp import (
     ConnectionLimiter,
     RelaySMTP,
     SessionSettings,
     _HookTable,
     call_limits,
-    client_address,
     smtp_factory,
 )
 from tests.smtpserver import (
@@ -55,6 +55,9 @@ KEYWORDS = ["SIZE 7864320", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
 MESSAGE = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: t\r\n\r\nHello\r\n"
 PASSWORD = "correct horse"
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+TRUSTED_PROXY = ("127.0.0.1/32",)
+UNTRUSTED_PROXY = "PROXY header from a peer outside smtp.proxy_trusted_networks"
+"""The test clients' address, as the load balancer's: their PROXY headers are believed."""
 
 
 # -- fixtures -----------------------------------------------------------------
@@ -254,7 +257,7 @@ def test_proxy_protocol_on_implicit_tls_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="proxy_protocol"):
         smtp_factory(
-            smtp_config(proxy_protocol=True),
+            smtp_config(proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY),
             RecordingHandler(),
             tls_context=tls[0],
             limiter=ConnectionLimiter(1, 1),
@@ -952,14 +955,17 @@ async def send_through_proxy(server: Server, header: bytes, sender: str = "a@exa
     ],
 )
 async def test_proxy_header_gives_the_client_address(header: bytes, client: str) -> None:
-    async with smtp_server(proxy_protocol=True) as server:
+    async with smtp_server(proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY) as server:
         await send_through_proxy(server, header)
     assert server.handler.clients == [client]
     assert server.handler.messages[0].client == client
 
 
 async def test_proxy_header_in_the_same_packet_as_commands() -> None:
-    async with smtp_server(proxy_protocol=True) as server, raw_client(server) as client:
+    async with (
+        smtp_server(proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY) as server,
+        raw_client(server) as client,
+    ):
         await client.send(proxy_v2("192.0.2.10") + b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
         assert (await client.line()).startswith("220 ")
         await client.reply()
@@ -968,7 +974,9 @@ async def test_proxy_header_in_the_same_packet_as_commands() -> None:
 
 
 async def test_per_client_limit_counts_proxy_sources() -> None:
-    async with smtp_server(proxy_protocol=True, max_connections_per_client=1) as server:
+    async with smtp_server(
+        proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY, max_connections_per_client=1
+    ) as server:
         one = await RawClient.connect(server)
         await one.send(proxy_v1("192.0.2.1"))
         await one.greet()
@@ -1001,7 +1009,10 @@ async def test_missing_or_garbled_proxy_header_closes(
     header: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="relay.smtp")
-    async with smtp_server(proxy_protocol=True) as server, raw_client(server) as client:
+    async with (
+        smtp_server(proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY) as server,
+        raw_client(server) as client,
+    ):
         await client.send(header)
         assert await eof_after(client) == []
         assert await server.limiter.wait_idle(TIMEOUT)
@@ -1011,7 +1022,9 @@ async def test_missing_or_garbled_proxy_header_closes(
 
 async def test_late_proxy_header_closes() -> None:
     async with (
-        smtp_server(proxy_protocol=True, proxy_protocol_timeout=0.3) as server,
+        smtp_server(
+            proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY, proxy_protocol_timeout=0.3
+        ) as server,
         raw_client(server) as client,
     ):
         await client.send(b"PROXY TCP4 192.0.2.1")  # ... and nothing more
@@ -1023,7 +1036,9 @@ async def test_proxy_client_address_survives_starttls(
 ) -> None:
     server_context, client_context = tls
     async with (
-        smtp_server(tls_context=server_context, proxy_protocol=True) as server,
+        smtp_server(
+            tls_context=server_context, proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY
+        ) as server,
         raw_client(server) as client,
     ):
         await client.send(proxy_v1("192.0.2.55"))
@@ -1042,12 +1057,70 @@ async def test_handler_proxy_hook_can_refuse() -> None:
         async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy: Any) -> bool:
             return str(proxy.src_addr) != "192.0.2.66"
 
-    async with smtp_server(handler=Picky(), proxy_protocol=True) as server:
+    async with smtp_server(
+        handler=Picky(), proxy_protocol=True, proxy_trusted_networks=TRUSTED_PROXY
+    ) as server:
         async with raw_client(server) as client:
             await client.send(proxy_v1("192.0.2.66"))
             assert await eof_after(client) == []
         await send_through_proxy(server, proxy_v1("192.0.2.67"))
     assert server.handler.clients == ["192.0.2.67"]
+
+
+async def bytes_until_closed(client: RawClient) -> bytes:
+    """Everything the server sends before it closes (a reset counts as closed)."""
+    received = b""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                chunk = await client.reader.read(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+async def test_proxy_header_from_an_untrusted_peer_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """127.0.0.1 is not a load balancer here: whatever it claims, it is closed at
+    once, before a banner, so it takes no slot in another's name and never
+    reaches AUTH (where it could lock another address out)."""
+    caplog.set_level(logging.WARNING, logger="relay.smtp")
+    claims = [
+        proxy_v1("10.1.2.3"),
+        proxy_v2("192.0.2.1"),
+        proxy_v1("192.0.2.1"),
+        b"PROXY UNKNOWN\r\n",
+    ]
+    async with smtp_server(
+        proxy_protocol=True,
+        proxy_trusted_networks=("10.0.0.0/8",),
+        max_connections_per_client=1,
+    ) as server:
+        clients = [await RawClient.connect(server) for _ in claims]
+        for client, header in zip(clients, claims, strict=True):
+            await client.send(
+                header + b"EHLO c\r\nAUTH PLAIN " + plain("alice", "x").encode() + b"\r\n"
+            )
+            assert await bytes_until_closed(client) == b""
+        for client in clients:
+            await client.close()
+        assert await server.limiter.wait_idle(TIMEOUT)
+        assert server.limiter.admitted == 0
+    assert server.handler.clients == []
+    refusals = [
+        r for r in caplog.records if "outside smtp.proxy_trusted_networks" in r.getMessage()
+    ]
+    assert [(r.levelname, r.getMessage()) for r in refusals] == [
+        ("WARNING", f"client=127.0.0.1: closed: {UNTRUSTED_PROXY}")
+    ] * len(claims)
+
+
+def test_proxy_protocol_needs_trusted_networks() -> None:
+    with pytest.raises(ValueError, match="proxy_trusted_networks"):
+        SessionSettings.from_config(smtp_config(proxy_protocol=True), implicit_tls=False)
 
 
 def test_client_address_forms() -> None:
@@ -1064,6 +1137,19 @@ def test_client_address_forms() -> None:
     )
     invalid = ProxyData(version=None)
     assert client_address(SimpleNamespace(peer=("10.0.0.1", 1), proxy_data=invalid)) == ("10.0.0.1")
+
+
+def test_client_label_names_the_peer_that_vouched() -> None:
+    proxy = ProxyData(version=1)
+    proxy.protocol = 1
+    proxy.src_addr = ipaddress.ip_address("203.0.113.9")
+    assert client_label(SimpleNamespace(peer=("::ffff:10.0.0.5", 1, 0, 0), proxy_data=proxy)) == (
+        "203.0.113.9 via=10.0.0.5"
+    )
+    local = ProxyData(version=2)  # a LOCAL command: the peer speaks for itself
+    local.protocol = 0
+    assert client_label(SimpleNamespace(peer=("10.0.0.5", 1), proxy_data=local)) == "10.0.0.5"
+    assert client_label(SimpleNamespace(peer=("192.0.2.1", 1))) == "192.0.2.1"
 
 
 # -- per-connection set-up --------------------------------------------------------------------

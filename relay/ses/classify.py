@@ -7,8 +7,10 @@ keep the two in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from relay.errors import Disposition, SesError, SesTransportError, SmtpReply
+from relay.oneline import one_line
 
 RETRYABLE = Disposition.RETRYABLE
 DEFERRABLE = Disposition.DEFERRABLE
@@ -105,6 +107,24 @@ TRANSPORT: dict[str, Rule] = {
     "MalformedResponse": BAD_ANSWER,
 }
 
+NO_CREDENTIALS: Final = "NoCredentials"
+"""The code of a call that could not be signed."""
+
+KNOWN_CODES: Final = frozenset(
+    {"Throttling", "MessageRejected", NO_CREDENTIALS, *BY_CODE, *TRANSPORT}
+    | {f"HTTP{status}" for status in range(500, 600)}  # a 5xx without an SES error
+)
+"""The codes this module tells apart, and ours; any other is "other" in metrics."""
+
+REPLY_MESSAGE_LIMIT: Final = 300
+"""Characters of SES's message kept in an SMTP reply."""
+
+
+def metric_code(code: str) -> str:
+    """``code`` as a metric label: "" (success) and known codes as they are,
+    any other as "other", so that an endpoint cannot create series at will."""
+    return code if not code or code in KNOWN_CODES else "other"
+
 
 def rule_for(code: str, message: str, http_status: int | None) -> Rule:
     """The rule for one SES error answer."""
@@ -128,7 +148,8 @@ def ses_error(code: str, message: str, http_status: int | None, request_id: str 
     if rule.disposition is PERMANENT and message:
         # SES's own words tell the sender what to fix ("Email address is
         # not verified. ..."); they never hold secrets.
-        reply = SmtpReply(rule.code, rule.enhanced, f"{rule.text}: {_one_line(message)}")
+        text = one_line(message, REPLY_MESSAGE_LIMIT)
+        reply = SmtpReply(rule.code, rule.enhanced, f"{rule.text}: {text}")
     return SesError(
         code=code,
         message=message,
@@ -148,7 +169,7 @@ def no_credentials(message: str) -> SesError:
     """
     rule = CREDENTIALS
     return SesError(
-        code="NoCredentials",
+        code=NO_CREDENTIALS,
         message=message,
         http_status=None,
         request_id=None,
@@ -172,8 +193,3 @@ def transport_error(
         smtp_reply=rule.reply(),
         request_sent=request_sent,
     )
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -134,7 +134,15 @@ class SesClient:
     ) -> SendResult:
         """Send one message; ``deadline`` bounds the whole call, retries included."""
         body = send_raw_email_body(request)
-        return await self._call("SendRawEmail", body, parse_send_raw_email, deadline)
+        result = await self._call("SendRawEmail", body, parse_send_raw_email, deadline)
+        if result.unusable_id is not None:
+            ses_log.warning(
+                "SES accepted a message (request %s) with a MessageId that is not a token, "
+                "not used: %r",
+                result.request_id,
+                result.unusable_id,
+            )
+        return result
 
     async def get_send_quota(self, *, deadline: float | None = None) -> SendQuota:
         return await self._call("GetSendQuota", get_send_quota_body(), parse_send_quota, deadline)

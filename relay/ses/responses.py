@@ -1,21 +1,42 @@
-"""SES answers as results or typed errors. Pure."""
+"""SES answers as results or typed errors. Pure.
+
+Nothing from an answer leaves here unchecked: it reaches SMTP replies, log
+lines, the spool and metric labels. Identifiers (MessageId, RequestId, an
+error's Code) must be short tokens; SES's prose (an error's Message) is
+flattened to one bounded line; the quota's figures must be finite numbers.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from relay.errors import SesError
+from relay.oneline import one_line
 from relay.ses.awsxml import local_name, xml_fields, xml_root
 from relay.ses.classify import ses_error, transport_error
+
+TOKEN: Final = re.compile(r"[A-Za-z0-9-]{1,128}")
+"""A MessageId or RequestId as SES writes them (``0100018c...-000000``, a UUID)."""
+ERROR_CODE: Final = re.compile(r"[A-Za-z0-9.]{1,64}")
+"""An AWS error code (``MessageRejected``, ``AWS.SimpleQueueService.NonExistentQueue``)."""
+MESSAGE_LIMIT: Final = 500
+"""Characters kept of an error's Message (flattened to one line)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
     """SES accepted a SendRawEmail call."""
 
-    message_id: str
+    message_id: str | None
+    """SES's MessageId; None when the answer's was not a token (see
+    ``parse_send_raw_email``)."""
     request_id: str | None
+    unusable_id: str | None = None
+    """The MessageId that was not a token, flattened and cut short, for a log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,23 +62,34 @@ def error_from_answer(status: int, body: bytes) -> SesError:
         _, fields = xml_fields(body, _ERROR_FIELDS)
     except ValueError:
         fields = {}
-    code = fields.get("Code")
-    if not code:
+    code = fields.get("Code", "")
+    if not ERROR_CODE.fullmatch(code):  # none, or not one a log line or a label may carry
         if status >= 500:
             return ses_error(f"HTTP{status}", f"HTTP {status} without an SES error", status, None)
         return transport_error(
             "MalformedResponse", f"HTTP {status} without an SES error body", http_status=status
         )
-    return ses_error(code, fields.get("Message", ""), status, fields.get("RequestId") or None)
+    message = one_line(fields.get("Message", ""), MESSAGE_LIMIT)
+    return ses_error(code, message, status, _token(fields.get("RequestId")))
 
 
 def parse_send_raw_email(body: bytes) -> SendResult:
-    """The MessageId of a 2xx SendRawEmail answer."""
+    """The MessageId of a 2xx SendRawEmail answer.
+
+    An answer without a MessageId is not usable (``MalformedResponse``,
+    retried). One whose MessageId is not a token (CR LF and a forged reply
+    line, say) still says SES accepted the message: sending it again could
+    deliver it twice, so the batch counts as sent, without that id
+    (``unusable_id`` holds it flattened, for the caller to log).
+    """
     fields = _success_fields(body, ("MessageId", "RequestId"))
     message_id = fields.get("MessageId")
     if not message_id:
         raise transport_error("MalformedResponse", "SES answer has no MessageId", http_status=200)
-    return SendResult(message_id=message_id, request_id=fields.get("RequestId") or None)
+    request_id = _token(fields.get("RequestId"))
+    if not TOKEN.fullmatch(message_id):
+        return SendResult(None, request_id, unusable_id=one_line(message_id, 100))
+    return SendResult(message_id, request_id)
 
 
 _QUOTA_FIELDS = ("Max24HourSend", "MaxSendRate", "SentLast24Hours")
@@ -69,9 +101,11 @@ def parse_send_quota(body: bytes) -> SendQuota:
     try:
         values = [float(fields[name]) for name in _QUOTA_FIELDS]
     except (KeyError, ValueError):
+        values = []
+    if len(values) != len(_QUOTA_FIELDS) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise transport_error(
             "MalformedResponse", "SES quota answer lacks a figure", http_status=200
-        ) from None
+        )
     return SendQuota(*values)
 
 
@@ -95,10 +129,14 @@ def parse_identity_verification(body: bytes) -> dict[str, str]:
             if name == "key":
                 key = (element.text or "").strip()
             elif name == "VerificationStatus":
-                status = (element.text or "").strip()
+                status = one_line((element.text or "").strip(), 32)
         if key and status:
             statuses[key] = status
     return statuses
+
+
+def _token(value: str | None) -> str | None:
+    return value if value and TOKEN.fullmatch(value) else None
 
 
 def _success_fields(body: bytes, names: Iterable[str]) -> dict[str, str]:
