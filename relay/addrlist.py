@@ -19,7 +19,8 @@ Accepted, and returned as ``local-part@domain`` in order (groups flattened):
 - an addr-spec is a dot-atom or a quoted string of atext, dots and spaces,
   ``@``, and a dot-atom or a domain literal; white space and comments may
   stand around its parts; comments nest at most ``MAX_COMMENT_DEPTH`` deep;
-- UTF-8 (RFC 6532) in atoms, quoted strings and comments.
+- UTF-8 (RFC 6532) in atoms, quoted strings and comments, but no C1
+  control characters and no Unicode line or paragraph separators.
 
 Refused with ``ValueError`` saying why (in ASCII, quoting at most one
 character of the input):
@@ -44,13 +45,16 @@ from dataclasses import dataclass
 MAX_COMMENT_DEPTH = 8
 """Nesting of ``(comments (in comments))``; mail uses one or two levels."""
 
-_CONTROL = r"\x00-\x08\x0a-\x1f\x7f"
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff"
+_CONTROL = r"\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029"
+"""Control characters, C1 controls and Unicode line breaks: never allowed."""
+_UTF8 = r"\xa0-\u2027\u202a-\U0010ffff"
+"""Non-ASCII characters allowed by RFC 6532, without C1 controls and line breaks."""
+_ATEXT = rf"A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_UTF8}"
 _TOKEN = re.compile(
     rf"(?P<space>[ \t]++)"
     rf"|(?P<atom>[{_ATEXT}]++)"
     rf'|(?P<quoted>"(?:[^"\\{_CONTROL}]|\\[^{_CONTROL}])*+")'
-    rf"|(?P<literal>\[[!-Z^-~\x80-\U0010ffff]*+\])"
+    rf"|(?P<literal>\[[!-Z^-~{_UTF8}]*+\])"
     r"|(?P<special>[<>@,;:.])"
     r"|(?P<comment>\()"
 )

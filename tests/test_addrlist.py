@@ -59,6 +59,7 @@ def test_valid_mailbox_lists(value: str, mailboxes: list[str]) -> None:
         ("a@x.example\\", "character '\\\\' not allowed here"),
         ("a@x.example\r\nBcc: b@y.example", "character '\\r' not allowed here"),
         ("<a@x.example", "missing '>'"),
+        ("a\u2028b@x.example", "character '\\u2028' not allowed here"),  # a line break to some
         ("(" * (MAX_COMMENT_DEPTH + 1) + ")" * (MAX_COMMENT_DEPTH + 1) + "a@x.example", "nested"),
         ("(" * 100_000 + "a@x.example", f"comments nested more than {MAX_COMMENT_DEPTH} deep"),
     ],
