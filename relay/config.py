@@ -140,6 +140,8 @@ class SmtpConfig:
     """Times each other command (NOOP, RSET, EHLO, HELP, ...) is allowed per session."""
     max_connections: int = checked(1000, positive)
     max_connections_per_client: int = checked(100, positive)
+    header_size_limit: int = checked(102_400, positive)
+    """Bytes of header fields a message may have (Postfix's default); 552 5.3.4 beyond."""
     max_batch_recipients: int = checked(50, in_range(1, 50))
     """Recipients per SendRawEmail call, header addresses counted (SES: 50)."""
     identity_header_networks: tuple[str, ...] = checked((), each(network))

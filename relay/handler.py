@@ -7,6 +7,7 @@ with the reply to give.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -96,15 +97,19 @@ class RelayHandler:
 
     async def _relay(self, queue_id: str, session: Any, envelope: Any) -> SmtpReply:
         client, user = client_address(session), session_user(session)
-        message = prepare(
+        # Linear but up to max_message_size of work: off the event loop, so
+        # that one large message never holds up the other sessions.
+        message = await asyncio.to_thread(
+            prepare,
             envelope.content,
             now=self._clock(),
             message_id=lambda: f"<{queue_id}@{self._config.smtp.hostname}>",
             defaults=self._defaults,
+            header_size_limit=self._config.smtp.header_size_limit,
         )
         # Only the message as SES gets it stays in memory while it is delivered.
         envelope.content = envelope.original_content = message.raw
-        self._policy.check_sender(message.from_address, user, where="From:")
+        self._policy.check_header_senders(message.originators, user)
         self._policy.check_identity_headers(message.ses.identity_headers(), client, user)
         source = envelope.mail_from or ascii_address(message.from_address, "sender")
         batches = plan_batches(

@@ -4,16 +4,28 @@ The raw message reaches SES byte for byte as received, except that
 ``Bcc:``/``Resent-Bcc:`` are removed (their recipients travel in the envelope),
 the ``X-SES-*`` headers of SES's SMTP interface are removed and become
 SendRawEmail parameters, and a missing ``Date:`` or ``Message-ID:`` is added
-at the end of the header block.
+at the end of the header block, and an empty line is added where the header
+block ends without one.
+
+Header fields are read as RFC 5322 (obsolete syntax included) allows, and the
+fields that name who sends the message are read strictly
+(``relay.addrlist``): exactly one From: field holding mailboxes only, at most
+one Sender: field holding one mailbox, To: and Cc: fields that are valid
+address lists. Anything else is refused with 550 5.6.0 naming the field, so
+that the relay and every mail reader see the same senders. Time and memory
+are linear in the size of the message, and the header block is at most
+``header_size_limit`` bytes (552 5.3.4 beyond).
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from relay.addrlist import parse_address_list, parse_mailbox_list
 from relay.errors import MessageRefused, SmtpReply
 
 SES_MAX_RECIPIENTS = 50
@@ -30,6 +42,11 @@ IDENTITY_HEADERS = (SOURCE_ARN, FROM_ARN, RETURN_PATH_ARN)
 _SES_HEADERS = frozenset({CONFIGURATION_SET, MESSAGE_TAGS, *IDENTITY_HEADERS})
 _REMOVED = _SES_HEADERS | {"bcc", "resent-bcc"}
 
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+"""RFC 5322 ftext (printable US-ASCII but ':'), then obs-optional's white space."""
+_CONTINUATION = frozenset(b" \t")
+_LABELS = {"from": "From:", "sender": "Sender:", "to": "To:", "cc": "Cc:"}
+
 
 @dataclass(frozen=True, slots=True)
 class HeaderField:
@@ -41,8 +58,13 @@ class HeaderField:
     @property
     def value(self) -> str:
         """The unfolded value, decoded as UTF-8 (invalid bytes replaced)."""
+        return " ".join(self.unfolded.split())
+
+    @property
+    def unfolded(self) -> str:
+        """The value with its line breaks removed (RFC 5322 unfolding), as UTF-8."""
         _, _, value = self.raw.partition(b":")
-        return " ".join(value.decode("utf-8", "replace").split())
+        return value.replace(b"\r\n", b"").replace(b"\n", b"").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +91,9 @@ class PreparedMessage:
 
     raw: bytes
     from_address: str
-    header_recipients: frozenset[str]
-    """Addresses of the To and Cc headers, as ``address_key``s."""
+    """The first mailbox of the From: field."""
+    originators: tuple[tuple[str, str], ...]
+    """Every mailbox of the From: and Sender: fields, as ``("From:", address)``."""
     header_count: int
     """How many addresses the To and Cc headers name, every occurrence counted:
     what an SES may count beside ``Destinations`` (see ``plan_batches``)."""
@@ -93,24 +116,35 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
     return fields, raw[end:]
 
 
-def header_fields(raw: bytes) -> tuple[list[HeaderField], int]:
-    """The header fields, and where the rest (the empty line and the body) starts."""
+def header_fields(raw: bytes, size_limit: int | None = None) -> tuple[list[HeaderField], int]:
+    """The header fields, and where the rest (the empty line and the body) starts.
+
+    A field starts with a line ``name:`` (``name :`` too, RFC 5322 obs-optional)
+    and goes on with the lines that start with a space or a tab. Any other line
+    ends the header block. Linear: each field is cut out of ``raw`` once. A
+    header block longer than ``size_limit`` bytes raises ``MessageRefused``
+    (552 5.3.4) as soon as the scan passes the limit.
+    """
     fields: list[HeaderField] = []
-    start = 0
+    name = ""  # of the field being read
+    field_start = start = 0
     size = len(raw)
     while start < size:
         end = raw.find(b"\n", start)
         end = size if end < 0 else end + 1
-        line = raw[start:end]
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = HeaderField(last.name, last.raw + line)
-        else:
-            name, colon, _ = line.partition(b":")
-            if not colon or not name or name != name.strip() or line.strip() == b"":
+        if not (name and raw[start] in _CONTINUATION):
+            if name:
+                fields.append(HeaderField(name, raw[field_start:start]))
+                name = ""
+            found = _FIELD_NAME.match(raw, start, end)
+            if found is None:
                 break
-            fields.append(HeaderField(name.decode("ascii", "replace"), line))
+            name, field_start = found.group(1).decode("ascii"), start
+        if size_limit is not None and end > size_limit:
+            raise refuse(552, "5.3.4", f"message header exceeds {size_limit} bytes")
         start = end
+    if name:
+        fields.append(HeaderField(name, raw[field_start:start]))
     return fields, start
 
 
@@ -120,20 +154,26 @@ def prepare(
     now: datetime,
     message_id: Callable[[], str],
     defaults: SesParameters = NO_PARAMETERS,
+    header_size_limit: int | None = None,
 ) -> PreparedMessage:
     """The message as SES gets it; raises ``MessageRefused`` (5xx) if unusable.
 
     ``message_id`` makes a ``<unique@host>`` id for a message without one.
     ``defaults`` are the configured parameters that headers may override.
+    ``header_size_limit``: most bytes of header fields (None: no limit).
     """
-    fields, body_at = header_fields(raw)
+    fields, body_at = header_fields(raw, header_size_limit)
     by_name: dict[str, list[HeaderField]] = {}
     for field in fields:
         by_name.setdefault(field.name.lower(), []).append(field)
 
-    senders = addresses(by_name.get("from", ()))
+    senders = _mailboxes(_only(by_name, "from"))
     if not senders:
         raise refuse(550, "5.6.0", "message has no From: header with an address")
+    sender_field = _only(by_name, "sender")
+    sender = _mailboxes(sender_field)
+    if sender_field is not None and len(sender) != 1:
+        raise refuse(550, "5.6.0", "Sender: header must hold exactly one mailbox")
     ses = _ses_parameters(by_name, defaults)
     newline = b"\r\n" if raw.find(b"\r\n") >= 0 or not raw else b"\n"
     headers = [f.raw for f in fields if f.name.lower() not in _REMOVED]
@@ -148,16 +188,17 @@ def prepare(
     if "message-id" not in by_name:
         kept.append(b"Message-ID: " + message_id().encode() + newline)
         changed = True
-    if body_at == len(raw):
+    if not raw.startswith((b"\r\n", b"\n"), body_at):  # no empty line: make one
         kept.append(newline)
         changed = True
-    else:
+    if body_at < len(raw):
         kept.append(memoryview(raw)[body_at:])  # the body is copied once, by join
     return PreparedMessage(
         raw=b"".join(kept) if changed else raw,
         from_address=senders[0],
-        header_recipients=frozenset(
-            address_key(a) for a in addresses([*by_name.get("to", ()), *by_name.get("cc", ())])
+        originators=(
+            *(("From:", address) for address in senders),
+            *(("Sender:", address) for address in sender),
         ),
         header_count=len(addresses([*by_name.get("to", ()), *by_name.get("cc", ())])),
         ses=ses,
@@ -165,9 +206,36 @@ def prepare(
 
 
 def addresses(fields: Iterable[HeaderField]) -> list[str]:
-    """The addresses named in address-list header fields (groups flattened)."""
-    pairs = email.utils.getaddresses([f.value for f in fields])
-    return [address for _, address in pairs if "@" in address]
+    """The addresses of address-list fields (To:, Cc:), in order, groups
+    flattened, repeats kept; ``MessageRefused`` (550 5.6.0) names a field
+    that is not a valid address list."""
+    found: list[str] = []
+    for field in fields:
+        found.extend(_parsed(field, parse_address_list, "address list"))
+    return found
+
+
+def _mailboxes(field: HeaderField | None) -> list[str]:
+    """The mailboxes of a From: or Sender: field (none when it is absent)."""
+    return [] if field is None else _parsed(field, parse_mailbox_list, "mailbox list")
+
+
+def _parsed(field: HeaderField, parse: Callable[[str], list[str]], what: str) -> list[str]:
+    label = _LABELS.get(field.name.lower(), f"{field.name}:")
+    try:
+        return parse(field.unfolded)
+    except ValueError as problem:
+        raise refuse(550, "5.6.0", f"{label} header is not a valid {what}: {problem}") from None
+
+
+def _only(by_name: dict[str, list[HeaderField]], name: str) -> HeaderField | None:
+    """The one field called ``name``, if any; ``MessageRefused`` when repeated."""
+    found = by_name.get(name, [])
+    if len(found) > 1:
+        raise refuse(
+            550, "5.6.0", f"message has {len(found)} {_LABELS[name]} header fields; one is allowed"
+        )
+    return found[0] if found else None
 
 
 def address_key(address: str) -> str:

@@ -3,8 +3,8 @@
 Not an open relay: a client in ``smtp.allowed_networks`` may relay without
 AUTH; any other client must authenticate first. An authenticated user with
 ``allowed_senders`` may use only those addresses and domains, in MAIL FROM
-and in the From: header. The identity headers (``X-SES-SOURCE-ARN`` and
-friends) send as another identity: only clients in
+and for every mailbox of the From: and Sender: headers. The identity headers
+(``X-SES-SOURCE-ARN`` and friends) send as another identity: only clients in
 ``smtp.identity_header_networks`` and users with ``identity_headers = true``
 may use them.
 """
@@ -81,6 +81,14 @@ class AccessPolicy:
             raise MessageRefused(
                 SmtpReply(553, "5.7.1", f"{where} <{address}> is not allowed for user {user}")
             )
+
+    def check_header_senders(
+        self, originators: Iterable[tuple[str, str]], user: str | None
+    ) -> None:
+        """Raise ``MessageRefused`` (553 5.7.1) for the first ``(header, address)``
+        pair, from every mailbox of From: and Sender:, that ``user`` may not use."""
+        for where, address in originators:
+            self.check_sender(address, user, where=where)
 
     def check_identity_headers(self, used: list[str], client_ip: str, user: str | None) -> None:
         """Raise ``MessageRefused`` (550 5.7.1) naming the first identity header

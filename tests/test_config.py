@@ -219,3 +219,11 @@ def test_user_policy_problems_name_the_table(tmp_path: Path) -> None:
         f"{path}: [auth.users.bob] typo: unknown key",
         f"{path}: [auth.users.bob] identity_headers: expected true or false, got an integer (1)",
     )
+
+
+def test_header_size_limit_defaults_to_postfix_and_must_be_positive(tmp_path: Path) -> None:
+    assert load_config(None, {}).smtp.header_size_limit == 102_400
+    path = write(tmp_path, "[smtp]\nheader_size_limit = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == (f"{path}: [smtp] header_size_limit: must be greater than 0",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -33,7 +34,7 @@ def test_complete_message_is_unchanged() -> None:
     prepared = prep(COMPLETE)
     assert prepared.raw is COMPLETE  # not even copied: a 10 MB message stays one object
     assert prepared.from_address == "alice@example.com"
-    assert prepared.header_recipients == frozenset({"bob@example.net"})
+    assert prepared.header_count == 1
     assert prepared.ses == SesParameters()
 
 
@@ -143,14 +144,12 @@ def test_message_without_from_address_is_refused(raw: bytes) -> None:
     assert "From:" in caught.value.reply.text
 
 
-def test_header_recipients_come_from_to_and_cc_only() -> None:
+def test_header_count_comes_from_to_and_cc_only_repeats_counted() -> None:
     raw = (
         b"From: a@example.com\r\nTo: One <ONE@example.com>, list: two@example.com;\r\n"
-        b"Cc: three@example.com\r\nReply-To: four@example.com\r\n\r\n"
+        b"Cc: three@example.com, one@example.com\r\nReply-To: four@example.com\r\n\r\n"
     )
-    assert prep(raw).header_recipients == frozenset(
-        {"one@example.com", "two@example.com", "three@example.com"}
-    )
+    assert prep(raw).header_count == 4
 
 
 def test_split_header_stops_at_a_non_header_line() -> None:
@@ -228,3 +227,138 @@ def test_batches_respect_the_limit_and_lose_nothing(
         assert len(batch) + len(header) <= limit  # counted as moto counts
     # As few calls as the sum count allows.
     assert len(batches) == -(-len(set(recipients)) // (limit - len(header)))
+
+
+# -- who sends: From: and Sender: (issue 12, point 5) --------------------------
+
+
+def refusal(raw: bytes, **kwargs: int) -> str:
+    with pytest.raises(MessageRefused) as caught:
+        prepare(raw, now=NOW, message_id=lambda: "<id-1@relay.test>", **kwargs)
+    return str(caught.value.reply)
+
+
+def test_every_mailbox_of_from_and_sender_is_an_originator() -> None:
+    raw = (
+        b"From: Alice <alice@allowed.example>, eve@evil.example\r\n"
+        b"Sender: bob@allowed.example\r\nDate: d\r\nMessage-ID: <m>\r\n\r\n"
+    )
+    prepared = prep(raw)
+    assert prepared.from_address == "alice@allowed.example"
+    assert prepared.originators == (
+        ("From:", "alice@allowed.example"),
+        ("From:", "eve@evil.example"),
+        ("Sender:", "bob@allowed.example"),
+    )
+
+
+def test_field_name_with_space_before_the_colon_is_a_field() -> None:
+    """RFC 5322 obs-optional: ``From :`` is a From: field, not the end of the header."""
+    fields, rest = split_header(b"From : eve@evil.example\r\nX-Other\t: y\r\n\r\nbody")
+    assert [f.name for f in fields] == ["From", "X-Other"]
+    assert rest == b"\r\nbody"
+    assert prep(b"From : eve@evil.example\r\n\r\n").from_address == "eve@evil.example"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reply"),
+    [
+        (
+            b"From: alice@allowed.example\r\nFrom: eve@evil.example\r\n\r\n",
+            "550 5.6.0 message has 2 From: header fields; one is allowed",
+        ),
+        (
+            b"From: alice@allowed.example\r\nfrom : eve@evil.example\r\n\r\n",
+            "550 5.6.0 message has 2 From: header fields; one is allowed",
+        ),
+        (
+            b"From: a@allowed.example\r\nSender: a@allowed.example\r\n"
+            b"SENDER: e@evil.example\r\n\r\n",
+            "550 5.6.0 message has 2 Sender: header fields; one is allowed",
+        ),
+        (
+            b"From: a@allowed.example\r\nSender: a@allowed.example, e@evil.example\r\n\r\n",
+            "550 5.6.0 Sender: header must hold exactly one mailbox",
+        ),
+        (
+            b"From: allowed: eve@evil.example;\r\n\r\n",
+            "550 5.6.0 From: header is not a valid mailbox list: "
+            "a group is not allowed here, only mailboxes",
+        ),
+        (
+            b"From: alice@allowed.example<eve@evil.example>\r\n\r\n",
+            "550 5.6.0 From: header is not a valid mailbox list: "
+            "unexpected '<' after an address: missing ','?",
+        ),
+        (
+            b"From: ((((((((((((a)))))))))))) alice@allowed.example\r\n\r\n",
+            "550 5.6.0 From: header is not a valid mailbox list: comments nested more than 8 deep",
+        ),
+        (
+            b"From: a@allowed.example\r\nTo: Smith, John <j@x.example>\r\n\r\n",
+            "550 5.6.0 To: header is not a valid address list: a name without an address in <>",
+        ),
+        (
+            b"From: a@allowed.example\r\ncc: a@x.example\r\n  b@y.example\r\n\r\n",
+            "550 5.6.0 Cc: header is not a valid address list: "
+            "space or a comment inside the domain",
+        ),
+    ],
+)
+def test_sender_fields_that_do_not_read_one_way_are_refused(raw: bytes, reply: str) -> None:
+    assert refusal(raw) == reply
+
+
+def test_a_line_that_is_no_field_ends_the_header_for_every_reader() -> None:
+    """The relay stops reading the header at such a line; so that no reader
+    takes a later From: as a header field, the empty line is put there."""
+    raw = b"From: alice@allowed.example\r\nnot a field\r\nFrom: eve@evil.example\r\n\r\nbody\r\n"
+    prepared = prep(raw)
+    assert prepared.originators == (("From:", "alice@allowed.example"),)
+    assert prepared.raw == (
+        b"From: alice@allowed.example\r\n"
+        b"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\nMessage-ID: <id-1@relay.test>\r\n"
+        b"\r\nnot a field\r\nFrom: eve@evil.example\r\n\r\nbody\r\n"
+    )
+
+
+# -- cost: linear, and the header block bounded (issue 12, point 2) ------------
+
+
+def test_header_block_over_the_limit_is_refused_and_at_the_limit_taken() -> None:
+    head = b"From: a@example.com\r\nDate: d\r\nMessage-ID: <m>\r\nSubject: x\r\n"
+    at_limit = head + b" y\r\n" * 100
+    raw = at_limit + b"\r\nbody\r\n"
+    assert prep(raw).raw == raw
+    assert (
+        prepare(raw, now=NOW, message_id=lambda: "<m>", header_size_limit=len(at_limit)).raw == raw
+    )
+    assert refusal(raw, header_size_limit=len(at_limit) - 1) == (
+        f"552 5.3.4 message header exceeds {len(at_limit) - 1} bytes"
+    )
+
+
+def prepare_seconds(raw: bytes) -> float:
+    started = time.process_time()
+    prep(raw)
+    return time.process_time() - started
+
+
+@pytest.mark.parametrize(
+    ("field", "unit"),
+    [
+        (b"Subject: folded", b"\r\n y"),  # folded lines were joined by copying
+        (b"To: list:", b"\r\n Name <n@example.com>,"),  # a long address list
+        (b"X-Many: y", b"\r\nX-Many: y"),  # many fields
+    ],
+)
+def test_preparing_costs_time_linear_in_the_header_size(field: bytes, unit: bytes) -> None:
+    """Four times the header takes about four times as long, not sixteen."""
+    n = 100_000 // len(unit)  # 100 KB, then 400 KB
+
+    def message(count: int) -> bytes:
+        return b"From: a@example.com\r\n" + field + unit * count + b";\r\n\r\nbody\r\n"
+
+    small = min(prepare_seconds(message(n)) for _ in range(3))
+    large = min(prepare_seconds(message(4 * n)) for _ in range(3))
+    assert large < 8 * small
