@@ -8,7 +8,11 @@ argon2id (``$argon2id$...``, from argon2-cffi) or bcrypt (``$2b$``, ``$2a$``,
 ``Authenticator.authenticate`` is what the SMTP layer awaits:
 
 - the hash is checked in a small thread pool (``auth.hash_threads``), so one
-  slow argon2 check never stalls other sessions;
+  slow argon2 check never stalls other sessions; at most
+  ``auth.max_queued_checks`` more checks wait for a thread, and an attempt
+  beyond them is answered "unavailable" at once, without a check or a
+  failure counted (a flood from many addresses cannot queue a client's
+  AUTH behind it for long);
 - an unknown user gets a check against a dummy hash of the same scheme and
   cost as the users' own, so a wrong name and a wrong password take as long;
 - failures are counted per client (an IPv4 address, or the /64 of an IPv6
@@ -345,6 +349,8 @@ class AuthOutcome:
     """The authenticated name; None unless ``success``."""
     locked_out: bool = False
     """The client has reached ``max_failures`` (now or before): refuse further AUTH."""
+    unavailable: bool = False
+    """No check was made: too many are waiting, or the relay is stopping. Try later."""
 
 
 Verify = Callable[[PasswordHash, bytes], bool]
@@ -375,6 +381,9 @@ class Authenticator:
             max_clients=max_clients,
         )
         self._pending: collections.Counter[str] = collections.Counter()
+        self._checks = 0
+        """Checks running or waiting for a hash thread."""
+        self._max_checks = config.hash_threads + config.max_queued_checks
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.hash_threads, thread_name_prefix="relay-auth"
         )
@@ -391,6 +400,11 @@ class Authenticator:
     @property
     def users(self) -> Users:
         return self._users
+
+    @property
+    def checks(self) -> int:
+        """Password checks running or waiting for a hash thread now."""
+        return self._checks
 
     def reload(self) -> None:
         """Read the users file again; on a ConfigError the old users stay."""
@@ -424,13 +438,28 @@ class Authenticator:
         secret = (
             password if isinstance(password, bytes) else password.encode("utf-8", "surrogateescape")
         )
+        if self.checks >= self._max_checks:
+            smtp_log.warning(
+                "auth: client=%s user=%s status=unavailable (%d checks running or waiting)",
+                key,
+                _shown(username),
+                self.checks,
+            )
+            return AuthOutcome(success=False, username=None, unavailable=True)
         stored = self._users.hash_for(username)
         known = username in self._users
         self._pending[key] += 1
+        self._checks += 1
         try:
             loop = asyncio.get_running_loop()
             matched = await loop.run_in_executor(self._executor, self._verify, stored, secret)
+        except RuntimeError:  # the hash threads are shut down: the relay is stopping
+            smtp_log.warning(
+                "auth: client=%s user=%s status=unavailable (stopping)", key, _shown(username)
+            )
+            return AuthOutcome(success=False, username=None, unavailable=True)
         finally:
+            self._checks -= 1
             self._pending[key] -= 1
             if self._pending[key] <= 0:
                 del self._pending[key]

@@ -48,6 +48,7 @@ from tests.smtpserver import (
     raw_client,
     smtp_config,
     smtp_server,
+    stalled_client,
     wait_for,
 )
 
@@ -877,6 +878,120 @@ async def test_drain_ends_a_transaction_abandoned_with_rset() -> None:
         assert await client.command("RSET") == "250 2.0.0 OK"
         assert await eof_after(client) == ["421 4.3.2 Service shutting down"]
         assert server.handler.messages == []
+
+
+# -- clients that do not read their replies -----------------------------------------------
+
+EHLO = b"EHLO client.test\r\n"
+UNDER_HIGH_WATER = 450
+"""Pipelined EHLOs whose replies (~40 KB) overflow the kernel's buffers but not the
+relay's write buffer: the relay answers them all and waits for the next command."""
+OVER_HIGH_WATER = 2000
+"""Pipelined EHLOs whose replies (~180 KB) leave the relay waiting to write."""
+LONG = 30.0
+"""A timeout that must not be the one that acts."""
+
+
+async def slots_are_freed(server: Server) -> None:
+    """Every stalled connection is gone, and a new client gets the banner (not 421)."""
+    await wait_for(lambda: server.limiter.active == 0)
+    async with raw_client(server) as client:
+        assert await client.greet()
+
+
+async def test_a_client_that_does_not_read_is_dropped_after_write_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with smtp_server(
+        max_connections=2,
+        max_commands=10_000,
+        idle_timeout=LONG,
+        session_timeout=LONG,
+        write_timeout=0.3,
+    ) as server:
+        address = (server.host, server.port)
+        payload = EHLO * OVER_HIGH_WATER
+        async with (
+            stalled_client(server.limiter, address, payload),
+            stalled_client(server.limiter, address, payload),
+        ):
+            await slots_are_freed(server)
+    drops = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert len(drops) == 2, drops
+    for drop in drops:
+        assert drop.startswith("client=127.0.0.1: dropped: a reply waited 0.3s: it does not read (")
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "payload", "logged"),
+    [
+        ({"idle_timeout": 0.3}, EHLO * UNDER_HIGH_WATER, "idle timeout"),
+        (
+            {"data_timeout": 0.3},
+            EHLO * UNDER_HIGH_WATER
+            + b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+            + b"Subject: never ends\r\n",
+            "DATA transfer took too long",
+        ),
+        ({"session_timeout": 0.5}, EHLO * OVER_HIGH_WATER, "session time limit reached"),
+    ],
+    ids=["idle", "data", "session"],
+)
+async def test_a_timeout_drops_a_client_that_does_not_read_at_once(
+    timeouts: dict[str, float], payload: bytes, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    limits: dict[str, float] = {
+        "idle_timeout": LONG,
+        "data_timeout": LONG,
+        "session_timeout": LONG,
+        "write_timeout": LONG,
+    }
+    async with (
+        smtp_server(max_connections=1, max_commands=10_000, **(limits | timeouts)) as server,
+        stalled_client(server.limiter, (server.host, server.port), payload),
+    ):
+        await slots_are_freed(server)
+    messages = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert messages[0] == f"client=127.0.0.1: {logged}"
+    assert messages[1].startswith("client=127.0.0.1: dropped: it does not read its replies (")
+    assert server.handler.messages == []
+
+
+async def test_a_limit_drops_a_client_that_does_not_read_after_write_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with (
+        smtp_server(
+            max_connections=1,
+            max_commands=UNDER_HIGH_WATER,
+            idle_timeout=LONG,
+            session_timeout=LONG,
+            write_timeout=0.3,
+        ) as server,
+        stalled_client(server.limiter, (server.host, server.port), EHLO * (UNDER_HIGH_WATER + 1)),
+    ):
+        await slots_are_freed(server)
+    messages = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert messages[0] == "client=127.0.0.1: closed: EHLO sent too many times"
+    assert messages[1].startswith("client=127.0.0.1: dropped: its last replies were not taken (")
+
+
+async def test_shutdown_drops_clients_that_do_not_read() -> None:
+    async with smtp_server(
+        max_commands=10_000, idle_timeout=LONG, session_timeout=LONG, write_timeout=LONG
+    ) as server:
+        address = (server.host, server.port)
+        async with (
+            stalled_client(server.limiter, address, EHLO * UNDER_HIGH_WATER) as waiting,
+            stalled_client(server.limiter, address, EHLO * OVER_HIGH_WATER) as writing,
+        ):
+            await wait_for(lambda: writing._busy)  # waiting to write an EHLO reply
+            server.limiter.drain()  # the session waiting for a command: 421, dropped at once
+            await wait_for(lambda: waiting not in server.limiter._open)
+            assert server.limiter.active == 1  # the other one is still answering a command
+            server.limiter.close_all()
+            assert await server.limiter.wait_idle(TIMEOUT)
 
 
 class FakeConnection:
