@@ -243,6 +243,13 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
+EHLO = b"EHLO client.test\r\n"
+UNDER_HIGH_WATER = 450
+"""Pipelined EHLOs whose replies (~40 KB) overflow the kernel's buffers of a
+``stalled_client`` but not the relay's write buffer: the relay answers them all
+and waits for the next command."""
+OVER_HIGH_WATER = 2000
+"""Pipelined EHLOs whose replies (~180 KB) leave the relay waiting to write."""
 STALLED_RECEIVE_BUFFER = 1024
 """SO_RCVBUF of a client that never reads (the kernel rounds it up to its minimum)."""
 STALLED_SEND_BUFFER = 4096

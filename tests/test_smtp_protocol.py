@@ -14,6 +14,7 @@ import logging
 import smtplib
 import ssl
 import struct
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
@@ -28,7 +29,14 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.auth import Authenticator, Users, hash_password, parse_hash
+from relay.auth import (
+    Authenticator,
+    PasswordHash,
+    Users,
+    hash_password,
+    parse_hash,
+    verify_password,
+)
 from relay.config import AuthConfig
 from relay.smtp import (
     ConnectionLimiter,
@@ -40,8 +48,11 @@ from relay.smtp import (
     smtp_factory,
 )
 from tests.smtpserver import (
+    EHLO,
     HOSTNAME,
+    OVER_HIGH_WATER,
     TIMEOUT,
+    UNDER_HIGH_WATER,
     RawClient,
     RecordingHandler,
     Server,
@@ -71,13 +82,17 @@ def tls(tls_ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_context, client_context
 
 
+def alice() -> Users:
+    """One user, alice, with a cheap argon2id hash of ``PASSWORD``."""
+    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    stored = parse_hash(hash_password(PASSWORD, argon2_hasher=cheap))
+    assert stored is not None
+    return Users.from_hashes("test-users", {"alice": stored})
+
+
 @pytest.fixture
 async def authenticator() -> AsyncIterator[Authenticator]:
-    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    alice = parse_hash(hash_password(PASSWORD, argon2_hasher=cheap))
-    assert alice is not None
-    users = Users.from_hashes("test-users", {"alice": alice})
-    auth = Authenticator(users, AuthConfig(failure_delay=0.0, hash_threads=1))
+    auth = Authenticator(alice(), AuthConfig(failure_delay=0.0, hash_threads=1))
     yield auth
     auth.close()
 
@@ -882,12 +897,6 @@ async def test_drain_ends_a_transaction_abandoned_with_rset() -> None:
 
 # -- clients that do not read their replies -----------------------------------------------
 
-EHLO = b"EHLO client.test\r\n"
-UNDER_HIGH_WATER = 450
-"""Pipelined EHLOs whose replies (~40 KB) overflow the kernel's buffers but not the
-relay's write buffer: the relay answers them all and waits for the next command."""
-OVER_HIGH_WATER = 2000
-"""Pipelined EHLOs whose replies (~180 KB) leave the relay waiting to write."""
 LONG = 30.0
 """A timeout that must not be the one that acts."""
 
@@ -992,6 +1001,128 @@ async def test_shutdown_drops_clients_that_do_not_read() -> None:
             assert server.limiter.active == 1  # the other one is still answering a command
             server.limiter.close_all()
             assert await server.limiter.wait_idle(TIMEOUT)
+
+
+# -- the relay's own time is not the client's idle time -------------------------------------
+
+
+async def an_idle_timeout_passes(server: Server, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Return once a full ``idle_timeout`` has passed since the call, by the relay's
+    own clock: a client that says EHLO now is cut off for its silence."""
+    async with raw_client(server, ssl_context=ssl_context) as witness:
+        await witness.greet()
+        assert await eof_after(witness) == ["421 4.4.2 idle timeout"]
+
+
+async def test_auth_beyond_the_queue_gets_454_at_once_and_a_queued_auth_is_not_cut_off(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, client_context = tls
+    release = threading.Event()
+
+    def held_verify(stored: PasswordHash, password: bytes) -> bool:
+        release.wait(TIMEOUT)
+        return verify_password(stored, password)
+
+    config = AuthConfig(failure_delay=0.0, hash_threads=1, max_queued_checks=1, max_failures=100)
+    auth = Authenticator(alice(), config, verify=held_verify)
+    clients: list[RawClient] = []
+
+    async def auth_sent(password: str) -> RawClient:
+        client = await RawClient.connect(server, ssl_context=client_context)
+        clients.append(client)
+        await client.greet()
+        await client.send(f"AUTH PLAIN {plain('alice', password)}\r\n".encode())
+        return client
+
+    try:
+        async with smtp_server(
+            tls_context=server_context, implicit_tls=True, authenticator=auth, idle_timeout=0.5
+        ) as server:
+            legitimate = await auth_sent(PASSWORD)
+            await wait_for(lambda: auth.checks == 1)  # its check runs (and is held)
+            queued = await auth_sent("guess")
+            await wait_for(lambda: auth.checks == 2)  # this one waits for the hash thread
+            for _ in range(3):  # the flood beyond the queue is answered while both wait
+                flood = await auth_sent("guess")
+                assert await flood.line() == "454 4.7.0 Temporary authentication failure"
+            await an_idle_timeout_passes(server, client_context)
+            release.set()
+            assert await legitimate.line() == "235 2.7.0 Authentication successful"
+            assert await queued.line() == "535 5.7.8 Authentication credentials invalid"
+            assert await legitimate.command("NOOP") == "250 2.0.0 OK"
+    finally:
+        release.set()
+        for client in clients:
+            await client.close()
+        auth.close()
+
+
+async def test_failure_delay_is_not_counted_as_idle_time(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, client_context = tls
+
+    async def delay_past_an_idle_timeout(seconds: float) -> None:
+        await an_idle_timeout_passes(server, client_context)
+
+    auth = Authenticator(
+        alice(), AuthConfig(failure_delay=1.0, hash_threads=1), sleep=delay_past_an_idle_timeout
+    )
+    try:
+        async with (
+            smtp_server(
+                tls_context=server_context, implicit_tls=True, authenticator=auth, idle_timeout=0.3
+            ) as server,
+            raw_client(server, ssl_context=client_context) as client,
+        ):
+            await client.greet()
+            assert await client.command("AUTH PLAIN " + plain("alice", "guess")) == (
+                "535 5.7.8 Authentication credentials invalid"
+            )
+            assert await client.command("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+            assert await client.command(base64.b64encode(b"alice")) == "334 UGFzc3dvcmQ6"
+            assert await client.command(base64.b64encode(PASSWORD.encode())) == (
+                "235 2.7.0 Authentication successful"
+            )
+    finally:
+        auth.close()
+
+
+async def test_a_handler_hook_is_not_counted_as_idle_time() -> None:
+    handler = RecordingHandler(data_release=asyncio.Event())
+    async with (
+        smtp_server(handler=handler, idle_timeout=0.3) as server,
+        raw_client(server) as client,
+    ):
+        await client.greet()
+        await transaction(client)
+        await client.send(MESSAGE + b".\r\n")
+        await asyncio.wait_for(handler.data_started.wait(), TIMEOUT)
+        await an_idle_timeout_passes(server)  # delivering to SES takes a while
+        assert handler.data_release is not None
+        handler.data_release.set()
+        assert await client.line() == "250 2.0.0 OK"
+        assert await client.command("NOOP") == "250 2.0.0 OK"
+    assert len(handler.messages) == 1
+
+
+async def test_a_client_silent_during_an_auth_exchange_is_cut_off(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], authenticator: Authenticator
+) -> None:
+    server_context, client_context = tls
+    async with (
+        smtp_server(
+            tls_context=server_context,
+            implicit_tls=True,
+            authenticator=authenticator,
+            idle_timeout=0.3,
+        ) as server,
+        raw_client(server, ssl_context=client_context) as client,
+    ):
+        await client.greet()
+        assert await client.command("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        assert await eof_after(client) == ["421 4.4.2 idle timeout"]
 
 
 class FakeConnection:
