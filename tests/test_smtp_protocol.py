@@ -17,6 +17,7 @@ import struct
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +35,7 @@ from relay.auth import (
     PasswordHash,
     Users,
     hash_password,
+    load_users,
     parse_hash,
     verify_password,
 )
@@ -1015,9 +1017,11 @@ async def an_idle_timeout_passes(server: Server, ssl_context: ssl.SSLContext | N
 
 
 async def test_auth_beyond_the_queue_gets_454_at_once_and_a_queued_auth_is_not_cut_off(
-    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
 ) -> None:
     server_context, client_context = tls
+    users_file = tmp_path / "users"
+    users_file.write_text(f"alice:{alice().hash_for('alice').value}\n")
     release = threading.Event()
 
     def held_verify(stored: PasswordHash, password: bytes) -> bool:
@@ -1025,7 +1029,7 @@ async def test_auth_beyond_the_queue_gets_454_at_once_and_a_queued_auth_is_not_c
         return verify_password(stored, password)
 
     config = AuthConfig(failure_delay=0.0, hash_threads=1, max_queued_checks=1, max_failures=100)
-    auth = Authenticator(alice(), config, verify=held_verify)
+    auth = Authenticator(load_users(users_file), config, verify=held_verify)
     clients: list[RawClient] = []
 
     async def auth_sent(password: str) -> RawClient:
