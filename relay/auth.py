@@ -384,6 +384,7 @@ class Authenticator:
         self._checks = 0
         """Checks running or waiting for a hash thread."""
         self._max_checks = config.hash_threads + config.max_queued_checks
+        self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.hash_threads, thread_name_prefix="relay-auth"
         )
@@ -413,6 +414,7 @@ class Authenticator:
 
     def close(self) -> None:
         """Stop the hash threads (checks already running finish in the background)."""
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def locked_out(self, client_ip: str) -> bool:
@@ -453,7 +455,10 @@ class Authenticator:
         try:
             loop = asyncio.get_running_loop()
             matched = await loop.run_in_executor(self._executor, self._verify, stored, secret)
-        except RuntimeError:  # the hash threads are shut down: the relay is stopping
+        except RuntimeError:
+            if not self._closed:
+                raise
+            # The hash threads are shut down: the relay is stopping.
             smtp_log.warning(
                 "auth: client=%s user=%s status=unavailable (stopping)", key, _shown(username)
             )
