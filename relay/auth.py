@@ -8,7 +8,11 @@ argon2id (``$argon2id$...``, from argon2-cffi) or bcrypt (``$2b$``, ``$2a$``,
 ``Authenticator.authenticate`` is what the SMTP layer awaits:
 
 - the hash is checked in a small thread pool (``auth.hash_threads``), so one
-  slow argon2 check never stalls other sessions;
+  slow argon2 check never stalls other sessions; at most
+  ``auth.max_queued_checks`` more checks wait for a thread, and an attempt
+  beyond them is answered "unavailable" at once, without a check or a
+  failure counted (a flood from many addresses cannot queue a client's
+  AUTH behind it for long);
 - an unknown user gets a check against a dummy hash of the same scheme and
   cost as the users' own, so a wrong name and a wrong password take as long;
 - failures are counted per client (an IPv4 address, or the /64 of an IPv6
@@ -345,6 +349,8 @@ class AuthOutcome:
     """The authenticated name; None unless ``success``."""
     locked_out: bool = False
     """The client has reached ``max_failures`` (now or before): refuse further AUTH."""
+    unavailable: bool = False
+    """No check was made: too many are waiting, or the relay is stopping. Try later."""
 
 
 Verify = Callable[[PasswordHash, bytes], bool]
@@ -375,6 +381,10 @@ class Authenticator:
             max_clients=max_clients,
         )
         self._pending: collections.Counter[str] = collections.Counter()
+        self._checks = 0
+        """Checks running or waiting for a hash thread."""
+        self._max_checks = config.hash_threads + config.max_queued_checks
+        self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.hash_threads, thread_name_prefix="relay-auth"
         )
@@ -392,6 +402,11 @@ class Authenticator:
     def users(self) -> Users:
         return self._users
 
+    @property
+    def checks(self) -> int:
+        """Password checks running or waiting for a hash thread now."""
+        return self._checks
+
     def reload(self) -> None:
         """Read the users file again; on a ConfigError the old users stay."""
         if self._users.path:
@@ -399,6 +414,7 @@ class Authenticator:
 
     def close(self) -> None:
         """Stop the hash threads (checks already running finish in the background)."""
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def locked_out(self, client_ip: str) -> bool:
@@ -408,40 +424,60 @@ class Authenticator:
         return failures + self._pending[key] >= self.config.max_failures
 
     async def authenticate(
-        self, username: str, password: str | bytes, client_ip: str
+        self, username: str, password: str | bytes, client_ip: str, *, via: str | None = None
     ) -> AuthOutcome:
         """Check one AUTH attempt from ``client_ip``.
 
         A ``str`` password is encoded as UTF-8 (with surrogateescape, so
-        bytes decoded that way come back unchanged).
+        bytes decoded that way come back unchanged). ``via`` is the load
+        balancer that vouched for ``client_ip`` in a PROXY header, for the log.
         """
         key = client_key(client_ip)
+        shown = key if via is None else f"{key} via={via}"
         if self.locked_out(client_ip):
             smtp_log.warning(
-                "auth: client=%s user=%s status=refused (locked out)", key, _shown(username)
+                "auth: client=%s user=%s status=refused (locked out)", shown, _shown(username)
             )
             return AuthOutcome(success=False, username=None, locked_out=True)
         secret = (
             password if isinstance(password, bytes) else password.encode("utf-8", "surrogateescape")
         )
+        if self.checks >= self._max_checks:
+            smtp_log.warning(
+                "auth: client=%s user=%s status=unavailable (%d checks running or waiting)",
+                shown,
+                _shown(username),
+                self.checks,
+            )
+            return AuthOutcome(success=False, username=None, unavailable=True)
         stored = self._users.hash_for(username)
         known = username in self._users
         self._pending[key] += 1
+        self._checks += 1
         try:
             loop = asyncio.get_running_loop()
             matched = await loop.run_in_executor(self._executor, self._verify, stored, secret)
+        except RuntimeError:
+            if not self._closed:
+                raise
+            # The hash threads are shut down: the relay is stopping.
+            smtp_log.warning(
+                "auth: client=%s user=%s status=unavailable (stopping)", shown, _shown(username)
+            )
+            return AuthOutcome(success=False, username=None, unavailable=True)
         finally:
+            self._checks -= 1
             self._pending[key] -= 1
             if self._pending[key] <= 0:
                 del self._pending[key]
         if matched and known:
-            smtp_log.info("auth: client=%s user=%s status=ok", key, _shown(username))
+            smtp_log.info("auth: client=%s user=%s status=ok", shown, _shown(username))
             return AuthOutcome(success=True, username=username)
         failures = self._failures.record(key, self._clock())
         locked = failures >= self.config.max_failures
         smtp_log.warning(
             "auth: client=%s user=%s status=failed failures=%d/%d%s",
-            key,
+            shown,
             _shown(username),
             failures,
             self.config.max_failures,

@@ -135,6 +135,9 @@ class SmtpConfig:
     """Seconds one DATA transfer may take in all."""
     session_timeout: float = checked(3600.0, positive)
     """Seconds one connection may last in all."""
+    write_timeout: float = checked(60.0, positive)
+    """Seconds a reply may wait to be sent to a client that does not read; a
+    closing connection gets as long to take its last reply. Then it is dropped."""
     max_messages_per_session: int = checked(1000, positive)
     max_commands: int = checked(100, positive)
     """Times each other command (NOOP, RSET, EHLO, HELP, ...) is allowed per session."""
@@ -172,6 +175,9 @@ class AuthConfig:
     """Seconds each failed AUTH reply is held back."""
     hash_threads: int = checked(2, positive)
     """Threads that check password hashes, off the event loop."""
+    max_queued_checks: int = checked(16, not_negative)
+    """Checks that may wait for a hash thread (beyond the ``hash_threads``
+    running); AUTH beyond them gets ``454 4.7.0`` at once."""
     users: tuple[UserPolicy, ...] = ()
     """From the ``[auth.users.NAME]`` tables."""
 

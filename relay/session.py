@@ -48,6 +48,13 @@ def peer_address(session: Any) -> str:
     return _shown(address)
 
 
+def vouching_peer(session: Any) -> str | None:
+    """The peer (a load balancer) that named another client address in a
+    PROXY header, or None when the client is the peer itself."""
+    peer = peer_address(session)
+    return None if client_address(session) == peer else peer
+
+
 def client_label(session: Any) -> str:
     """The client as log lines name it after ``client=``.
 
@@ -55,8 +62,8 @@ def client_label(session: Any) -> str:
     203.0.113.9 in a PROXY header, so that both can be traced; the address
     alone otherwise.
     """
-    client, peer = client_address(session), peer_address(session)
-    return client if client == peer else f"{client} via={peer}"
+    client, via = client_address(session), vouching_peer(session)
+    return client if via is None else f"{client} via={via}"
 
 
 def _shown(address: Address) -> str:

@@ -32,10 +32,14 @@ NUL in DATA                                      ``550 5.6.0``
 command line too long                            ``500 5.5.2 Line too long``, session goes on
 5 unrecognized, too long or garbled lines        ``421 4.7.0`` and close
 a command past its ``command_call_limit``        ``421 4.7.0 <CMD> sent too many times``, close
-``idle_timeout`` between commands                ``421 4.4.2 idle timeout``, close
+``idle_timeout`` of client silence                ``421 4.4.2 idle timeout``, close (the relay's
+                                                 own work on a command does not count)
 ``data_timeout`` for one DATA transfer           ``421 4.7.0 DATA transfer took too long``, close
 ``session_timeout``                              ``421 4.7.0 session time limit reached``, close
                                                  (deferred until a running handler hook answers)
+a reply unsent for ``write_timeout``             connection dropped (the client does not read)
+a close with earlier replies still unsent        dropped at once (timeouts, shutdown), or after
+                                                 ``write_timeout`` (QUIT, refusals)
 unexpected exception (ours or the handler's)     ``451 4.3.0 Internal error, try again later``
 ``ConnectionLimiter.close_all`` (shutdown)       ``421 4.3.2 Service shutting down``, close
 ===============================================  ===============================================
@@ -44,12 +48,13 @@ unexpected exception (ours or the handler's)     ``451 4.3.0 Internal error, try
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
@@ -224,6 +229,7 @@ class SessionSettings:
     idle_timeout: float
     data_timeout: float
     session_timeout: float
+    write_timeout: float
     proxy_timeout: float | None
     """Seconds for the PROXY header; None: no PROXY protocol."""
     proxy_trusted: tuple[Network, ...]
@@ -246,6 +252,7 @@ class SessionSettings:
             idle_timeout=config.idle_timeout,
             data_timeout=config.data_timeout,
             session_timeout=config.session_timeout,
+            write_timeout=config.write_timeout,
             proxy_timeout=config.proxy_protocol_timeout if config.proxy_protocol else None,
             proxy_trusted=networks(config.proxy_trusted_networks),
             call_limits=call_limits(config),
@@ -325,7 +332,7 @@ class RelaySession(Session):
     """The client's IP address (PROXY source or peer); see ``client_address``."""
 
 
-class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
+class RelaySMTP(AuthMixin, SMTP):
     """One SMTP connection; built by ``smtp_factory``.
 
     Per-connection cost: aiosmtpd's ``SMTP.__init__`` reflects over the
@@ -381,9 +388,14 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         """A command is running (its reply is not sent yet)."""
         self._drain_reply: str | None = None
         self._expired = False
-        self._deadline = 0.0
+        self._deadline: float | None = None
+        """When the client's time for what it owes runs out; None: it owes nothing."""
         self._timer_at: float | None = None
         self._session_timer: asyncio.TimerHandle | None = None
+        self._write_blocked = False
+        """The transport's buffer is over its high-water mark: the client is not reading."""
+        self._linger: asyncio.TimerHandle | None = None
+        """Drops a closing connection whose last replies were not taken in time."""
 
     def __dir__(self) -> Iterable[str]:
         if self._reflecting:
@@ -417,9 +429,18 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         self._lost = True
         self._closing = True
         self.limiter.release(self)
-        if self._session_timer is not None:
-            self._session_timer.cancel()
+        for timer in (self._session_timer, self._linger):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(error)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_blocked = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_blocked = False
 
     def shutdown(self, reply: str) -> None:
         """Send ``reply`` (a 421) at once and close; for ``ConnectionLimiter.close_all``."""
@@ -446,23 +467,66 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         self._set_post_data_state()
 
     def _close(self) -> None:
+        """Close once the replies written so far are sent; a client that has
+        not taken them within ``write_timeout`` is dropped."""
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        if self.transport is None:
+            return
+        self.transport.close()
+        if self._linger is None and not self._lost:
+            self._linger = self.loop.call_later(
+                self.settings.write_timeout, self._drop, "its last replies were not taken"
+            )
 
     def _write_and_close(self, reply: str | None) -> None:
+        """Send ``reply`` (a 421) and close; for a timeout or a shutdown.
+
+        If earlier replies are still unsent the client is not reading: the
+        reply would never reach it, and the connection is dropped at once.
+        """
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or self._lost:
+            return
+        if transport.get_write_buffer_size():
+            self._drop("it does not read its replies")
+            return
+        if transport.is_closing():
             return
         if reply:
             transport.write(reply.encode("ascii") + b"\r\n")
         self._close()
 
+    def _drop(self, reason: str) -> None:
+        """Abort the connection, discarding unsent replies, so that it frees its slot."""
+        self._closing = True
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        smtp_log.warning(
+            "client=%s: dropped: %s (%d bytes unsent)",
+            client_label(self.session),
+            reason,
+            transport.get_write_buffer_size(),
+        )
+        transport.abort()
+
     # -- timers --------------------------------------------------------------
     # One timer for "the client owes us something": the PROXY header, the
-    # next command (idle_timeout) or the rest of DATA (data_timeout). Arming
-    # only moves a deadline; the timer callback sleeps again if the deadline
-    # moved on, so no timer is created per command.
+    # next command or an AUTH answer (idle_timeout), the TLS handshake, or the
+    # rest of DATA (data_timeout). While the relay works on a command (a
+    # password check, failure_delay, a handler hook delivering to SES) the
+    # client owes nothing and the timer is disarmed: only the client's silence
+    # counts. Arming only moves a deadline; the timer callback sleeps again if
+    # the deadline moved on, so no timer is created per command.
+
+    @contextlib.contextmanager
+    def _awaiting_client(self, seconds: float, reply: str) -> Iterator[None]:
+        """The client has ``seconds`` for what it owes now, then ``reply`` and close."""
+        self._arm(seconds, reply)
+        try:
+            yield
+        finally:
+            self._deadline = None
 
     def _arm(self, seconds: float, reply: str | None) -> None:
         deadline = self.loop.time() + seconds
@@ -480,9 +544,12 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
 
     def _timeout_cb(self) -> None:
         self._timer_at = None
-        if self._deadline - self.loop.time() > _TIMER_SLACK:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
-            self._timer_at = self._deadline
+        deadline = self._deadline
+        if deadline is None:  # the client owes nothing now
+            return
+        if deadline - self.loop.time() > _TIMER_SLACK:
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+            self._timer_at = deadline
             return
         if self._timeout_reply is not None:
             smtp_log.info("client=%s: %s", client_label(self.session), self._timeout_reply[10:])
@@ -501,8 +568,30 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         # Replies are ASCII (no SMTPUTF8); a non-ASCII character in a handler's
         # text is escaped rather than failing the reply.
         data = status if isinstance(status, bytes) else status.encode("ascii", "backslashreplace")
-        self._writer.write(data + b"\r\n")
-        await self._writer.drain()
+        writer = self._writer
+        writer.write(data + b"\r\n")
+        if not self._write_blocked:
+            await writer.drain()  # returns at once (raises if the connection is gone)
+            return
+        deadline = asyncio.timeout(self.settings.write_timeout)
+        try:
+            async with deadline:
+                await writer.drain()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self._drop(f"a reply waited {self.settings.write_timeout:g}s: it does not read")
+            raise ConnectionAbortedError("the client does not read its replies") from None
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """aiosmtpd's ``334`` challenge; the client has ``idle_timeout`` to answer."""
+        with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
+            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         hook = self._handle_hooks.get(command)
@@ -613,9 +702,8 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         commands = _command_table(type(self))
         bad_lines = 0
         while not self._closing:
-            self._arm(idle, REPLY_IDLE_TIMEOUT)
-            line = await self._read_command_line()
-            self._arm(idle, REPLY_IDLE_TIMEOUT)  # a command gets a full period to be answered
+            with self._awaiting_client(idle, REPLY_IDLE_TIMEOUT):
+                line = await self._read_command_line()
             command, arg, problem = self._parse_command(line)
             method = commands.get(command) if problem is None else None
             if method is None:
@@ -748,7 +836,8 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         elif self.tls_context is None:
             await self.push("454 4.7.0 TLS not available")
         else:
-            await super().smtp_STARTTLS(arg)
+            with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
+                await super().smtp_STARTTLS(arg)  # the 220, then the client's handshake
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         await self.push("250 2.0.0 OK")
@@ -905,17 +994,16 @@ class RelaySMTP(AuthMixin, SMTP):  # type: ignore[misc]
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         settings = self.settings
         data = DataReader(settings.max_message_size, settings.bare_newline)
-        self._arm(settings.data_timeout, REPLY_DATA_TIMEOUT)
         stream = self._reader
-        while not data.done:
-            chunk = await stream.read(DATA_CHUNK)
-            if not chunk:  # end of stream: nothing to answer
-                self._close()
-                return
-            used = data.feed(chunk)
-            if used < len(chunk):
-                _unread(stream, chunk[used:])
-        self._arm(settings.idle_timeout, REPLY_IDLE_TIMEOUT)
+        with self._awaiting_client(settings.data_timeout, REPLY_DATA_TIMEOUT):
+            while not data.done:
+                chunk = await stream.read(DATA_CHUNK)
+                if not chunk:  # end of stream: nothing to answer
+                    self._close()
+                    return
+                used = data.feed(chunk)
+                if used < len(chunk):
+                    _unread(stream, chunk[used:])
         refusal = (
             REPLY_TOO_BIG
             if data.too_big

@@ -14,8 +14,10 @@ What it changes in aiosmtpd 1.4.6:
 - ``smtp_AUTH`` always answers: ``235`` or ``535`` (aiosmtpd's ``AuthResult``
   defaults to ``handled=True``, which sends nothing and leaves the client
   waiting), ``503 5.5.1`` once authenticated or inside a mail transaction,
-  ``538 5.7.11`` without TLS, and
-  ``421 4.7.0`` (then closes) for a client with too many failures;
+  ``538 5.7.11`` without TLS,
+  ``421 4.7.0`` (then closes) for a client with too many failures, and
+  ``454 4.7.0`` at once when no check can be made now (``auth.max_queued_checks``
+  checks already wait for a hash thread, or the relay is stopping);
 - TLS is read from the transport, so AUTH is offered (EHLO) and accepted on
   implicit-TLS listeners too, where aiosmtpd's ``_tls_protocol`` is unset;
 - only PLAIN and LOGIN are offered, whatever the handler defines.
@@ -34,8 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiosmtpd.smtp import MISSING, AuthResult
 
 from relay.auth import Authenticator, AuthOutcome
-from relay.log import smtp_log
-from relay.session import client_address
+from relay.session import client_address, vouching_peer
 
 REPLY_SUCCESS: Final = "235 2.7.0 Authentication successful"
 REPLY_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
@@ -74,7 +75,12 @@ class AuthMixin:
         _auth_configured_tls: bool
 
         async def push(self, status: str | bytes) -> None: ...
-        async def challenge_auth(self, challenge: str | bytes) -> Any: ...
+        async def challenge_auth(
+            self,
+            challenge: str | bytes,
+            encode_to_b64: bool = True,
+            log_client_response: bool = False,
+        ) -> Any: ...
         async def _call_handler_hook(self, command: str, *args: Any) -> Any: ...
 
     def __init__(
@@ -168,6 +174,11 @@ class AuthMixin:
     async def _auth_lock_out(self) -> None:
         # RFC 5321 3.8: a server may send 421 and close at any time.
         await self.push(REPLY_LOCKED_OUT)
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection; the relay's SMTP class also bounds how long
+        its last reply may wait for a client that does not read."""
         if self.transport is not None:
             self.transport.close()
 
@@ -228,10 +239,10 @@ class AuthMixin:
         # A name that is not UTF-8 keeps its bytes as lone surrogates: it
         # cannot match any user, and it still gets the dummy check.
         username = login.decode("utf-8", "surrogateescape")
-        try:
-            outcome = await authenticator.authenticate(username, password, self.auth_client_ip())
-        except RuntimeError:  # the hash threads are shut down: the relay is stopping
-            smtp_log.warning("auth: client=%s status=unavailable", self.auth_client_ip())
+        outcome = await authenticator.authenticate(
+            username, password, self.auth_client_ip(), via=vouching_peer(self.session)
+        )
+        if outcome.unavailable:
             return AuthResult(success=False, handled=False, message=REPLY_TEMPORARY_FAILURE)
         if outcome.success:
             return AuthResult(success=True, auth_data=outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -19,7 +20,7 @@ from typing import Any
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.session import client_address
-from relay.smtp import ConnectionLimiter, smtp_factory
+from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
 
 TIMEOUT = 10.0
 """Upper bound on any one wait in these tests; they take milliseconds."""
@@ -240,3 +241,46 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
     async with asyncio.timeout(TIMEOUT):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+EHLO = b"EHLO client.test\r\n"
+UNDER_HIGH_WATER = 450
+"""Pipelined EHLOs whose replies (~40 KB) overflow the kernel's buffers of a
+``stalled_client`` but not the relay's write buffer: the relay answers them all
+and waits for the next command."""
+OVER_HIGH_WATER = 2000
+"""Pipelined EHLOs whose replies (~180 KB) leave the relay waiting to write."""
+STALLED_RECEIVE_BUFFER = 1024
+"""SO_RCVBUF of a client that never reads (the kernel rounds it up to its minimum)."""
+STALLED_SEND_BUFFER = 4096
+"""SO_SNDBUF of the relay's side of that connection, as on a host short of memory:
+loopback would otherwise let the kernel take megabytes of replies."""
+
+
+@asynccontextmanager
+async def stalled_client(
+    limiter: ConnectionLimiter, address: tuple[str, int], payload: bytes
+) -> AsyncIterator[RelaySMTP]:
+    """A client that sends ``payload`` (pipelined commands) and never reads a reply.
+
+    With both socket buffers small, about 6 KB of replies fill the kernel's
+    buffers; the rest wait in the relay's own write buffer, and from its
+    high-water mark (64 KiB, some 740 EHLO replies) the relay waits to write.
+    Yields the relay's protocol object for the connection.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RECEIVE_BUFFER)
+    sock.setblocking(False)
+    try:
+        before = set(limiter._open)
+        await asyncio.wait_for(loop.sock_connect(sock, address), TIMEOUT)
+        await wait_for(lambda: len(set(limiter._open) - before) == 1)
+        [protocol] = set(limiter._open) - before
+        assert isinstance(protocol, RelaySMTP)
+        server_socket = protocol.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STALLED_SEND_BUFFER)
+        await asyncio.wait_for(loop.sock_sendall(sock, payload), TIMEOUT)
+        yield protocol
+    finally:
+        sock.close()

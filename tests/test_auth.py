@@ -107,6 +107,7 @@ def make_authenticator(
     window: float = 600.0,
     delay: float = 1.0,
     threads: int = 2,
+    queued: int = 16,
     **kwargs: object,
 ) -> Authenticator:
     config = AuthConfig(
@@ -114,6 +115,7 @@ def make_authenticator(
         failure_window=window,
         failure_delay=delay,
         hash_threads=threads,
+        max_queued_checks=queued,
     )
     return Authenticator(users, config, **kwargs)  # type: ignore[arg-type]
 
@@ -474,6 +476,42 @@ async def test_hash_threads_bound_concurrent_checks(
     assert most == 2
 
 
+async def test_checks_beyond_the_queue_are_unavailable_at_once_and_not_counted(
+    users: Users, closing: list[Authenticator], caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+
+    def held_verify(stored: PasswordHash, password: bytes) -> bool:
+        release.wait(timeout=10)
+        return verify_password(stored, password)
+
+    sleeps = Sleeps()
+    auth = make_authenticator(
+        users, max_failures=1, threads=1, queued=1, verify=held_verify, sleep=sleeps
+    )
+    closing.append(auth)
+    running = asyncio.ensure_future(auth.authenticate("alice", "wrong", "192.0.2.1"))
+    waiting = asyncio.ensure_future(auth.authenticate("alice", ALICE_PW, "192.0.2.2"))
+    async with asyncio.timeout(10):
+        while auth.checks < 2:
+            await asyncio.sleep(0.005)
+    with caplog.at_level(logging.WARNING, logger="relay.smtp"):
+        beyond = await asyncio.wait_for(auth.authenticate("alice", "guess", "192.0.2.3"), 1.0)
+    assert beyond == AuthOutcome(False, None, unavailable=True)
+    assert "client=192.0.2.3 user='alice' status=unavailable (2 checks running or waiting)" in (
+        caplog.text
+    )
+    assert not running.done()  # answered while both checks still wait
+    assert not waiting.done()
+    assert sleeps.calls == []  # no failure_delay
+    assert not auth.locked_out("192.0.2.3")  # max_failures=1: no failure was counted
+    release.set()
+    first, second = await asyncio.wait_for(asyncio.gather(running, waiting), timeout=10)
+    assert (first.success, first.locked_out, second.success) == (False, True, True)
+    assert auth.checks == 0
+    assert (await auth.authenticate("alice", ALICE_PW, "192.0.2.3")).success
+
+
 async def test_reload_replaces_users_and_keeps_them_on_error(
     tmp_path: Path, alice_hash: str, bob_hash: str, closing: list[Authenticator]
 ) -> None:
@@ -601,3 +639,15 @@ def test_hash_password_refuses_mismatch_empty_and_bad_names(
     assert "bad user name" in capsys.readouterr().err
     out = capsys.readouterr().out
     assert out == ""
+
+
+async def test_log_lines_name_the_load_balancer_that_vouched_for_the_client(
+    users: Users, closing: list[Authenticator], caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = make_authenticator(users, sleep=Sleeps())
+    closing.append(auth)
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    await auth.authenticate("alice", "wrong", "203.0.113.9", via="10.0.0.5")
+    await auth.authenticate("alice", ALICE_PW, "198.51.100.7")
+    assert "client=203.0.113.9 via=10.0.0.5 user='alice' status=failed" in caplog.text
+    assert "client=198.51.100.7 user='alice' status=ok" in caplog.text

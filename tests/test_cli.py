@@ -103,6 +103,18 @@ async def test_check_config_requires_trusted_networks_for_proxy_protocol(
     ]
 
 
+async def test_check_config_checks_the_write_and_auth_queue_bounds(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("[smtp]\nwrite_timeout = 0\n[auth]\nmax_queued_checks = -1\n")
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert err.splitlines() == [
+        "ses-relay: configuration is invalid (2 problems):",
+        f"  {config}: [smtp] write_timeout: must be greater than 0",
+        f"  {config}: [auth] max_queued_checks: must be 0 or greater",
+    ]
+
+
 @pytest.mark.parametrize("command", ["check-config", "serve", "quota"])
 async def test_an_unreadable_ca_bundle_is_a_configuration_error(
     tmp_path: Path, command: str

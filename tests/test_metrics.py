@@ -20,7 +20,7 @@ from relay import __version__
 from relay.app import Relay
 from tests.fakeses import FakeSes, SesErrorReply
 from tests.relayd import running_relay
-from tests.smtpserver import RawClient
+from tests.smtpserver import EHLO, OVER_HIGH_WATER, RawClient, stalled_client
 from tests.test_e2e import message, send
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -205,3 +205,27 @@ async def test_readiness_says_stopping_while_a_transaction_finishes(
             await asyncio.wait_for(stopping, 10)
         finally:
             writer.close()
+
+
+async def test_clients_that_do_not_read_give_their_connections_back(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    smtp = {"max_connections": 2, "max_commands": 10_000, "write_timeout": 0.3}
+    async with running_relay(tmp_path, fake_ses, smtp=smtp) as relay:
+        assert value(await scrape(relay), "ses_relay_smtp_connections_open") == 0
+        address = relay.smtp_addresses[0]
+        async with (
+            stalled_client(relay.limiter, address, EHLO * OVER_HIGH_WATER),
+            stalled_client(relay.limiter, address, EHLO * OVER_HIGH_WATER),
+        ):
+            async with asyncio.timeout(10):
+                while relay.limiter.active:
+                    await asyncio.sleep(0.01)
+            samples = await scrape(relay)
+            assert value(samples, "ses_relay_smtp_connections_open") == 0
+            assert value(samples, "ses_relay_smtp_connections_total", outcome="admitted") == 2
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                assert await RawClient(reader, writer).line() == "220 relay.test ESMTP ses-relay"
+            finally:
+                writer.close()

@@ -14,8 +14,10 @@ import logging
 import smtplib
 import ssl
 import struct
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,7 +30,15 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.auth import Authenticator, Users, hash_password, parse_hash
+from relay.auth import (
+    Authenticator,
+    PasswordHash,
+    Users,
+    hash_password,
+    load_users,
+    parse_hash,
+    verify_password,
+)
 from relay.config import AuthConfig
 from relay.session import client_address, client_label
 from relay.smtp import (
@@ -40,14 +50,18 @@ from relay.smtp import (
     smtp_factory,
 )
 from tests.smtpserver import (
+    EHLO,
     HOSTNAME,
+    OVER_HIGH_WATER,
     TIMEOUT,
+    UNDER_HIGH_WATER,
     RawClient,
     RecordingHandler,
     Server,
     raw_client,
     smtp_config,
     smtp_server,
+    stalled_client,
     wait_for,
 )
 
@@ -73,13 +87,17 @@ def tls(tls_ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_context, client_context
 
 
+def alice() -> Users:
+    """One user, alice, with a cheap argon2id hash of ``PASSWORD``."""
+    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    stored = parse_hash(hash_password(PASSWORD, argon2_hasher=cheap))
+    assert stored is not None
+    return Users.from_hashes("test-users", {"alice": stored})
+
+
 @pytest.fixture
 async def authenticator() -> AsyncIterator[Authenticator]:
-    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    alice = parse_hash(hash_password(PASSWORD, argon2_hasher=cheap))
-    assert alice is not None
-    users = Users.from_hashes("test-users", {"alice": alice})
-    auth = Authenticator(users, AuthConfig(failure_delay=0.0, hash_threads=1))
+    auth = Authenticator(alice(), AuthConfig(failure_delay=0.0, hash_threads=1))
     yield auth
     auth.close()
 
@@ -880,6 +898,238 @@ async def test_drain_ends_a_transaction_abandoned_with_rset() -> None:
         assert await client.command("RSET") == "250 2.0.0 OK"
         assert await eof_after(client) == ["421 4.3.2 Service shutting down"]
         assert server.handler.messages == []
+
+
+# -- clients that do not read their replies -----------------------------------------------
+
+LONG = 30.0
+"""A timeout that must not be the one that acts."""
+
+
+async def slots_are_freed(server: Server) -> None:
+    """Every stalled connection is gone, and a new client gets the banner (not 421)."""
+    await wait_for(lambda: server.limiter.active == 0)
+    async with raw_client(server) as client:
+        assert await client.greet()
+
+
+async def test_a_client_that_does_not_read_is_dropped_after_write_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with smtp_server(
+        max_connections=2,
+        max_commands=10_000,
+        idle_timeout=LONG,
+        session_timeout=LONG,
+        write_timeout=0.3,
+    ) as server:
+        address = (server.host, server.port)
+        payload = EHLO * OVER_HIGH_WATER
+        async with (
+            stalled_client(server.limiter, address, payload),
+            stalled_client(server.limiter, address, payload),
+        ):
+            await slots_are_freed(server)
+    drops = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert len(drops) == 2, drops
+    for drop in drops:
+        assert drop.startswith("client=127.0.0.1: dropped: a reply waited 0.3s: it does not read (")
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "payload", "logged"),
+    [
+        ({"idle_timeout": 0.3}, EHLO * UNDER_HIGH_WATER, "idle timeout"),
+        (
+            {"data_timeout": 0.3},
+            EHLO * UNDER_HIGH_WATER
+            + b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+            + b"Subject: never ends\r\n",
+            "DATA transfer took too long",
+        ),
+        ({"session_timeout": 0.5}, EHLO * OVER_HIGH_WATER, "session time limit reached"),
+    ],
+    ids=["idle", "data", "session"],
+)
+async def test_a_timeout_drops_a_client_that_does_not_read_at_once(
+    timeouts: dict[str, float], payload: bytes, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.smtp")
+    limits: dict[str, float] = {
+        "idle_timeout": LONG,
+        "data_timeout": LONG,
+        "session_timeout": LONG,
+        "write_timeout": LONG,
+    }
+    async with (
+        smtp_server(max_connections=1, max_commands=10_000, **(limits | timeouts)) as server,
+        stalled_client(server.limiter, (server.host, server.port), payload),
+    ):
+        await slots_are_freed(server)
+    messages = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert messages[0] == f"client=127.0.0.1: {logged}"
+    assert messages[1].startswith("client=127.0.0.1: dropped: it does not read its replies (")
+    assert server.handler.messages == []
+
+
+async def test_a_limit_drops_a_client_that_does_not_read_after_write_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with (
+        smtp_server(
+            max_connections=1,
+            max_commands=UNDER_HIGH_WATER,
+            idle_timeout=LONG,
+            session_timeout=LONG,
+            write_timeout=0.3,
+        ) as server,
+        stalled_client(server.limiter, (server.host, server.port), EHLO * (UNDER_HIGH_WATER + 1)),
+    ):
+        await slots_are_freed(server)
+    messages = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert messages[0] == "client=127.0.0.1: closed: EHLO sent too many times"
+    assert messages[1].startswith("client=127.0.0.1: dropped: its last replies were not taken (")
+
+
+async def test_shutdown_drops_clients_that_do_not_read() -> None:
+    async with smtp_server(
+        max_commands=10_000, idle_timeout=LONG, session_timeout=LONG, write_timeout=LONG
+    ) as server:
+        address = (server.host, server.port)
+        async with (
+            stalled_client(server.limiter, address, EHLO * UNDER_HIGH_WATER) as waiting,
+            stalled_client(server.limiter, address, EHLO * OVER_HIGH_WATER) as writing,
+        ):
+            await wait_for(lambda: writing._busy)  # waiting to write an EHLO reply
+            server.limiter.drain()  # the session waiting for a command: 421, dropped at once
+            await wait_for(lambda: waiting not in server.limiter._open)
+            assert server.limiter.active == 1  # the other one is still answering a command
+            server.limiter.close_all()
+            assert await server.limiter.wait_idle(TIMEOUT)
+
+
+# -- the relay's own time is not the client's idle time -------------------------------------
+
+
+async def an_idle_timeout_passes(server: Server, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Return once a full ``idle_timeout`` has passed since the call, by the relay's
+    own clock: a client that says EHLO now is cut off for its silence."""
+    async with raw_client(server, ssl_context=ssl_context) as witness:
+        await witness.greet()
+        assert await eof_after(witness) == ["421 4.4.2 idle timeout"]
+
+
+async def test_auth_beyond_the_queue_gets_454_at_once_and_a_queued_auth_is_not_cut_off(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    server_context, client_context = tls
+    users_file = tmp_path / "users"
+    users_file.write_text(f"alice:{alice().hash_for('alice').value}\n")
+    release = threading.Event()
+
+    def held_verify(stored: PasswordHash, password: bytes) -> bool:
+        release.wait(TIMEOUT)
+        return verify_password(stored, password)
+
+    config = AuthConfig(failure_delay=0.0, hash_threads=1, max_queued_checks=1, max_failures=100)
+    auth = Authenticator(load_users(users_file), config, verify=held_verify)
+    clients: list[RawClient] = []
+
+    async def auth_sent(password: str) -> RawClient:
+        client = await RawClient.connect(server, ssl_context=client_context)
+        clients.append(client)
+        await client.greet()
+        await client.send(f"AUTH PLAIN {plain('alice', password)}\r\n".encode())
+        return client
+
+    try:
+        async with smtp_server(
+            tls_context=server_context, implicit_tls=True, authenticator=auth, idle_timeout=0.5
+        ) as server:
+            legitimate = await auth_sent(PASSWORD)
+            await wait_for(lambda: auth.checks == 1)  # its check runs (and is held)
+            queued = await auth_sent("guess")
+            await wait_for(lambda: auth.checks == 2)  # this one waits for the hash thread
+            for _ in range(3):  # the flood beyond the queue is answered while both wait
+                flood = await auth_sent("guess")
+                assert await flood.line() == "454 4.7.0 Temporary authentication failure"
+            await an_idle_timeout_passes(server, client_context)
+            release.set()
+            assert await legitimate.line() == "235 2.7.0 Authentication successful"
+            assert await queued.line() == "535 5.7.8 Authentication credentials invalid"
+            assert await legitimate.command("NOOP") == "250 2.0.0 OK"
+    finally:
+        release.set()
+        for client in clients:
+            await client.close()
+        auth.close()
+
+
+async def test_failure_delay_is_not_counted_as_idle_time(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, client_context = tls
+
+    async def delay_past_an_idle_timeout(seconds: float) -> None:
+        await an_idle_timeout_passes(server, client_context)
+
+    auth = Authenticator(
+        alice(), AuthConfig(failure_delay=1.0, hash_threads=1), sleep=delay_past_an_idle_timeout
+    )
+    try:
+        async with (
+            smtp_server(
+                tls_context=server_context, implicit_tls=True, authenticator=auth, idle_timeout=0.3
+            ) as server,
+            raw_client(server, ssl_context=client_context) as client,
+        ):
+            await client.greet()
+            assert await client.command("AUTH PLAIN " + plain("alice", "guess")) == (
+                "535 5.7.8 Authentication credentials invalid"
+            )
+            assert await client.command("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+            assert await client.command(base64.b64encode(b"alice")) == "334 UGFzc3dvcmQ6"
+            assert await client.command(base64.b64encode(PASSWORD.encode())) == (
+                "235 2.7.0 Authentication successful"
+            )
+    finally:
+        auth.close()
+
+
+async def test_a_handler_hook_is_not_counted_as_idle_time() -> None:
+    handler = RecordingHandler(data_release=asyncio.Event())
+    async with (
+        smtp_server(handler=handler, idle_timeout=0.3) as server,
+        raw_client(server) as client,
+    ):
+        await client.greet()
+        await transaction(client)
+        await client.send(MESSAGE + b".\r\n")
+        await asyncio.wait_for(handler.data_started.wait(), TIMEOUT)
+        await an_idle_timeout_passes(server)  # delivering to SES takes a while
+        assert handler.data_release is not None
+        handler.data_release.set()
+        assert await client.line() == "250 2.0.0 OK"
+        assert await client.command("NOOP") == "250 2.0.0 OK"
+    assert len(handler.messages) == 1
+
+
+async def test_a_client_silent_during_an_auth_exchange_is_cut_off(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], authenticator: Authenticator
+) -> None:
+    server_context, client_context = tls
+    async with (
+        smtp_server(
+            tls_context=server_context,
+            implicit_tls=True,
+            authenticator=authenticator,
+            idle_timeout=0.3,
+        ) as server,
+        raw_client(server, ssl_context=client_context) as client,
+    ):
+        await client.greet()
+        assert await client.command("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        assert await eof_after(client) == ["421 4.4.2 idle timeout"]
 
 
 class FakeConnection:
