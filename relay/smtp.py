@@ -99,6 +99,8 @@ COMMAND_LINE_LIMIT: Final = 512
 """RFC 5321 4.5.3.1.4 (aiosmtpd's ``command_size_limit``); the line without CRLF."""
 COMMAND_LINE_LIMITS: Final = {"MAIL": 512 + 26, "AUTH": SMTP.line_length_limit - 1}
 """ESMTP exceptions: RFC 1870 SIZE adds 26 to MAIL; RFC 4954 lets AUTH be long."""
+WRITE_BUFFER_LIMIT: Final = 65536
+"""Bytes of unsent replies before the client counts as not reading (plain and TLS)."""
 DATA_CHUNK: Final = 65536
 """Bytes asked of the stream per read while in DATA."""
 _TIMER_SLACK: Final = 0.001
@@ -407,6 +409,9 @@ class RelaySMTP(AuthMixin, SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         previous = self.session
         super().connection_made(transport)
+        if isinstance(transport, asyncio.WriteTransport):
+            # TLS transports would buffer 512 KiB of unsent replies: as plain TCP.
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_LIMIT)
         session = self.session
         if previous is not None:
             # STARTTLS: aiosmtpd starts a new Session (RFC 3207 4.2); who the

@@ -12,6 +12,7 @@ import base64
 import ipaddress
 import logging
 import smtplib
+import socket
 import ssl
 import struct
 import threading
@@ -53,6 +54,8 @@ from tests.smtpserver import (
     EHLO,
     HOSTNAME,
     OVER_HIGH_WATER,
+    STALLED_RECEIVE_BUFFER,
+    STALLED_SEND_BUFFER,
     TIMEOUT,
     UNDER_HIGH_WATER,
     RawClient,
@@ -934,6 +937,56 @@ async def test_a_client_that_does_not_read_is_dropped_after_write_timeout(
     assert len(drops) == 2, drops
     for drop in drops:
         assert drop.startswith("client=127.0.0.1: dropped: a reply waited 0.3s: it does not read (")
+
+
+async def test_a_tls_client_that_does_not_read_is_dropped_after_write_timeout(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS transports buffer 512 KiB of unsent replies by default; the relay
+    holds them to the same 64 KiB as plain TCP, so ~540 KB of replies that
+    the client never reads (its own buffers take a few hundred KB) leave the
+    relay waiting to write, and ``write_timeout`` drops the client."""
+    server_context, client_context = tls
+    async with smtp_server(
+        tls_context=server_context,
+        implicit_tls=True,
+        max_connections=1,
+        max_commands=10_000,
+        idle_timeout=LONG,
+        session_timeout=LONG,
+        write_timeout=0.3,
+    ) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RECEIVE_BUFFER)
+        sock.connect((server.host, server.port))
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                sock=sock, ssl=client_context, server_hostname="localhost", limit=1024
+            ),
+            TIMEOUT,
+        )
+        try:
+            await wait_for(lambda: server.limiter.active == 1)
+            [protocol] = server.limiter._open
+            relay_side = protocol.transport.get_extra_info("socket")
+            relay_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STALLED_SEND_BUFFER)
+            writer.write(EHLO * 6000)  # never read
+            await wait_for(lambda: server.limiter.active == 0)
+        finally:
+            writer.transport.abort()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                server.host, server.port, ssl=client_context, server_hostname="localhost"
+            ),
+            TIMEOUT,
+        )
+        try:  # the slot is free: a new client gets the banner, not 421
+            assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"220 ")
+        finally:
+            writer.close()
+    drops = [r.message for r in caplog.records if r.name == "relay.smtp"]
+    assert drops == [m for m in drops if m.startswith("client=127.0.0.1: dropped: a reply waited")]
+    assert len(drops) == 1
 
 
 @pytest.mark.parametrize(
