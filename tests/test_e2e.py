@@ -389,15 +389,20 @@ async def read_reply(reader: asyncio.StreamReader) -> bytes:
             return b"".join(lines)
 
 
+def behind_proxy(trusted: str) -> dict[str, object]:
+    """PROXY protocol believed from ``trusted``; 198.51.100.0/24 may relay."""
+    return {
+        "proxy_protocol": True,
+        "proxy_trusted_networks": [trusted],
+        "allowed_networks": ["198.51.100.0/24"],
+    }
+
+
 async def test_proxy_header_decides_who_may_relay(tmp_path: Path, fake_ses: FakeSes) -> None:
     async with running_relay(
         tmp_path,
         fake_ses,
-        smtp={
-            "proxy_protocol": True,
-            "proxy_trusted_networks": ["127.0.0.1/32"],
-            "allowed_networks": ["198.51.100.0/24"],
-        },
+        smtp=behind_proxy("127.0.0.1/32"),
     ) as relay:
         host, port = relay.smtp_addresses[0]
         results = {}
@@ -424,11 +429,7 @@ async def test_proxy_header_from_an_untrusted_peer_relays_nothing(
     async with running_relay(
         tmp_path,
         fake_ses,
-        smtp={
-            "proxy_protocol": True,
-            "proxy_trusted_networks": ["10.0.0.0/8"],
-            "allowed_networks": ["198.51.100.0/24"],
-        },
+        smtp=behind_proxy("10.0.0.0/8"),
     ) as relay:
         host, port = relay.smtp_addresses[0]
         reader, writer = await asyncio.open_connection(host, port)
@@ -460,11 +461,7 @@ async def test_log_names_the_client_and_the_proxy_that_vouched_for_it(
     async with running_relay(
         tmp_path,
         fake_ses,
-        smtp={
-            "proxy_protocol": True,
-            "proxy_trusted_networks": ["127.0.0.1/32"],
-            "allowed_networks": ["198.51.100.0/24"],
-        },
+        smtp=behind_proxy("127.0.0.1/32"),
     ) as relay:
         host, port = relay.smtp_addresses[0]
         reader, writer = await asyncio.open_connection(host, port)
