@@ -56,7 +56,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
@@ -66,6 +66,8 @@ from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.dataread import BareNewline, DataReader
 from relay.errors import MessageRefused
+from relay.limiter import REPLY_SHUTTING_DOWN
+from relay.limiter import ConnectionLimiter as ConnectionLimiter  # noqa: PLC0414 (relay.app)
 from relay.log import smtp_log
 from relay.policy import Network, in_networks, networks
 from relay.session import client_label, find_client_address, peer_address
@@ -78,7 +80,6 @@ REPLY_IDLE_TIMEOUT: Final = "421 4.4.2 idle timeout"
 REPLY_DATA_TIMEOUT: Final = "421 4.7.0 DATA transfer took too long"
 REPLY_SESSION_TIMEOUT: Final = "421 4.7.0 session time limit reached"
 REPLY_TOO_MANY_ERRORS: Final = "421 4.7.0 too many bad commands"
-REPLY_SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down"
 REPLY_INTERNAL_ERROR: Final = "451 4.3.0 Internal error, try again later"
 REPLY_TOO_MANY_RECIPIENTS: Final = "452 4.5.3 Too many recipients"
 REPLY_LINE_TOO_LONG: Final = "500 5.5.2 Line too long"
@@ -108,104 +109,6 @@ _TIMER_SLACK: Final = 0.001
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _PLAIN_PATH: Final = re.compile(rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 """``<local@domain>`` with a dot-atom local part and a plain ASCII domain."""
-
-
-class _Closable(Protocol):
-    def shutdown(self, reply: str) -> None: ...
-    def close_when_idle(self, reply: str) -> None: ...
-
-
-class ConnectionLimiter:
-    """Open SMTP connections, overall and per client address.
-
-    One instance is shared by every listener of a relay. A connection takes
-    an overall slot as soon as it is accepted (``open``) and a per-client slot
-    once its client address is known, after the PROXY header if any
-    (``admit``); ``release`` gives both back when it closes. ``drain`` starts
-    a shutdown: sessions between transactions get ``421`` at once, the others
-    when their transaction ends, and new connections get ``421``.
-    """
-
-    def __init__(self, max_connections: int, max_per_client: int) -> None:
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self._open: dict[_Closable, str | None] = {}
-        self._per_client: Counter[str] = Counter()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
-        """Shutting down: every connection is told 421 as soon as it is idle."""
-        self.admitted = 0
-        """Connections admitted since start (for metrics)."""
-        self.refused = 0
-        """Connections refused for a limit since start (for metrics)."""
-
-    @property
-    def active(self) -> int:
-        """Connections open now."""
-        return len(self._open)
-
-    def connections(self, client: str) -> int:
-        """Connections admitted now for ``client``."""
-        return self._per_client[client]
-
-    def open(self, connection: _Closable) -> bool:
-        """Take an overall slot; False when ``max_connections`` are open."""
-        if connection in self._open:
-            return True
-        if len(self._open) >= self.max_connections:
-            self.refused += 1
-            return False
-        self._open[connection] = None
-        self._idle.clear()
-        return True
-
-    def admit(self, connection: _Closable, client: str) -> bool:
-        """Take a slot for ``client``; False when it has ``max_per_client`` already."""
-        if connection not in self._open:
-            return False
-        if self._open[connection] is not None:
-            return True  # admitted already
-        if self._per_client[client] >= self.max_per_client:
-            self.refused += 1
-            return False
-        self._per_client[client] += 1
-        self._open[connection] = client
-        self.admitted += 1
-        return True
-
-    def release(self, connection: _Closable) -> None:
-        """Give back whatever ``connection`` holds (nothing if it holds nothing)."""
-        if connection not in self._open:
-            return
-        client = self._open.pop(connection)
-        if client is not None:
-            self._per_client[client] -= 1
-            if not self._per_client[client]:
-                del self._per_client[client]
-        if not self._open:
-            self._idle.set()
-
-    async def wait_idle(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for every connection to close; True if they did."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    def drain(self) -> None:
-        """Start a shutdown: ``421 4.3.2`` now for sessions between transactions,
-        after the transaction for the others, at once for new connections."""
-        self.draining = True
-        for connection in list(self._open):
-            connection.close_when_idle(REPLY_SHUTTING_DOWN)
-
-    def close_all(self) -> None:
-        """Tell every open connection ``421 4.3.2`` and close it."""
-        for connection in list(self._open):
-            connection.shutdown(REPLY_SHUTTING_DOWN)
 
 
 def call_limits(config: SmtpConfig) -> dict[str, int]:

@@ -41,9 +41,9 @@ from relay.auth import (
     verify_password,
 )
 from relay.config import AuthConfig
+from relay.limiter import ConnectionLimiter
 from relay.session import client_address, client_label
 from relay.smtp import (
-    ConnectionLimiter,
     RelaySMTP,
     SessionSettings,
     _HookTable,
