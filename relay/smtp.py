@@ -8,10 +8,15 @@ MAIL, RCPT and DATA so that every reply carries an enhanced status code and
 every resource has a bound. The handler (``relay.handler``) decides MAIL,
 RCPT and DATA through aiosmtpd's hooks and gets ASCII addresses only.
 
+This module is the session's policy and flow; its parts are elsewhere:
+``relay.smtpsyntax`` parses command lines and the paths and parameters of
+MAIL and RCPT (pure), ``relay.limiter`` counts connections, and
+``relay.aiosmtpd_compat`` holds every use of aiosmtpd's private API.
+
 DATA is read in 64 KiB chunks by ``relay.dataread.DataReader`` (dot
 unstuffing, size limit, bare CR/LF and NUL rules, SMTP smuggling); the bytes
 that follow the end marker in the last chunk are the client's pipelined
-commands and go back to the front of the stream's buffer (``_unread``).
+commands and go back to the front of the stream's buffer (``unread``).
 
 Replies given here (the handler's own replies come on top):
 
@@ -50,26 +55,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException
 
 from relay.addresses import ascii_address
+from relay.aiosmtpd_compat import AiosmtpdSMTP, HookTable
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.dataread import BareNewline, DataReader
 from relay.errors import MessageRefused
+from relay.limiter import REPLY_SHUTTING_DOWN
+from relay.limiter import ConnectionLimiter as ConnectionLimiter  # noqa: PLC0414 (relay.app)
 from relay.log import smtp_log
 from relay.policy import Network, in_networks, networks
 from relay.session import client_label, find_client_address, peer_address
 from relay.smtpauth import AuthMixin
+from relay.smtpsyntax import (
+    REPLY_TOO_BIG,
+    ehlo_reply,
+    parse_command,
+    parse_mail,
+    parse_rcpt,
+)
 
 BANNER_SOFTWARE: Final = "ESMTP ses-relay"
 
@@ -78,13 +92,9 @@ REPLY_IDLE_TIMEOUT: Final = "421 4.4.2 idle timeout"
 REPLY_DATA_TIMEOUT: Final = "421 4.7.0 DATA transfer took too long"
 REPLY_SESSION_TIMEOUT: Final = "421 4.7.0 session time limit reached"
 REPLY_TOO_MANY_ERRORS: Final = "421 4.7.0 too many bad commands"
-REPLY_SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down"
 REPLY_INTERNAL_ERROR: Final = "451 4.3.0 Internal error, try again later"
 REPLY_TOO_MANY_RECIPIENTS: Final = "452 4.5.3 Too many recipients"
-REPLY_LINE_TOO_LONG: Final = "500 5.5.2 Line too long"
-REPLY_BAD_SYNTAX: Final = "500 5.5.2 Error: bad syntax"
 REPLY_UNKNOWN_COMMAND: Final = "500 5.5.1 Error: command not recognized"
-REPLY_TOO_BIG: Final = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_BARE_NEWLINE: Final = "550 5.5.2 bare CR or LF not allowed"
 REPLY_NUL: Final = "550 5.6.0 NUL character not allowed in message"
 REPLY_NO_HELO: Final = "503 5.5.1 Error: send HELO first"
@@ -95,117 +105,11 @@ REPLY_INSECURE: Final = "554 5.7.0 Command refused due to lack of security"
 
 BAD_COMMAND_LIMIT: Final = 5
 """Unrecognized, garbled or too long command lines per session before 421."""
-COMMAND_LINE_LIMIT: Final = 512
-"""RFC 5321 4.5.3.1.4 (aiosmtpd's ``command_size_limit``); the line without CRLF."""
-COMMAND_LINE_LIMITS: Final = {"MAIL": 512 + 26, "AUTH": SMTP.line_length_limit - 1}
-"""ESMTP exceptions: RFC 1870 SIZE adds 26 to MAIL; RFC 4954 lets AUTH be long."""
 WRITE_BUFFER_LIMIT: Final = 65536
 """Bytes of unsent replies before the client counts as not reading (plain and TLS)."""
 DATA_CHUNK: Final = 65536
 """Bytes asked of the stream per read while in DATA."""
 _TIMER_SLACK: Final = 0.001
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_PLAIN_PATH: Final = re.compile(rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
-"""``<local@domain>`` with a dot-atom local part and a plain ASCII domain."""
-
-
-class _Closable(Protocol):
-    def shutdown(self, reply: str) -> None: ...
-    def close_when_idle(self, reply: str) -> None: ...
-
-
-class ConnectionLimiter:
-    """Open SMTP connections, overall and per client address.
-
-    One instance is shared by every listener of a relay. A connection takes
-    an overall slot as soon as it is accepted (``open``) and a per-client slot
-    once its client address is known, after the PROXY header if any
-    (``admit``); ``release`` gives both back when it closes. ``drain`` starts
-    a shutdown: sessions between transactions get ``421`` at once, the others
-    when their transaction ends, and new connections get ``421``.
-    """
-
-    def __init__(self, max_connections: int, max_per_client: int) -> None:
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self._open: dict[_Closable, str | None] = {}
-        self._per_client: Counter[str] = Counter()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
-        """Shutting down: every connection is told 421 as soon as it is idle."""
-        self.admitted = 0
-        """Connections admitted since start (for metrics)."""
-        self.refused = 0
-        """Connections refused for a limit since start (for metrics)."""
-
-    @property
-    def active(self) -> int:
-        """Connections open now."""
-        return len(self._open)
-
-    def connections(self, client: str) -> int:
-        """Connections admitted now for ``client``."""
-        return self._per_client[client]
-
-    def open(self, connection: _Closable) -> bool:
-        """Take an overall slot; False when ``max_connections`` are open."""
-        if connection in self._open:
-            return True
-        if len(self._open) >= self.max_connections:
-            self.refused += 1
-            return False
-        self._open[connection] = None
-        self._idle.clear()
-        return True
-
-    def admit(self, connection: _Closable, client: str) -> bool:
-        """Take a slot for ``client``; False when it has ``max_per_client`` already."""
-        if connection not in self._open:
-            return False
-        if self._open[connection] is not None:
-            return True  # admitted already
-        if self._per_client[client] >= self.max_per_client:
-            self.refused += 1
-            return False
-        self._per_client[client] += 1
-        self._open[connection] = client
-        self.admitted += 1
-        return True
-
-    def release(self, connection: _Closable) -> None:
-        """Give back whatever ``connection`` holds (nothing if it holds nothing)."""
-        if connection not in self._open:
-            return
-        client = self._open.pop(connection)
-        if client is not None:
-            self._per_client[client] -= 1
-            if not self._per_client[client]:
-                del self._per_client[client]
-        if not self._open:
-            self._idle.set()
-
-    async def wait_idle(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for every connection to close; True if they did."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    def drain(self) -> None:
-        """Start a shutdown: ``421 4.3.2`` now for sessions between transactions,
-        after the transaction for the others, at once for new connections."""
-        self.draining = True
-        for connection in list(self._open):
-            connection.close_when_idle(REPLY_SHUTTING_DOWN)
-
-    def close_all(self) -> None:
-        """Tell every open connection ``421 4.3.2`` and close it."""
-        for connection in list(self._open):
-            connection.shutdown(REPLY_SHUTTING_DOWN)
 
 
 def call_limits(config: SmtpConfig) -> dict[str, int]:
@@ -266,41 +170,9 @@ class SessionSettings:
         return f"220 {self.hostname} {BANNER_SOFTWARE}"
 
 
-class _HookTable:
-    """The handler's ``handle_*`` hooks alone, for aiosmtpd's per-connection reflection.
-
-    ``SMTP.__init__`` runs ``inspect.getmembers`` and ``dir`` over the handler
-    for every connection; over this table they see a handful of names.
-    ``handle_EHLO`` is left out: ``RelaySMTP`` writes the EHLO reply itself.
-    """
-
-    def __init__(self, handler: object) -> None:
-        self._names = [
-            name
-            for name in dir(handler)
-            if name.startswith("handle_") and name not in ("handle_EHLO", "handle_exception")
-        ]
-        for name in self._names:
-            setattr(self, name, getattr(handler, name))
-
-    def __dir__(self) -> Iterable[str]:
-        return self._names
-
-
 Command = Callable[[Any, str | None], Awaitable[None]]
 
-_reflected: dict[type, list[str]] = {}
 _commands: dict[type, dict[str, Command]] = {}
-
-
-def _reflected_names(cls: type) -> list[str]:
-    """The names ``SMTP.__init__`` looks for on the protocol object (once per class)."""
-    names = _reflected.get(cls)
-    if names is None:
-        names = _reflected[cls] = sorted(
-            name for name in dir(cls) if name.startswith(("smtp_", "auth_"))
-        )
-    return names
 
 
 def _command_table(cls: type) -> dict[str, Command]:
@@ -313,20 +185,6 @@ def _command_table(cls: type) -> dict[str, Command]:
     return table
 
 
-def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Put ``data`` back at the front of ``reader``'s buffer.
-
-    DATA reads the stream in large chunks; the bytes after the end marker are
-    the client's next (pipelined) commands and must be read again by the
-    command loop, by AUTH challenges, or discarded by STARTTLS, exactly as if
-    they had never been taken. aiosmtpd itself reaches into ``_buffer``
-    (STARTTLS clears it); there is no public way to push bytes back.
-    """
-    buffer = reader._buffer  # type: ignore[attr-defined]
-    assert isinstance(buffer, bytearray)
-    buffer[:0] = data
-
-
 class RelaySession(Session):
     """aiosmtpd's session, with the client address worked out once."""
 
@@ -334,20 +192,11 @@ class RelaySession(Session):
     """The client's IP address (PROXY source or peer); see ``client_address``."""
 
 
-class RelaySMTP(AuthMixin, SMTP):
-    """One SMTP connection; built by ``smtp_factory``.
+class RelaySMTP(AuthMixin, AiosmtpdSMTP):
+    """One SMTP connection; built by ``smtp_factory``, which passes the handler's
+    hooks as a ``HookTable`` built once per factory."""
 
-    Per-connection cost: aiosmtpd's ``SMTP.__init__`` reflects over the
-    protocol object and the handler (``inspect.getmembers``, ``dir``) on every
-    connection, about 0.2 ms. Here its reflection sees only the names it looks
-    for: ``__dir__`` answers from a per-class list while ``__init__`` runs,
-    and the handler is passed as a ``_HookTable`` (built once per factory).
-    That cuts it to about a third without copying ``SMTP.__init__``; the rest
-    is aiosmtpd's own attribute set-up and its reflective loops over those
-    few names, which only a copy of ``SMTP.__init__`` could remove.
-    """
-
-    _reflecting = False
+    session_class = RelaySession
     _timeout_reply: str | None = REPLY_IDLE_TIMEOUT
 
     if TYPE_CHECKING:  # set in connection_made, before any command runs
@@ -360,26 +209,22 @@ class RelaySMTP(AuthMixin, SMTP):
         *,
         settings: SessionSettings,
         limiter: ConnectionLimiter,
-        hooks: _HookTable | None = None,
+        hooks: HookTable | None = None,
         tls_context: ssl.SSLContext | None = None,
         authenticator: Authenticator | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self._reflecting = True
-        try:
-            super().__init__(
-                hooks if hooks is not None else _HookTable(handler),
-                data_size_limit=settings.max_message_size,
-                hostname=settings.hostname,
-                tls_context=None if settings.implicit_tls else tls_context,
-                timeout=settings.idle_timeout,
-                auth_require_tls=True,
-                command_call_limit=dict(settings.call_limits),
-                relay_authenticator=authenticator,
-                loop=loop,
-            )
-        finally:
-            self._reflecting = False
+        super().__init__(
+            hooks if hooks is not None else HookTable(handler),
+            data_size_limit=settings.max_message_size,
+            hostname=settings.hostname,
+            tls_context=None if settings.implicit_tls else tls_context,
+            timeout=settings.idle_timeout,
+            auth_require_tls=True,
+            command_call_limit=dict(settings.call_limits),
+            relay_authenticator=authenticator,
+            loop=loop,
+        )
         self.event_handler = handler
         self.settings = settings
         self.limiter = limiter
@@ -398,11 +243,6 @@ class RelaySMTP(AuthMixin, SMTP):
         """The transport's buffer is over its high-water mark: the client is not reading."""
         self._linger: asyncio.TimerHandle | None = None
         """Drops a closing connection whose last replies were not taken in time."""
-
-    def __dir__(self) -> Iterable[str]:
-        if self._reflecting:
-            return _reflected_names(type(self))
-        return super().__dir__()
 
     # -- connection life ---------------------------------------------------
 
@@ -461,15 +301,6 @@ class RelaySMTP(AuthMixin, SMTP):
 
     def _in_transaction(self) -> bool:
         return self.envelope.mail_from is not None
-
-    def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
-
-    def _set_post_data_state(self) -> None:
-        self.envelope = self._create_envelope()
-
-    def _set_rset_state(self) -> None:
-        self._set_post_data_state()
 
     def _close(self) -> None:
         """Close once the replies written so far are sent; a client that has
@@ -538,22 +369,19 @@ class RelaySMTP(AuthMixin, SMTP):
         self._deadline = deadline
         self._timeout_reply = reply
         if self._timer_at is None or deadline < self._timer_at:
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+            self.schedule_client_timer(deadline)
             self._timer_at = deadline
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd calls this from connection_made (also after STARTTLS).
-        self._arm(duration or self._timeout_duration, self._timeout_reply)
+    def restart_client_timer(self, seconds: float) -> None:
+        self._arm(seconds, self._timeout_reply)
 
-    def _timeout_cb(self) -> None:
+    def client_timer_fired(self) -> None:
         self._timer_at = None
         deadline = self._deadline
         if deadline is None:  # the client owes nothing now
             return
         if deadline - self.loop.time() > _TIMER_SLACK:
-            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+            self.schedule_client_timer(deadline)
             self._timer_at = deadline
             return
         if self._timeout_reply is not None:
@@ -573,7 +401,7 @@ class RelaySMTP(AuthMixin, SMTP):
         # Replies are ASCII (no SMTPUTF8); a non-ASCII character in a handler's
         # text is escaped rather than failing the reply.
         data = status if isinstance(status, bytes) else status.encode("ascii", "backslashreplace")
-        writer = self._writer
+        writer = self.writer
         writer.write(data + b"\r\n")
         if not self._write_blocked:
             await writer.drain()  # returns at once (raises if the connection is gone)
@@ -598,17 +426,14 @@ class RelaySMTP(AuthMixin, SMTP):
         with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
             return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
 
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        hook = self._handle_hooks.get(command)
-        if hook is None:
-            return MISSING
+    async def call_hook(self, command: str, *args: Any) -> Any:
         self._in_hook = True
         try:
-            return await hook(self, self.session, self.envelope, *args)
+            return await super().call_hook(command, *args)
         finally:
             self._in_hook = False
 
-    async def _handle_client(self) -> None:
+    async def serve_client(self) -> None:
         try:
             if await self._admit():
                 await self.push(self.settings.banner)
@@ -678,7 +503,7 @@ class RelaySMTP(AuthMixin, SMTP):
             self._close()
             return False
         try:
-            proxy = await get_proxy(self._reader)
+            proxy = await get_proxy(self.reader)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             proxy = None
         if not proxy:  # aiosmtpd's ProxyData is false when invalid
@@ -691,7 +516,7 @@ class RelaySMTP(AuthMixin, SMTP):
             self._close()
             return False
         session.proxy_data = proxy
-        accepted = await self._call_handler_hook("PROXY", proxy)
+        accepted = await self.call_hook("PROXY", proxy)
         if accepted is not MISSING and not accepted:
             self._close()
             return False
@@ -709,7 +534,7 @@ class RelaySMTP(AuthMixin, SMTP):
         while not self._closing:
             with self._awaiting_client(idle, REPLY_IDLE_TIMEOUT):
                 line = await self._read_command_line()
-            command, arg, problem = self._parse_command(line)
+            command, arg, problem = parse_command(line, extended=self.session.extended_smtp)
             method = commands.get(command) if problem is None else None
             if method is None:
                 bad_lines += 1
@@ -727,7 +552,7 @@ class RelaySMTP(AuthMixin, SMTP):
                 )
                 await self._refuse(f"421 4.7.0 {command} sent too many times")
                 return
-            if not self._tls_handshake_okay and command != "QUIT":
+            if not self.tls_handshake_okay and command != "QUIT":
                 await self.push(REPLY_INSECURE)
                 continue
             self._busy = True
@@ -744,7 +569,7 @@ class RelaySMTP(AuthMixin, SMTP):
 
     async def _read_command_line(self) -> bytes | None:
         """The next line, or None if it was too long (and has been skipped)."""
-        reader = self._reader
+        reader = self.reader
         try:
             line: bytes = await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
@@ -759,28 +584,6 @@ class RelaySMTP(AuthMixin, SMTP):
                 consumed = exc.consumed
             else:
                 return None
-
-    def _parse_command(self, line: bytes | None) -> tuple[str, str | None, str | None]:
-        """``(COMMAND, argument, None)``, or ``("", None, reply)`` for a bad line."""
-        if line is None:
-            return "", None, REPLY_LINE_TOO_LONG
-        line = line.rstrip(b"\r\n")
-        command_bytes, _, arg_bytes = line.partition(b" ")
-        try:
-            command = command_bytes.upper().decode("ascii")
-            # Arguments may be UTF-8 (an IDN domain) although SMTPUTF8 is not
-            # offered: relay.addresses turns them into what SES takes, or refuses.
-            arg = arg_bytes.strip().decode("utf-8") if arg_bytes else None
-        except UnicodeDecodeError:
-            return "", None, REPLY_BAD_SYNTAX
-        if not command:
-            return "", None, REPLY_BAD_SYNTAX
-        limit = COMMAND_LINE_LIMIT
-        if self.session.extended_smtp:
-            limit = COMMAND_LINE_LIMITS.get(command, COMMAND_LINE_LIMIT)
-        if len(line) > limit:
-            return "", None, REPLY_LINE_TOO_LONG
-        return command, arg, None
 
     async def _run(self, command: str, method: Command, arg: str | None) -> None:
         """Run one command; an unexpected error becomes 451 and a log record."""
@@ -802,7 +605,7 @@ class RelaySMTP(AuthMixin, SMTP):
                 "client=%s: internal error in %s", client_label(self.session), command
             )
             if command == "DATA":
-                self._set_post_data_state()
+                self.reset_envelope()
             await self.push(REPLY_INTERNAL_ERROR)
 
     # -- commands --------------------------------------------------------------
@@ -811,26 +614,20 @@ class RelaySMTP(AuthMixin, SMTP):
         if not hostname:
             await self.push("501 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
+        self.reset_envelope()
         session = self.session
         session.extended_smtp = True
         session.host_name = hostname
-        lines = [
-            self.hostname,
-            f"SIZE {self.settings.max_message_size}",
-            "8BITMIME",
-            "PIPELINING",
-            "ENHANCEDSTATUSCODES",
-        ]
-        if self.tls_context is not None and not self.auth_tls_active:
-            lines.append("STARTTLS")
+        auth = None
         if self.auth_offered:
-            lines.append(
-                "AUTH " + " ".join(m for m in ("PLAIN", "LOGIN") if m in self._auth_methods)
-            )
-        last = len(lines) - 1
+            auth = [m for m in ("PLAIN", "LOGIN") if self.mechanism_offered(m)]
         await self.push(
-            "\r\n".join(f"250{' ' if i == last else '-'}{text}" for i, text in enumerate(lines))
+            ehlo_reply(
+                self.hostname,
+                self.settings.max_message_size,
+                starttls=self.tls_context is not None and not self.auth_tls_active,
+                auth=auth,
+            )
         )
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
@@ -842,7 +639,7 @@ class RelaySMTP(AuthMixin, SMTP):
             await self.push("454 4.7.0 TLS not available")
         else:
             with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
-                await super().smtp_STARTTLS(arg)  # the 220, then the client's handshake
+                await self.start_tls()
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         await self.push("250 2.0.0 OK")
@@ -851,8 +648,8 @@ class RelaySMTP(AuthMixin, SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
-        self._set_rset_state()
-        status = await self._call_handler_hook("RSET")
+        self.reset_envelope()
+        status = await self.call_hook("RSET")
         await self.push("250 2.0.0 OK" if status is MISSING else status)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
@@ -884,41 +681,23 @@ class RelaySMTP(AuthMixin, SMTP):
         if envelope.mail_from is not None:
             await self.push(REPLY_NESTED_MAIL)
             return
-        syntax = "501 5.5.4 Syntax: MAIL FROM:<address>"
-        parsed = self._command_path("FROM:", arg, syntax, "553 5.1.7 Error: malformed address")
+        parsed = parse_mail(
+            arg,
+            extended=self.session.extended_smtp,
+            max_message_size=self.settings.max_message_size,
+        )
         if isinstance(parsed, str):
             await self.push(parsed)
             return
-        address, options = parsed
-        refusal = self._mail_options_refusal(options, syntax)
-        if refusal is not None:
-            await self.push(refusal)
-            return
+        address, options = parsed.address, parsed.options
         if address != "<>":
             address = ascii_address(address, "sender")  # MessageRefused: its 553 reply
-        status = await self._call_handler_hook("MAIL", address, options)
+        status = await self.call_hook("MAIL", address, options)
         if status is MISSING:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
             status = "250 2.1.0 OK"
         await self.push(status)
-
-    def _mail_options_refusal(self, options: list[str], syntax: str) -> str | None:
-        params = self._getparams(options)
-        if params is None:
-            return syntax
-        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            return "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"
-        size = params.pop("SIZE", None)
-        if size is not None:
-            if not (isinstance(size, str) and size.isascii() and size.isdigit()):
-                return syntax
-            if int(size) > self.settings.max_message_size:
-                return REPLY_TOO_BIG
-        params.pop("AUTH", None)  # RFC 4954 5: accepted; the session's AUTH is what counts
-        if params:
-            return "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
-        return None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         envelope = self.envelope
@@ -931,56 +710,18 @@ class RelaySMTP(AuthMixin, SMTP):
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             await self.push(REPLY_TOO_MANY_RECIPIENTS)
             return
-        syntax = "501 5.5.4 Syntax: RCPT TO:<address>"
-        parsed = self._command_path("TO:", arg, syntax, "553 5.1.3 Error: malformed address")
+        parsed = parse_rcpt(arg, extended=self.session.extended_smtp)
         if isinstance(parsed, str):
             await self.push(parsed)
             return
-        address, options = parsed
-        params = self._getparams(options)
-        if params:
-            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
-            return
-        if params is None:
-            await self.push(syntax)
-            return
-        address = ascii_address(address, "recipient")  # MessageRefused: its 553 reply
-        status = await self._call_handler_hook("RCPT", address, options)
+        options = parsed.options
+        address = ascii_address(parsed.address, "recipient")  # MessageRefused: its 553 reply
+        status = await self.call_hook("RCPT", address, options)
         if status is MISSING:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
             status = "250 2.1.5 OK"
         await self.push(status)
-
-    def _command_path(
-        self, keyword: str, arg: str | None, syntax: str, malformed: str
-    ) -> tuple[str, list[str]] | str:
-        """``(address, OPTIONS)`` from ``FROM:<address> options``, or the reply refusing it."""
-        path = self._strip_command_keyword(keyword, arg) if arg else None
-        if path is None:
-            return syntax
-        address, rest = self._parse_path(path)
-        if address is None:
-            return malformed
-        if not address or (rest and not self.session.extended_smtp):
-            return syntax
-        return address, rest.upper().split()
-
-    def _parse_path(self, path: str) -> tuple[str | None, str]:
-        """``(address, parameters)`` from ``<local@domain> PARAMS``, as aiosmtpd parses it.
-
-        Plain ``<dot-atom@domain>`` paths take a regular expression; anything
-        else (source routes, quoted local parts, comments, address literals,
-        non-ASCII, no angle brackets) goes to aiosmtpd's own parser, so the
-        same paths are accepted either way (tests compare the two).
-        """
-        match = _PLAIN_PATH.match(path)
-        if match is not None:
-            rest = path[match.end() :].lstrip(" \t")
-            if not rest.startswith("("):  # a comment: aiosmtpd's parser skips it
-                return match.group(1), rest
-        address, params = self._getaddr(path)
-        return address, params or ""
 
     async def smtp_DATA(self, arg: str | None) -> None:
         envelope = self.envelope
@@ -999,7 +740,7 @@ class RelaySMTP(AuthMixin, SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         settings = self.settings
         data = DataReader(settings.max_message_size, settings.bare_newline)
-        stream = self._reader
+        stream = self.reader
         with self._awaiting_client(settings.data_timeout, REPLY_DATA_TIMEOUT):
             while not data.done:
                 chunk = await stream.read(DATA_CHUNK)
@@ -1008,7 +749,7 @@ class RelaySMTP(AuthMixin, SMTP):
                     return
                 used = data.feed(chunk)
                 if used < len(chunk):
-                    _unread(stream, chunk[used:])
+                    self.unread(chunk[used:])
         refusal = (
             REPLY_TOO_BIG
             if data.too_big
@@ -1019,15 +760,15 @@ class RelaySMTP(AuthMixin, SMTP):
             else None
         )
         if refusal is not None:
-            self._set_post_data_state()
+            self.reset_envelope()
             await self.push(refusal)
             return
         envelope.content = envelope.original_content = data.message
         del data
         try:
-            status = await self._call_handler_hook("DATA")
+            status = await self.call_hook("DATA")
         finally:
-            self._set_post_data_state()
+            self.reset_envelope()
         await self.push("250 2.0.0 OK" if status is MISSING else status)
 
 
@@ -1069,7 +810,7 @@ def smtp_factory(
         )
     quiet_aiosmtpd_logs()
     settings = SessionSettings.from_config(config, implicit_tls=implicit_tls)
-    hooks = _HookTable(handler)
+    hooks = HookTable(handler)
 
     def factory() -> RelaySMTP:
         return RelaySMTP(

@@ -22,6 +22,8 @@ What it changes in aiosmtpd 1.4.6:
   implicit-TLS listeners too, where aiosmtpd's ``_tls_protocol`` is unset;
 - only PLAIN and LOGIN are offered, whatever the handler defines.
 
+The aiosmtpd internals this needs are in ``relay.aiosmtpd_compat.AiosmtpdAuth``.
+
 On success ``session.authenticated`` is True and ``session.auth_data`` holds
 the user name (a ``str``; aiosmtpd would keep the password there too):
 see ``relay.session.authenticated_user``.
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiosmtpd.smtp import MISSING, AuthResult
 
+from relay.aiosmtpd_compat import AiosmtpdAuth
 from relay.auth import Authenticator, AuthOutcome
 from relay.session import client_address, vouching_peer
 
@@ -59,8 +62,10 @@ REPLY_TEMPORARY_FAILURE: Final = "454 4.7.0 Temporary authentication failure"
 MECHANISMS: Final = frozenset({"PLAIN", "LOGIN"})
 
 
-class AuthMixin:
+class AuthMixin(AiosmtpdAuth):
     """AUTH PLAIN and LOGIN for an aiosmtpd ``SMTP`` subclass; put it first in the bases."""
+
+    offered_mechanisms = MECHANISMS
 
     relay_authenticator: Authenticator | None = None
     """Set by the factory (``relay_authenticator=`` keyword); None: AUTH not available."""
@@ -71,8 +76,6 @@ class AuthMixin:
     if TYPE_CHECKING:
         session: Any
         transport: Any
-        _auth_methods: dict[str, Any]
-        _auth_configured_tls: bool
 
         async def push(self, status: str | bytes) -> None: ...
         async def challenge_auth(
@@ -81,7 +84,6 @@ class AuthMixin:
             encode_to_b64: bool = True,
             log_client_response: bool = False,
         ) -> Any: ...
-        async def _call_handler_hook(self, command: str, *args: Any) -> Any: ...
 
     def __init__(
         self, *args: Any, relay_authenticator: Authenticator | None = None, **kwargs: Any
@@ -89,20 +91,6 @@ class AuthMixin:
         super().__init__(*args, **kwargs)
         if relay_authenticator is not None:
             self.relay_authenticator = relay_authenticator
-        self._auth_methods = {
-            name: method for name, method in self._auth_methods.items() if name in MECHANISMS
-        }
-
-    # aiosmtpd's EHLO lists AUTH when ``not self._auth_require_tls or
-    # self._tls_protocol``; on an implicit-TLS listener ``_tls_protocol`` is
-    # None, so TLS is read from the transport here. TLS is always required.
-    @property
-    def _auth_require_tls(self) -> bool:
-        return not self.auth_tls_active
-
-    @_auth_require_tls.setter
-    def _auth_require_tls(self, value: bool) -> None:
-        self._auth_configured_tls = value  # ignored: AUTH needs TLS here
 
     @property
     def auth_tls_active(self) -> bool:
@@ -135,7 +123,7 @@ class AuthMixin:
         if authenticator.locked_out(self.auth_client_ip()):
             await self._auth_lock_out()
             return
-        status = await self._call_handler_hook("AUTH", args)
+        status = await self.call_auth_hook(args)
         if status is not MISSING:
             await self.push(status)
             return
@@ -161,7 +149,7 @@ class AuthMixin:
             (bool(session.authenticated), REPLY_ALREADY_AUTHENTICATED),
             (self._in_transaction(), REPLY_IN_TRANSACTION),
             (not 1 <= len(args) <= 2, REPLY_SYNTAX),
-            (bool(args) and args[0] not in self._auth_methods, REPLY_UNKNOWN_MECHANISM),
+            (bool(args) and not self.mechanism_offered(args[0]), REPLY_UNKNOWN_MECHANISM),
             (self.relay_authenticator is None, REPLY_NOT_AVAILABLE),
         )
         return next((reply for refused, reply in checks if refused), None)

@@ -19,8 +19,9 @@ from typing import Any
 
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
+from relay.limiter import ConnectionLimiter
 from relay.session import client_address
-from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
+from relay.smtp import RelaySMTP, smtp_factory
 
 TIMEOUT = 10.0
 """Upper bound on any one wait in these tests; they take milliseconds."""

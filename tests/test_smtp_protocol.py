@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.aiosmtpd_compat import HookTable
 from relay.auth import (
     Authenticator,
     PasswordHash,
@@ -41,15 +42,15 @@ from relay.auth import (
     verify_password,
 )
 from relay.config import AuthConfig
+from relay.limiter import ConnectionLimiter
 from relay.session import client_address, client_label
 from relay.smtp import (
-    ConnectionLimiter,
     RelaySMTP,
     SessionSettings,
-    _HookTable,
     call_limits,
     smtp_factory,
 )
+from relay.smtpsyntax import parse_path
 from tests.smtpserver import (
     EHLO,
     HOSTNAME,
@@ -515,9 +516,9 @@ def test_fast_path_parses_as_aiosmtpd_does(
         expected_address, expected_rest = SMTP._getaddr(protocol, path)
     except Exception as exc:  # aiosmtpd's parser breaks: so must the fast path
         with pytest.raises(type(exc)):
-            protocol._parse_path(path)
+            parse_path(path)
         return
-    address, params = protocol._parse_path(path)
+    address, params = parse_path(path)
     assert address == expected_address
     assert params.upper().split() == (expected_rest or "").upper().split()
 
@@ -542,7 +543,7 @@ def test_fast_path_parses_as_aiosmtpd_does(
 )
 def test_unusual_paths_parse_as_aiosmtpd_does(protocol: RelaySMTP, path: str) -> None:
     expected_address, expected_rest = SMTP._getaddr(protocol, path)
-    address, params = protocol._parse_path(path)
+    address, params = parse_path(path)
     assert address == expected_address
     assert params.split() == (expected_rest or "").split()
 
@@ -1461,7 +1462,7 @@ def test_client_label_names_the_peer_that_vouched() -> None:
 async def test_reflection_tables_are_right_and_dir_is_whole() -> None:
     handler = RecordingHandler()
     settings = SessionSettings.from_config(smtp_config(), implicit_tls=False)
-    hooks = _HookTable(handler)
+    hooks = HookTable(handler)
     protocol = RelaySMTP(
         handler,
         settings=settings,

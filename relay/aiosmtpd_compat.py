@@ -1,0 +1,290 @@
+"""Every use of aiosmtpd's private API, behind names of the relay's own.
+
+The listener (``relay.smtp``) and AUTH (``relay.smtpauth``) build on
+aiosmtpd's ``SMTP`` but replace its command loop, EHLO, MAIL, RCPT, DATA,
+AUTH and timers. Where that needs aiosmtpd's private names, it is done here
+and nowhere else, so that an aiosmtpd upgrade is checked in this file: read
+aiosmtpd's ``smtp.py`` for each item below, then run ``tests/test_smtp_protocol.py``,
+``tests/test_smtpauth.py``, ``tests/test_smtp_smuggling.py`` and
+``tests/test_smtpsyntax.py``. Checked against aiosmtpd ``CHECKED_VERSION``.
+
+What is relied upon:
+
+- ``SMTP.__init__`` reflects over the protocol object (``dir`` for
+  ``smtp_*``, ``inspect.getmembers`` for ``auth_*``) and over the handler
+  (``handle_*``, ``auth_*``) on every connection, into ``_smtp_methods``,
+  ``_auth_methods`` and ``_handle_hooks``: ``AiosmtpdSMTP`` trims what it
+  sees (``HookTable``, ``__dir__``).
+- ``connection_made`` calls ``_set_rset_state``, ``_create_session`` and
+  ``_reset_timeout``; the first time it starts ``_handle_client`` as a task
+  (cancelled by ``connection_lost`` and ``eof_received``); after STARTTLS it
+  is called again with a new ``Session``, clears the reader's ``_buffer``
+  (RFC 3207 4.2) and sets ``_tls_handshake_okay`` from a ``handle_STARTTLS``
+  hook. ``connection_lost`` cancels ``_timeout_handle``, which must be set.
+- ``_cb_client_connected`` sets ``_reader`` and ``_writer``; the reader's
+  ``_buffer`` is the asyncio ``StreamReader``'s ``bytearray`` (``unread``).
+- ``_timeout_duration`` is the ``timeout=`` given; ``_timeout_cb`` is what
+  aiosmtpd's timer calls.
+- ``_call_handler_hook`` is how aiosmtpd and ``relay.smtpauth`` call a hook;
+  ``_handle_hooks`` maps ``"MAIL"`` to ``handle_MAIL``.
+- ``_create_envelope``, ``_set_post_data_state`` and ``_set_rset_state``: a
+  new ``Envelope``, nothing else.
+- ``smtp_STARTTLS`` sends ``220``, swaps the transport and awaits the
+  handshake, raising ``TLSSetupException`` if it fails; ``challenge_auth``
+  (overridden in ``relay.smtp`` for its timer) sends ``334`` and reads one
+  line with ``_reader.readline``.
+- ``_getaddr``, ``_getparams`` and ``_strip_command_keyword`` are pure
+  parsers; ``_getaddr`` reads only ``local_part_limit`` of its ``self``.
+- ``_auth_methods`` maps a mechanism name to its implementation (EHLO lists
+  its keys); EHLO and AUTH read ``_auth_require_tls`` and ``_tls_protocol``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
+
+from aiosmtpd.smtp import MISSING, SMTP, Session
+
+CHECKED_VERSION: Final = "1.4.6"
+"""The aiosmtpd release this module was checked against (a test compares)."""
+
+_PARSER: Final = cast(SMTP, SimpleNamespace(local_part_limit=SMTP.local_part_limit))
+"""What aiosmtpd's parsing methods read of ``self``: ``local_part_limit`` (0: no limit)."""
+
+
+def getaddr(path: str) -> tuple[str | None, str | None]:
+    """aiosmtpd's path parser: ``(address, rest)``; ``(None, None)`` if it fails."""
+    return SMTP._getaddr(_PARSER, path)
+
+
+def getparams(options: Sequence[str]) -> dict[str, str | bool] | None:
+    """aiosmtpd's ESMTP parameter parser: ``{"SIZE": "10", "FLAG": True}``; None if garbled."""
+    return SMTP._getparams(_PARSER, options)
+
+
+def strip_command_keyword(keyword: str, arg: str) -> str | None:
+    """``arg`` without ``keyword`` (``"FROM:"``, any case) and spaces; None without it."""
+    return SMTP._strip_command_keyword(_PARSER, keyword, arg)
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put ``data`` back at the front of ``reader``'s buffer.
+
+    DATA reads the stream in large chunks; the bytes after the end marker are
+    the client's next (pipelined) commands and must be read again by the
+    command loop, by AUTH challenges, or discarded by STARTTLS, exactly as if
+    they had never been taken. aiosmtpd itself reaches into ``_buffer``
+    (STARTTLS clears it); there is no public way to push bytes back.
+    """
+    buffer = reader._buffer  # type: ignore[attr-defined]
+    assert isinstance(buffer, bytearray)
+    buffer[:0] = data
+
+
+class HookTable:
+    """The handler's ``handle_*`` hooks alone, for aiosmtpd's per-connection reflection.
+
+    ``SMTP.__init__`` runs ``inspect.getmembers`` and ``dir`` over the handler
+    for every connection; over this table they see a handful of names.
+    ``handle_EHLO`` is left out: ``RelaySMTP`` writes the EHLO reply itself.
+    """
+
+    def __init__(self, handler: object) -> None:
+        self._names = [
+            name
+            for name in dir(handler)
+            if name.startswith("handle_") and name not in ("handle_EHLO", "handle_exception")
+        ]
+        for name in self._names:
+            setattr(self, name, getattr(handler, name))
+
+    def __dir__(self) -> Iterable[str]:
+        return self._names
+
+
+_reflected: dict[type, list[str]] = {}
+
+
+def _reflected_names(cls: type) -> list[str]:
+    """The names ``SMTP.__init__`` looks for on the protocol object (once per class)."""
+    names = _reflected.get(cls)
+    if names is None:
+        names = _reflected[cls] = sorted(
+            name for name in dir(cls) if name.startswith(("smtp_", "auth_"))
+        )
+    return names
+
+
+class AiosmtpdSMTP(SMTP, abc.ABC):
+    """aiosmtpd's ``SMTP`` with its private API behind the relay's names.
+
+    A subclass serves the connection (``serve_client``) and keeps the timer
+    for what the client owes (``restart_client_timer``, ``client_timer_fired``,
+    ``schedule_client_timer``); aiosmtpd's own loop and timer are not used.
+
+    Per-connection cost: aiosmtpd's ``SMTP.__init__`` reflects over the
+    protocol object and the handler (``inspect.getmembers``, ``dir``) on every
+    connection, about 0.2 ms. Here its reflection sees only the names it looks
+    for: ``__dir__`` answers from a per-class list while ``__init__`` runs,
+    and the handler is passed as a ``HookTable``. That cuts it to about a
+    third without copying ``SMTP.__init__``; the rest is aiosmtpd's own
+    attribute set-up and its reflective loops over those few names, which
+    only a copy of ``SMTP.__init__`` could remove.
+    """
+
+    session_class: ClassVar[type[Session]] = Session
+    """What ``session`` is: aiosmtpd's ``Session`` or a subclass."""
+    _reflecting = False
+
+    def __init__(self, hooks: HookTable, **kwargs: Any) -> None:
+        self._reflecting = True
+        try:
+            super().__init__(hooks, **kwargs)
+        finally:
+            self._reflecting = False
+
+    def __dir__(self) -> Iterable[str]:
+        if self._reflecting:
+            return _reflected_names(type(self))
+        return super().__dir__()
+
+    # -- streams -------------------------------------------------------------
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        """The connection's input (also after STARTTLS)."""
+        reader: asyncio.StreamReader = self._reader
+        return reader
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        """The connection's output (also after STARTTLS)."""
+        writer: asyncio.StreamWriter = self._writer
+        return writer
+
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back at the front of the input (see ``unread``)."""
+        unread(self._reader, data)
+
+    # -- the session -----------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        await self.serve_client()
+
+    @abc.abstractmethod
+    async def serve_client(self) -> None:
+        """The whole session, from the banner; a task cancelled when the connection is lost."""
+
+    def _create_session(self) -> Session:
+        return self.session_class(self.loop)
+
+    def reset_envelope(self) -> None:
+        """A new, empty envelope (EHLO, RSET, the end of DATA)."""
+        self.envelope = self._create_envelope()
+
+    def _set_post_data_state(self) -> None:
+        self.reset_envelope()
+
+    def _set_rset_state(self) -> None:
+        self.reset_envelope()
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        return await self.call_hook(command, *args)
+
+    async def call_hook(self, command: str, *args: Any) -> Any:
+        """The handler's ``handle_<command>(server, session, envelope, *args)``; MISSING
+        if it has none."""
+        hook = self._handle_hooks.get(command)
+        if hook is None:
+            return MISSING
+        return await hook(self, self.session, self.envelope, *args)
+
+    @property
+    def tls_handshake_okay(self) -> bool:
+        """False once a ``handle_STARTTLS`` hook has refused the client's TLS."""
+        return bool(self._tls_handshake_okay)
+
+    async def start_tls(self) -> None:
+        """``220``, then the client's handshake (``TLSSetupException`` if it fails).
+
+        When it succeeds aiosmtpd calls ``connection_made`` again, with a new
+        session (RFC 3207 4.2) and the unencrypted input discarded.
+        """
+        await SMTP.smtp_STARTTLS(self, "")
+
+    # -- the client timer ------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd: from connection_made (also after STARTTLS).
+        self.restart_client_timer(duration or self._timeout_duration)
+
+    def _timeout_cb(self) -> None:
+        self.client_timer_fired()
+
+    def schedule_client_timer(self, when: float) -> None:
+        """Call ``client_timer_fired`` at loop time ``when`` instead of when it was due.
+
+        The handle is aiosmtpd's ``_timeout_handle``: ``connection_lost`` cancels it.
+        """
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timeout_handle = self.loop.call_at(when, self._timeout_cb)
+
+    @abc.abstractmethod
+    def restart_client_timer(self, seconds: float) -> None:
+        """A connection (or its TLS) has started: the client has ``seconds`` to speak."""
+
+    @abc.abstractmethod
+    def client_timer_fired(self) -> None:
+        """The time set with ``schedule_client_timer`` has come."""
+
+
+class AiosmtpdAuth:
+    """aiosmtpd's AUTH internals for ``relay.smtpauth.AuthMixin``, over any ``SMTP``.
+
+    Only ``offered_mechanisms`` are offered, whatever the handler defines, and
+    TLS is read from ``auth_tls_active`` (the transport) rather than from
+    aiosmtpd's ``_tls_protocol``, which implicit-TLS listeners never set.
+    """
+
+    offered_mechanisms: ClassVar[frozenset[str]] = frozenset()
+
+    if TYPE_CHECKING:
+        _auth_methods: dict[str, Any]
+        _auth_configured_tls: bool
+
+        async def _call_handler_hook(self, command: str, *args: Any) -> Any: ...
+
+        @property
+        def auth_tls_active(self) -> bool: ...
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._auth_methods = {
+            name: method
+            for name, method in self._auth_methods.items()
+            if name in self.offered_mechanisms
+        }
+
+    def mechanism_offered(self, name: str) -> bool:
+        """``name`` is offered and has an implementation."""
+        return name in self._auth_methods
+
+    async def call_auth_hook(self, args: list[str]) -> Any:
+        """The handler's ``handle_AUTH``; MISSING if it has none."""
+        return await self._call_handler_hook("AUTH", args)
+
+    # aiosmtpd's EHLO lists AUTH when ``not self._auth_require_tls or
+    # self._tls_protocol``; on an implicit-TLS listener ``_tls_protocol`` is
+    # None, so TLS is read from the transport here. TLS is always required.
+    @property
+    def _auth_require_tls(self) -> bool:
+        return not self.auth_tls_active
+
+    @_auth_require_tls.setter
+    def _auth_require_tls(self, value: bool) -> None:
+        self._auth_configured_tls = value  # ignored: AUTH needs TLS here
