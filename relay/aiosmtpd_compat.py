@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 from aiosmtpd.smtp import MISSING, SMTP, Session
 
 CHECKED_VERSION: Final = "1.4.6"
-"""The aiosmtpd release this module was checked against (a test compares)."""
+"""The aiosmtpd release this module was checked against (the private
+methods it needs are checked by ``tests/test_smtpsyntax.py``)."""
 
 _PARSER: Final = cast(SMTP, SimpleNamespace(local_part_limit=SMTP.local_part_limit))
 """What aiosmtpd's parsing methods read of ``self``: ``local_part_limit`` (0: no limit)."""
