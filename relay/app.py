@@ -20,17 +20,17 @@ import aiohttp
 from relay.auth import Authenticator, Users, load_users
 from relay.bouncecheck import check_bounce_sender
 from relay.config import Config, split_host_port
-from relay.delivery import Delivery, queue_id_time
+from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer
 from relay.log import delivery_log, smtp_log
-from relay.metrics import RelayMetrics, State, scan_area
+from relay.metrics import RelayMetrics, State
 from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
-from relay.spool import DEAD, QUEUE, Spool, SpoolError, SpoolLocked
+from relay.spool import Census, Spool, SpoolError, SpoolLocked
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
@@ -245,12 +245,11 @@ class Relay:
         """The spool's contents, delivery and connections, for a scrape (runs in
         a thread: it lists the spool)."""
         spool, delivery, limiter = self.spool, self.delivery, self.limiter
-        queued, oldest = scan_area(spool.dir(QUEUE)) if spool is not None else (0, None)
-        dead, _ = scan_area(spool.dir(DEAD)) if spool is not None else (0, None)
-        arrived = queue_id_time(oldest) if oldest is not None else None
+        census = spool.census() if spool is not None else Census(0, 0, None)
+        arrived = census.oldest_arrival
         return State(
-            queued=queued,
-            dead=dead,
+            queued=census.queued,
+            dead=census.dead,
             oldest_age=max(0.0, time.time() - arrived) if arrived is not None else 0.0,
             pause_remaining=delivery.pause_left() if delivery is not None else 0.0,
             send_rate=delivery.rate.effective_rate if delivery is not None else 0.0,

@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -45,11 +44,11 @@ from typing import Any, Literal
 
 from relay.errors import RelayError
 from relay.log import delivery_log
+from relay.queueid import is_valid, made_at
 
 FORMAT_VERSION = 1
 QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
 AREAS = (QUEUE, DEAD)
-_ID = re.compile(r"[0-9A-Z]{6,32}")
 _LOCK_RETRY = 0.05
 """Seconds ``open`` keeps trying when the lock is busy: ``daemon_pid`` of a
 ``queue`` command holds it shared for a moment, which is not a daemon."""
@@ -184,7 +183,7 @@ class Entry:
             entry = cls(**_fields(data))
         except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ValueError(f"not a spool entry: {type(exc).__name__}: {exc}") from None
-        if not _ID.fullmatch(entry.id):
+        if not is_valid(entry.id):
             raise ValueError(f"not a spool entry: bad id {entry.id!r}")
         if not entry.batches:
             raise ValueError("not a spool entry: no batches")
@@ -243,7 +242,7 @@ def _optional_str(value: Any, name: str) -> str | None:
 def _optional_id(value: Any, name: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if not isinstance(value, str) or not is_valid(value):
         raise ValueError(f"{name} is not a queue id")
     return value
 
@@ -289,6 +288,17 @@ def _batch(value: Any) -> Batch:
         message_id=_optional_str(value.get("message_id"), "message_id"),
         error=_optional_str(value.get("error"), "error"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Census:
+    """How many entries the spool's areas hold, for metrics."""
+
+    queued: int
+    dead: int
+    oldest_arrival: float | None
+    """Unix time the oldest queued message arrived, by its queue id; None when
+    the queue is empty (or no queued id tells its time)."""
 
 
 class Spool:
@@ -472,7 +482,7 @@ class Spool:
         """Forget an entry (delivered, refused, or deleted by an operator).
         Removing an entry that is not there does nothing."""
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             return
         directory = self.dir(area)
         try:
@@ -571,7 +581,7 @@ class Spool:
     @contextlib.contextmanager
     def _locked(self, entry_id: str, area: str) -> Iterator[None]:
         """Hold the entry's lock: an exclusive flock on its message file."""
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         path = self.dir(area) / f"{entry_id}.eml"
         try:
@@ -624,7 +634,7 @@ class Spool:
         """An entry's envelope: ``NoSuchEntry`` when it is not there,
         ``ValueError`` when it is unreadable."""
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         try:
             return self._read(entry_id, area)
@@ -633,7 +643,7 @@ class Spool:
 
     def message(self, entry_id: str, area: str = QUEUE) -> bytes:
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         try:
             return (self.dir(area) / f"{entry_id}.eml").read_bytes()
@@ -642,9 +652,28 @@ class Spool:
         except OSError as exc:
             raise _failed(f"cannot read message {entry_id}", exc) from None
 
+    def message_size(self, entry_id: str, area: str = QUEUE) -> int | None:
+        """Bytes of an entry's message; None when it is not there."""
+        _check_area(area)
+        if not is_valid(entry_id):
+            return None
+        try:
+            return (self.dir(area) / f"{entry_id}.eml").stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _failed(f"cannot read message {entry_id}", exc) from None
+
+    def census(self) -> Census:
+        """What the areas hold, from their listings alone (no file is read),
+        for metrics. An area that cannot be listed counts as empty."""
+        queued, oldest = _tally(self.dir(QUEUE))
+        dead, _ = _tally(self.dir(DEAD))
+        return Census(queued=queued, dead=dead, oldest_arrival=oldest)
+
     def find(self, entry_id: str) -> str | None:
         """The area holding ``entry_id``, or None."""
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             return None
         for area in AREAS:
             if (self.dir(area) / f"{entry_id}.json").exists():
@@ -727,6 +756,25 @@ class Spool:
 
 def _failed(action: str, exc: OSError) -> SpoolError:
     return SpoolError(f"{action}: {exc.strerror or exc}", errno=exc.errno)
+
+
+def _tally(directory: Path) -> tuple[int, float | None]:
+    """Committed entries (envelopes) in an area, and the earliest arrival
+    their ids tell; (0, None) when the area cannot be listed."""
+    count, oldest = 0, None
+    try:
+        with os.scandir(directory) as listing:
+            for item in listing:
+                entry_id = item.name.removesuffix(".json")
+                if entry_id == item.name:
+                    continue
+                count += 1
+                arrived = made_at(entry_id)
+                if arrived is not None and (oldest is None or arrived < oldest):
+                    oldest = arrived
+    except OSError:
+        return 0, None
+    return count, oldest
 
 
 def _check_area(area: str) -> None:

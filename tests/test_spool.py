@@ -39,6 +39,7 @@ from relay.spool import (
     QUEUE,
     TMP,
     Batch,
+    Census,
     Entry,
     NoSuchEntry,
     Spool,
@@ -1433,6 +1434,35 @@ def test_free_bytes_is_the_file_systems_free_space(spool: Spool) -> None:
 def test_free_bytes_of_a_missing_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolError):
         Spool(tmp_path / "missing").free_bytes()
+
+
+def test_census_counts_each_area_and_dates_the_oldest_queued(spool: Spool) -> None:
+    assert spool.census() == Census(queued=0, dead=0, oldest_arrival=None)
+    older, newer = f"{1_700_000_000_250_000:014X}000001", f"{1_700_000_100_000_000:014X}000002"
+    for entry_id in (newer, "HANDMADE1", older, "DEAD01", "DEAD02"):
+        spool.put(make_entry(entry_id), message_of(entry_id))
+    for entry_id in ("DEAD01", "DEAD02"):
+        spool.move(spool.load(entry_id), QUEUE, DEAD)
+    write_raw(spool.dir(QUEUE) / "UNCOMMITTED1.eml", MESSAGE)  # no envelope: not counted
+    write_raw(spool.dir(QUEUE) / "notes.txt", b"left by a person")
+    assert spool.census() == Census(queued=3, dead=2, oldest_arrival=1_700_000_000.25)
+
+
+def test_census_of_a_queue_of_ids_not_made_here(spool: Spool) -> None:
+    put_some(spool, 2)
+    assert spool.census() == Census(queued=2, dead=0, oldest_arrival=None)
+
+
+def test_census_of_a_spool_it_cannot_list(tmp_path: Path) -> None:
+    assert Spool(tmp_path / "missing").census() == Census(queued=0, dead=0, oldest_arrival=None)
+
+
+def test_message_size(spool: Spool) -> None:
+    spool.put(make_entry("SIZE01"), MESSAGE)
+    assert spool.message_size("SIZE01") == len(MESSAGE)
+    assert spool.message_size("SIZE01", DEAD) is None
+    assert spool.message_size("NOPE01") is None
+    assert spool.message_size("../queue/SIZE01") is None
 
 
 def test_find_across_areas(spool: Spool) -> None:
