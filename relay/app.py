@@ -21,7 +21,7 @@ from relay.auth import Authenticator, Users, load_users
 from relay.bouncecheck import check_bounce_sender
 from relay.config import Config, split_host_port
 from relay.delivery import Delivery
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer
 from relay.log import delivery_log, smtp_log
@@ -30,7 +30,7 @@ from relay.ses.client import SesClient
 from relay.ses.credentials import default_chain
 from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
-from relay.spool import Census, Spool, SpoolError, SpoolLocked
+from relay.spool import Census, Spool
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""

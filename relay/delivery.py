@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from relay.config import Config
 from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
-from relay.errors import Disposition, SesError, SmtpReply
+from relay.errors import Disposition, NoSuchEntry, SesError, SmtpReply, SpoolError
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.oneline import one_line
@@ -33,7 +33,7 @@ from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
 from relay.ses.client import SendQuota, SesClient
 from relay.ses.query import SendRawEmailRequest
-from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
+from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, Spool
 
 MAX_IDS_IN_REPLY = 5
 PAUSE_SLACK = 0.05

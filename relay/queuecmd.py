@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from relay.config import Config
+from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
 from relay.queueid import as_typed
-from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, NoSuchEntry, Spool, SpoolError
+from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, Spool
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -389,7 +390,7 @@ def run_show(
             message: bytes | None = spool.message(entry_id, area)
         except NoSuchEntry:
             continue  # moved (queue → dead) or removed meanwhile: look again
-        except ValueError as exc:
+        except UnreadableEntry as exc:
             console.fail(f"{entry_id}: unreadable envelope in {area}/: {exc}")
             return EXIT_FAILURE
         item = Listed(entry, area, None if message is None else len(message))
@@ -442,7 +443,7 @@ def run_retry(
     for entry_id in dict.fromkeys(targets):
         try:
             area = retry_one(spool, entry_id, now)
-        except (SpoolError, ValueError) as exc:
+        except SpoolError as exc:
             console.fail(f"{printable(entry_id)}: {exc}")
             code = EXIT_FAILURE
             continue

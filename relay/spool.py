@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.errors import RelayError
+from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
 
@@ -59,30 +59,6 @@ MAX_HISTORY = 20
 BatchState = Literal["pending", "sent", "failed"]
 
 _tmp_seq = itertools.count()
-
-
-class SpoolError(RelayError):
-    """The spool cannot be written or read (full disk, I/O error, permissions).
-
-    ``errno`` is the operating system's error number when there was one
-    (``errno.ENOSPC`` for a full disk).
-    """
-
-    def __init__(self, message: str, *, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno  # shadows the module only here
-
-
-class SpoolLocked(SpoolError):
-    """Another daemon holds the spool's lock; ``pid`` is its process id when known."""
-
-    def __init__(self, message: str, *, pid: int | None = None) -> None:
-        super().__init__(message)
-        self.pid = pid
-
-
-class NoSuchEntry(SpoolError):
-    """The entry is not (or no longer) in that area: delivered, deleted or moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +153,16 @@ class Entry:
 
     @classmethod
     def from_json(cls, text: bytes) -> Entry:
-        """Parse ``queue/ID.json``; ``ValueError`` when it is not a valid entry."""
+        """Parse ``queue/ID.json``; ``UnreadableEntry`` when it is not a valid entry."""
         try:
             data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
             entry = cls(**_fields(data))
         except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
-            raise ValueError(f"not a spool entry: {type(exc).__name__}: {exc}") from None
+            raise UnreadableEntry(f"not a spool entry: {type(exc).__name__}: {exc}") from None
         if not is_valid(entry.id):
-            raise ValueError(f"not a spool entry: bad id {entry.id!r}")
+            raise UnreadableEntry(f"not a spool entry: bad id {entry.id!r}")
         if not entry.batches:
-            raise ValueError("not a spool entry: no batches")
+            raise UnreadableEntry("not a spool entry: no batches")
         return entry
 
 
@@ -464,7 +440,7 @@ class Spool:
 
         ``change`` gets the envelope as it is on disk now (with every other
         writer's changes) and must not call the spool. ``NoSuchEntry`` when
-        the entry is gone; ``ValueError`` when its envelope is unreadable."""
+        the entry is gone; ``UnreadableEntry`` when its envelope is unreadable."""
         _check_area(area)
         try:
             with self._locked(entry_id, area):
@@ -531,7 +507,7 @@ class Spool:
         envelope as it is on disk now, under the entry's lock (``modify`` and
         ``move`` in one step, for ``ses-relay queue retry``); return the new
         entry. ``NoSuchEntry`` when it is not (or no longer) in ``dead/``;
-        ``ValueError`` when its envelope is unreadable. The same crash
+        ``UnreadableEntry`` when its envelope is unreadable. The same crash
         guarantees as ``move``."""
         src, dst = self.dir(DEAD), self.dir(QUEUE)
         name_eml, name_json = f"{entry_id}.eml", f"{entry_id}.json"
@@ -627,12 +603,12 @@ class Spool:
             raise NoSuchEntry(f"no spool entry {entry_id} in {area}/") from None
         entry = Entry.from_json(text)
         if entry.id != entry_id:
-            raise ValueError(f"not a spool entry: {path.name} holds id {entry.id!r}")
+            raise UnreadableEntry(f"not a spool entry: {path.name} holds id {entry.id!r}")
         return entry
 
     def load(self, entry_id: str, area: str = QUEUE) -> Entry:
         """An entry's envelope: ``NoSuchEntry`` when it is not there,
-        ``ValueError`` when it is unreadable."""
+        ``UnreadableEntry`` when it is unreadable."""
         _check_area(area)
         if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
@@ -699,7 +675,7 @@ class Spool:
                 entry = Entry.from_json(json_path.read_bytes())
             except FileNotFoundError:
                 continue  # delivered, deleted or moved since the listing
-            except (OSError, ValueError) as exc:
+            except (OSError, UnreadableEntry) as exc:
                 self.quarantine(entry_id, area, reason=str(exc))
                 continue
             if entry.id != entry_id:
@@ -785,7 +761,11 @@ def _check_area(area: str) -> None:
 def _checked(entry: Entry) -> bytes:
     """The envelope's bytes, once we know they will read back as this entry."""
     envelope = entry.to_json()
-    if Entry.from_json(envelope).id != entry.id:  # pragma: no cover - from_json keeps ids
+    try:
+        read_back = Entry.from_json(envelope)
+    except UnreadableEntry as exc:  # not the disk's fault: the caller's entry is wrong
+        raise ValueError(f"entry {entry.id!r} cannot be written: {exc}") from None
+    if read_back.id != entry.id:  # pragma: no cover - from_json keeps ids
         raise ValueError(f"entry {entry.id!r} does not read back")
     return envelope
 

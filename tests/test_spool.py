@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
 from relay.spool import (
     AREAS,
     DEAD,
@@ -41,10 +42,7 @@ from relay.spool import (
     Batch,
     Census,
     Entry,
-    NoSuchEntry,
     Spool,
-    SpoolError,
-    SpoolLocked,
 )
 from tests import diskfull
 
@@ -985,6 +983,13 @@ def test_load_of_garbled_and_missing_entries(spool: Spool) -> None:
     write_raw(spool.dir(QUEUE) / "BAD001.json", GARBLED["truncated"])
     with pytest.raises(ValueError, match="not a spool entry"):
         spool.load("BAD001")
+    with pytest.raises(UnreadableEntry, match="not a spool entry") as unreadable:
+        spool.load("BAD001")
+    assert isinstance(unreadable.value, SpoolError)
+    write_raw(spool.dir(QUEUE) / "BAD002.eml", MESSAGE)
+    write_raw(spool.dir(QUEUE) / "BAD002.json", make_entry("OTHER1").to_json())
+    with pytest.raises(UnreadableEntry, match=r"BAD002\.json holds id 'OTHER1'"):
+        spool.load("BAD002")
     with pytest.raises(NoSuchEntry):
         spool.load("NOPE01")
     with pytest.raises(NoSuchEntry):
@@ -1288,7 +1293,8 @@ def test_remove_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 DISKFULL_SCRIPT = r"""
 import dataclasses, errno, json, os, sys
-from relay.spool import Batch, Entry, Spool, SpoolError
+from relay.errors import SpoolError
+from relay.spool import Batch, Entry, Spool
 
 root = os.path.join(sys.argv[1], "spool")
 
