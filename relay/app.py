@@ -27,7 +27,7 @@ from relay.httpserver import HttpServer
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
 from relay.ses.client import SesClient
-from relay.ses.credentials import default_chain
+from relay.ses.credentials import RefreshingProvider, default_chain
 from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
 from relay.spool import Census, Spool
@@ -104,6 +104,7 @@ class Relay:
         self._env = env
         self._servers: list[asyncio.Server] = []
         self._http: aiohttp.ClientSession | None = None
+        self._credentials: RefreshingProvider | None = None
         self.spool: Spool | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._grace_over = asyncio.Event()
@@ -142,9 +143,11 @@ class Relay:
             self._http = new_session(
                 tls=resources.ses_tls, max_connections=config.ses.max_connections
             )
-            credentials = default_chain(self._env, session=self._http, region=config.ses.region)
+            self._credentials = default_chain(
+                self._env, session=self._http, region=config.ses.region
+            )
             ses = SesClient(
-                config.ses, credentials, session=self._http, observe=self.metrics.ses_call
+                config.ses, self._credentials, session=self._http, observe=self.metrics.ses_call
             )
             self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
             await self.delivery.start()
@@ -234,6 +237,9 @@ class Relay:
         if self._authenticator is not None:
             self._authenticator.close()
             self._authenticator = None
+        if self._credentials is not None:
+            await self._credentials.aclose()  # its refreshes use the session
+            self._credentials = None
         if self._http is not None:
             await self._http.close()
             self._http = None
