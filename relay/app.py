@@ -20,17 +20,17 @@ import aiohttp
 from relay.auth import Authenticator, Users, load_users
 from relay.bouncecheck import check_bounce_sender
 from relay.config import Config, split_host_port
-from relay.delivery import Delivery, queue_id_time
-from relay.errors import ConfigError, RelayError
+from relay.delivery import Delivery
+from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer
 from relay.log import delivery_log, smtp_log
-from relay.metrics import RelayMetrics, State, scan_area
+from relay.metrics import RelayMetrics, State
 from relay.ses.client import SesClient
-from relay.ses.credentials import default_chain
+from relay.ses.credentials import RefreshingProvider, default_chain
 from relay.ses.http import client_tls_context, new_session
 from relay.smtp import ConnectionLimiter, smtp_factory
-from relay.spool import DEAD, QUEUE, Spool, SpoolError, SpoolLocked
+from relay.spool import Census, Spool
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
@@ -104,6 +104,7 @@ class Relay:
         self._env = env
         self._servers: list[asyncio.Server] = []
         self._http: aiohttp.ClientSession | None = None
+        self._credentials: RefreshingProvider | None = None
         self.spool: Spool | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._grace_over = asyncio.Event()
@@ -142,9 +143,11 @@ class Relay:
             self._http = new_session(
                 tls=resources.ses_tls, max_connections=config.ses.max_connections
             )
-            credentials = default_chain(self._env, session=self._http, region=config.ses.region)
+            self._credentials = default_chain(
+                self._env, session=self._http, region=config.ses.region
+            )
             ses = SesClient(
-                config.ses, credentials, session=self._http, observe=self.metrics.ses_call
+                config.ses, self._credentials, session=self._http, observe=self.metrics.ses_call
             )
             self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
             await self.delivery.start()
@@ -234,6 +237,9 @@ class Relay:
         if self._authenticator is not None:
             self._authenticator.close()
             self._authenticator = None
+        if self._credentials is not None:
+            await self._credentials.aclose()  # its refreshes use the session
+            self._credentials = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -245,12 +251,11 @@ class Relay:
         """The spool's contents, delivery and connections, for a scrape (runs in
         a thread: it lists the spool)."""
         spool, delivery, limiter = self.spool, self.delivery, self.limiter
-        queued, oldest = scan_area(spool.dir(QUEUE)) if spool is not None else (0, None)
-        dead, _ = scan_area(spool.dir(DEAD)) if spool is not None else (0, None)
-        arrived = queue_id_time(oldest) if oldest is not None else None
+        census = spool.census() if spool is not None else Census(0, 0, None)
+        arrived = census.oldest_arrival
         return State(
-            queued=queued,
-            dead=dead,
+            queued=census.queued,
+            dead=census.dead,
             oldest_age=max(0.0, time.time() - arrived) if arrived is not None else 0.0,
             pause_remaining=delivery.pause_left() if delivery is not None else 0.0,
             send_rate=delivery.rate.effective_rate if delivery is not None else 0.0,

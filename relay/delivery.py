@@ -23,16 +23,17 @@ from datetime import UTC, datetime
 
 from relay.config import Config
 from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
-from relay.errors import Disposition, SesError, SmtpReply
+from relay.errors import Disposition, NoSuchEntry, SesError, SmtpReply, SpoolError
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.oneline import one_line
 from relay.outage import Outage
+from relay.queueid import new_id
 from relay.ratelimit import SendRate
 from relay.schedule import expired, next_attempt_at
 from relay.ses.client import SendQuota, SesClient
 from relay.ses.query import SendRawEmailRequest
-from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, NoSuchEntry, Spool, SpoolError
+from relay.spool import DEAD, MAX_HISTORY, QUEUE, Batch, Entry, Spool
 
 MAX_IDS_IN_REPLY = 5
 PAUSE_SLACK = 0.05
@@ -43,21 +44,6 @@ SPACE_CHECK_INTERVAL = 1.0
 SPACE_RECHECK_INTERVAL = 0.1
 """Seconds between fresh readings before a MAIL is refused for lack of space."""
 STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
-
-
-def new_queue_id() -> str:
-    """A unique id for one message: time-ordered, like Postfix's long queue ids."""
-    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
-
-
-def queue_id_time(queue_id: str) -> float | None:
-    """The Unix time a ``new_queue_id`` was made; None for another kind of id."""
-    if len(queue_id) != 20:
-        return None
-    try:
-        return int(queue_id[:14], 16) / 1e6
-    except ValueError:
-        return None
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailRequest:
@@ -459,7 +445,7 @@ class Delivery:
         retry_at = self._clock() + self._config.delivery.retry_min
         if should_bounce(entry.sender, self._config.delivery.bounces):
             if entry.bounce is None:
-                entry = replace(entry, bounce=new_queue_id())
+                entry = replace(entry, bounce=new_id())
                 if not await self._save(entry):
                     self._schedule(entry.id, retry_at)
                     return

@@ -1,16 +1,26 @@
 """The one exception hierarchy of ses-relay.
 
     RelayError
-    ├── ConfigError            a configuration file or variable is wrong; lists every problem
-    ├── CredentialsError       no AWS credentials could be found or refreshed
-    ├── MessageRefused         the relay will not take a message; carries the SMTP reply
-    └── SesError               SES (or the way to it) did not accept a call
-        └── SesTransportError  no usable SES answer: timeout, reset, oversized or garbled body
+    ├── ConfigError                  a configuration file or variable is wrong; lists every problem
+    ├── CredentialsError             no AWS credentials could be found or refreshed
+    │   ├── CredentialsNotConfigured a source has nothing to offer: the chain tries the next
+    │   └── CredentialsUnreachable   a credential endpoint (STS, container, IMDS) gave no answer
+    ├── HttpTransportError           no usable HTTP answer from an AWS endpoint, and why
+    ├── MessageRefused               the relay will not take a message; carries the SMTP reply
+    ├── SesError                     SES (or the way to it) did not accept a call
+    │   └── SesTransportError        no usable SES answer: timeout, reset, oversized, garbled
+    └── SpoolError                   the spool cannot be written or read (full disk, I/O error)
+        ├── SpoolLocked              another daemon holds the spool
+        ├── NoSuchEntry              the entry is not (or no longer) in that area
+        └── UnreadableEntry          an envelope on disk is not a valid entry (also a ValueError)
 
 Every SesError carries its ``Disposition`` (what delivery should do next) and the
 SMTP reply the relay gives when the error decides a client's transaction.
-Lower-level errors (aiohttp, OS, XML) are translated into these in one place,
-``relay.ses.client``.
+Lower-level errors are translated into these where they arise, each kind in
+one place: aiohttp's and the operating system's errors of a call to AWS in
+``relay.ses.http.request`` (into ``HttpTransportError``, which the SES client
+classifies and the credential sources report), the file system's in
+``relay.spool``.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from relay.oneline import one_line
 
@@ -75,6 +85,42 @@ class ConfigError(RelayError):
 
 class CredentialsError(RelayError):
     """No AWS credentials could be resolved; the message lists what was tried."""
+
+
+class CredentialsNotConfigured(CredentialsError):
+    """A credential source that has nothing to offer: the chain moves on to the
+    next one. Raised during a refresh (IMDS gone away), it is an ordinary failure."""
+
+
+class CredentialsUnreachable(CredentialsError):
+    """A credential endpoint gave no usable answer; ``cause`` is the
+    ``HttpTransportError``'s. The message names the endpoint's origin only
+    (a container endpoint's path or query may hold a secret)."""
+
+    def __init__(self, message: str, cause: TransportCause) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+TransportCause = Literal["connect", "connect-timeout", "timeout", "io", "too-large"]
+"""Why an HTTP call got no usable answer: could not connect, timed out
+connecting (in both, the request was certainly not sent), no answer in time,
+the connection failed, or the answer exceeds the size the caller reads."""
+
+
+class HttpTransportError(RelayError):
+    """No usable HTTP answer from an AWS endpoint. ``status`` is the HTTP status
+    when one came before the failure (an oversized answer)."""
+
+    def __init__(self, message: str, cause: TransportCause, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.status = status
+
+    @property
+    def request_sent(self) -> bool:
+        """False only when the request certainly never reached the endpoint."""
+        return self.cause not in ("connect", "connect-timeout")
 
 
 class MessageRefused(RelayError):
@@ -142,3 +188,34 @@ class SesTransportError(SesError):
     def __init__(self, *, request_sent: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.request_sent = request_sent
+
+
+class SpoolError(RelayError):
+    """The spool cannot be written or read (full disk, I/O error, permissions).
+
+    ``errno`` is the operating system's error number when there was one
+    (``errno.ENOSPC`` for a full disk).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class SpoolLocked(SpoolError):
+    """Another daemon holds the spool's lock; ``pid`` is its process id when known."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class NoSuchEntry(SpoolError):
+    """The entry is not (or no longer) in that area: delivered, deleted or moved."""
+
+
+class UnreadableEntry(SpoolError, ValueError):
+    """An envelope on disk is not a valid spool entry (garbled, truncated, from
+    another tool, or its message file is gone): set it aside for a person.
+
+    Also a ``ValueError``: what the spool raised for it before this class."""

@@ -15,12 +15,13 @@ from typing import Any
 
 from relay.addresses import ascii_address
 from relay.config import Config
-from relay.delivery import STORAGE_FULL, Delivery, new_queue_id
+from relay.delivery import STORAGE_FULL, Delivery
 from relay.errors import MessageRefused, SmtpReply
 from relay.log import smtp_log
 from relay.message import SesParameters, plan_batches, prepare
 from relay.metrics import RelayMetrics
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
+from relay.queueid import new_id
 from relay.session import authenticated_user as session_user
 from relay.session import client_address, client_label
 from relay.spool import Batch, Entry
@@ -37,7 +38,7 @@ class RelayHandler:
         delivery: Delivery,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        queue_id: Callable[[], str] = new_queue_id,
+        queue_id: Callable[[], str] = new_id,
         metrics: RelayMetrics,
     ) -> None:
         self._config = config

@@ -10,7 +10,6 @@ counters. Each relay has its own registry (tests run several in one process).
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -240,20 +239,3 @@ def _by_label(family: GaugeMetricFamily | CounterMetricFamily, values: dict[str,
     for label, number in values.items():
         family.add_metric([label], number)
     return family
-
-
-def scan_area(directory: str | os.PathLike[str]) -> tuple[int, str | None]:
-    """Envelopes (``*.json``) in one spool area, and the smallest queue id
-    (queue ids begin with their time: the oldest); (0, None) when unreadable."""
-    count, smallest = 0, None
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.endswith(".json"):
-                    count += 1
-                    if smallest is None or name < smallest:
-                        smallest = name
-    except OSError:
-        return 0, None
-    return count, None if smallest is None else smallest.removesuffix(".json")

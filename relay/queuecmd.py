@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -28,7 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from relay.config import Config
-from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, NoSuchEntry, Spool, SpoolError
+from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
+from relay.queueid import as_typed
+from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, Spool
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -39,7 +40,6 @@ HANDLER_WAIT = 10.0
 """Seconds ``retry`` waits for a starting daemon to install its SIGUSR1
 handler: before that, SIGUSR1 would kill it."""
 
-QUEUE_ID = re.compile(r"[0-9A-Z]{6,32}")
 AREA_NAMES = {QUEUE: "the queue", DEAD: "the dead-letter area"}
 
 
@@ -358,27 +358,13 @@ def open_spool(config: Config) -> Spool:
     return spool
 
 
-def message_size(spool: Spool, entry_id: str, area: str) -> int | None:
-    try:
-        return (spool.dir(area) / f"{entry_id}.eml").stat().st_size
-    except FileNotFoundError:
-        return None
-
-
 def collect(spool: Spool, areas: Iterable[str] = AREAS) -> list[Listed]:
     """Every readable entry, queue first, each area oldest first."""
     found: list[Listed] = []
     for area in areas:
         entries = sorted(spool.entries(area), key=lambda e: (e.received, e.id))
-        found.extend(Listed(e, area, message_size(spool, e.id, area)) for e in entries)
+        found.extend(Listed(e, area, spool.message_size(e.id, area)) for e in entries)
     return found
-
-
-def normal_id(text: str) -> str:
-    """A queue id as typed, upper-cased when that makes it one (ids are
-    upper-case hex, ``mailq`` output pasted in lower case still works)."""
-    upper = text.strip().upper()
-    return upper if QUEUE_ID.fullmatch(upper) else text
 
 
 def no_such(entry_id: str) -> str:
@@ -394,7 +380,7 @@ def run_list(spool: Spool, console: Console, now: float, *, as_json: bool) -> in
 def run_show(
     spool: Spool, console: Console, entry_id: str, now: float, *, body: bool, as_json: bool
 ) -> int:
-    entry_id = normal_id(entry_id)
+    entry_id = as_typed(entry_id)
     for _ in range(RACE_RETRIES):
         area = spool.find(entry_id)
         if area is None:
@@ -404,7 +390,7 @@ def run_show(
             message: bytes | None = spool.message(entry_id, area)
         except NoSuchEntry:
             continue  # moved (queue → dead) or removed meanwhile: look again
-        except ValueError as exc:
+        except UnreadableEntry as exc:
             console.fail(f"{entry_id}: unreadable envelope in {area}/: {exc}")
             return EXIT_FAILURE
         item = Listed(entry, area, None if message is None else len(message))
@@ -451,13 +437,13 @@ def run_retry(
             console.say("Mail queue is empty: nothing to retry")
             return EXIT_OK
     else:
-        targets = [normal_id(i) for i in ids]
+        targets = [as_typed(i) for i in ids]
     code = EXIT_OK
     retried = 0
     for entry_id in dict.fromkeys(targets):
         try:
             area = retry_one(spool, entry_id, now)
-        except (SpoolError, ValueError) as exc:
+        except SpoolError as exc:
             console.fail(f"{printable(entry_id)}: {exc}")
             code = EXIT_FAILURE
             continue
@@ -566,7 +552,7 @@ def delete_one(spool: Spool, entry_id: str) -> list[str]:
 
 def run_delete(spool: Spool, console: Console, ids: Sequence[str]) -> int:
     code = EXIT_OK
-    for entry_id in dict.fromkeys(normal_id(i) for i in ids):
+    for entry_id in dict.fromkeys(as_typed(i) for i in ids):
         try:
             removed = delete_one(spool, entry_id)
         except SpoolError as exc:

@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -43,13 +42,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.errors import RelayError
+from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
 from relay.log import delivery_log
+from relay.queueid import is_valid, made_at
 
 FORMAT_VERSION = 1
 QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
 AREAS = (QUEUE, DEAD)
-_ID = re.compile(r"[0-9A-Z]{6,32}")
 _LOCK_RETRY = 0.05
 """Seconds ``open`` keeps trying when the lock is busy: ``daemon_pid`` of a
 ``queue`` command holds it shared for a moment, which is not a daemon."""
@@ -60,30 +59,6 @@ MAX_HISTORY = 20
 BatchState = Literal["pending", "sent", "failed"]
 
 _tmp_seq = itertools.count()
-
-
-class SpoolError(RelayError):
-    """The spool cannot be written or read (full disk, I/O error, permissions).
-
-    ``errno`` is the operating system's error number when there was one
-    (``errno.ENOSPC`` for a full disk).
-    """
-
-    def __init__(self, message: str, *, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno  # shadows the module only here
-
-
-class SpoolLocked(SpoolError):
-    """Another daemon holds the spool's lock; ``pid`` is its process id when known."""
-
-    def __init__(self, message: str, *, pid: int | None = None) -> None:
-        super().__init__(message)
-        self.pid = pid
-
-
-class NoSuchEntry(SpoolError):
-    """The entry is not (or no longer) in that area: delivered, deleted or moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +153,16 @@ class Entry:
 
     @classmethod
     def from_json(cls, text: bytes) -> Entry:
-        """Parse ``queue/ID.json``; ``ValueError`` when it is not a valid entry."""
+        """Parse ``queue/ID.json``; ``UnreadableEntry`` when it is not a valid entry."""
         try:
             data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
             entry = cls(**_fields(data))
         except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
-            raise ValueError(f"not a spool entry: {type(exc).__name__}: {exc}") from None
-        if not _ID.fullmatch(entry.id):
-            raise ValueError(f"not a spool entry: bad id {entry.id!r}")
+            raise UnreadableEntry(f"not a spool entry: {type(exc).__name__}: {exc}") from None
+        if not is_valid(entry.id):
+            raise UnreadableEntry(f"not a spool entry: bad id {entry.id!r}")
         if not entry.batches:
-            raise ValueError("not a spool entry: no batches")
+            raise UnreadableEntry("not a spool entry: no batches")
         return entry
 
 
@@ -243,7 +218,7 @@ def _optional_str(value: Any, name: str) -> str | None:
 def _optional_id(value: Any, name: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if not isinstance(value, str) or not is_valid(value):
         raise ValueError(f"{name} is not a queue id")
     return value
 
@@ -289,6 +264,17 @@ def _batch(value: Any) -> Batch:
         message_id=_optional_str(value.get("message_id"), "message_id"),
         error=_optional_str(value.get("error"), "error"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Census:
+    """How many entries the spool's areas hold, for metrics."""
+
+    queued: int
+    dead: int
+    oldest_arrival: float | None
+    """Unix time the oldest queued message arrived, by its queue id; None when
+    the queue is empty (or no queued id tells its time)."""
 
 
 class Spool:
@@ -454,7 +440,7 @@ class Spool:
 
         ``change`` gets the envelope as it is on disk now (with every other
         writer's changes) and must not call the spool. ``NoSuchEntry`` when
-        the entry is gone; ``ValueError`` when its envelope is unreadable."""
+        the entry is gone; ``UnreadableEntry`` when its envelope is unreadable."""
         _check_area(area)
         try:
             with self._locked(entry_id, area):
@@ -472,7 +458,7 @@ class Spool:
         """Forget an entry (delivered, refused, or deleted by an operator).
         Removing an entry that is not there does nothing."""
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             return
         directory = self.dir(area)
         try:
@@ -521,7 +507,7 @@ class Spool:
         envelope as it is on disk now, under the entry's lock (``modify`` and
         ``move`` in one step, for ``ses-relay queue retry``); return the new
         entry. ``NoSuchEntry`` when it is not (or no longer) in ``dead/``;
-        ``ValueError`` when its envelope is unreadable. The same crash
+        ``UnreadableEntry`` when its envelope is unreadable. The same crash
         guarantees as ``move``."""
         src, dst = self.dir(DEAD), self.dir(QUEUE)
         name_eml, name_json = f"{entry_id}.eml", f"{entry_id}.json"
@@ -571,7 +557,7 @@ class Spool:
     @contextlib.contextmanager
     def _locked(self, entry_id: str, area: str) -> Iterator[None]:
         """Hold the entry's lock: an exclusive flock on its message file."""
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         path = self.dir(area) / f"{entry_id}.eml"
         try:
@@ -617,14 +603,14 @@ class Spool:
             raise NoSuchEntry(f"no spool entry {entry_id} in {area}/") from None
         entry = Entry.from_json(text)
         if entry.id != entry_id:
-            raise ValueError(f"not a spool entry: {path.name} holds id {entry.id!r}")
+            raise UnreadableEntry(f"not a spool entry: {path.name} holds id {entry.id!r}")
         return entry
 
     def load(self, entry_id: str, area: str = QUEUE) -> Entry:
         """An entry's envelope: ``NoSuchEntry`` when it is not there,
-        ``ValueError`` when it is unreadable."""
+        ``UnreadableEntry`` when it is unreadable."""
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         try:
             return self._read(entry_id, area)
@@ -633,7 +619,7 @@ class Spool:
 
     def message(self, entry_id: str, area: str = QUEUE) -> bytes:
         _check_area(area)
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         try:
             return (self.dir(area) / f"{entry_id}.eml").read_bytes()
@@ -642,9 +628,28 @@ class Spool:
         except OSError as exc:
             raise _failed(f"cannot read message {entry_id}", exc) from None
 
+    def message_size(self, entry_id: str, area: str = QUEUE) -> int | None:
+        """Bytes of an entry's message; None when it is not there."""
+        _check_area(area)
+        if not is_valid(entry_id):
+            return None
+        try:
+            return (self.dir(area) / f"{entry_id}.eml").stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _failed(f"cannot read message {entry_id}", exc) from None
+
+    def census(self) -> Census:
+        """What the areas hold, from their listings alone (no file is read),
+        for metrics. An area that cannot be listed counts as empty."""
+        queued, oldest = _tally(self.dir(QUEUE))
+        dead, _ = _tally(self.dir(DEAD))
+        return Census(queued=queued, dead=dead, oldest_arrival=oldest)
+
     def find(self, entry_id: str) -> str | None:
         """The area holding ``entry_id``, or None."""
-        if not _ID.fullmatch(entry_id):
+        if not is_valid(entry_id):
             return None
         for area in AREAS:
             if (self.dir(area) / f"{entry_id}.json").exists():
@@ -670,7 +675,7 @@ class Spool:
                 entry = Entry.from_json(json_path.read_bytes())
             except FileNotFoundError:
                 continue  # delivered, deleted or moved since the listing
-            except (OSError, ValueError) as exc:
+            except (OSError, UnreadableEntry) as exc:
                 self.quarantine(entry_id, area, reason=str(exc))
                 continue
             if entry.id != entry_id:
@@ -729,6 +734,25 @@ def _failed(action: str, exc: OSError) -> SpoolError:
     return SpoolError(f"{action}: {exc.strerror or exc}", errno=exc.errno)
 
 
+def _tally(directory: Path) -> tuple[int, float | None]:
+    """Committed entries (envelopes) in an area, and the earliest arrival
+    their ids tell; (0, None) when the area cannot be listed."""
+    count, oldest = 0, None
+    try:
+        with os.scandir(directory) as listing:
+            for item in listing:
+                entry_id = item.name.removesuffix(".json")
+                if entry_id == item.name:
+                    continue
+                count += 1
+                arrived = made_at(entry_id)
+                if arrived is not None and (oldest is None or arrived < oldest):
+                    oldest = arrived
+    except OSError:
+        return 0, None
+    return count, oldest
+
+
 def _check_area(area: str) -> None:
     if area not in AREAS:
         raise ValueError(f"not a spool area: {area!r}")
@@ -737,7 +761,11 @@ def _check_area(area: str) -> None:
 def _checked(entry: Entry) -> bytes:
     """The envelope's bytes, once we know they will read back as this entry."""
     envelope = entry.to_json()
-    if Entry.from_json(envelope).id != entry.id:  # pragma: no cover - from_json keeps ids
+    try:
+        read_back = Entry.from_json(envelope)
+    except UnreadableEntry as exc:  # not the disk's fault: the caller's entry is wrong
+        raise ValueError(f"entry {entry.id!r} cannot be written: {exc}") from None
+    if read_back.id != entry.id:  # pragma: no cover - from_json keeps ids
         raise ValueError(f"entry {entry.id!r} does not read back")
     return envelope
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from relay.app import Relay
-from relay.spool import DEAD, QUEUE, Batch, Entry, Spool, SpoolError
+from relay.errors import SpoolError
+from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from tests.fakeses import FakeSes, SesErrorReply
 from tests.relayd import running_relay
 

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from relay.app import Relay
 from relay.errors import CredentialsError
 from relay.ses.credentials import (
     RefreshingProvider,
@@ -39,7 +40,8 @@ from relay.ses.credentials import (
 )
 from relay.ses.sigv4 import Credentials
 from tests.fake_aws_endpoints import FakeClock, FakeContainer, FakeImds, FakeSts, issue
-from tests.fakeses import KnownKey
+from tests.fakeses import FakeSes, KnownKey
+from tests.relayd import relay_config
 
 REGION = "eu-west-1"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
@@ -966,3 +968,68 @@ async def test_secrets_stay_out_of_reprs_errors_and_logs(
         for secret in secrets:
             assert secret not in text, (secret, text)
     assert "ASIAREPR" in repr(creds)  # the key id is not a secret: it helps debugging
+
+
+# --------------------------------------------------------------------------- the relay's shutdown
+
+
+async def test_aclose_ends_every_refresh_including_superseded_ones(clock: FakeClock) -> None:
+    begun: asyncio.Queue[int] = asyncio.Queue()
+    ended: list[int] = []
+    serial = iter(range(1, 10))
+
+    async def fetch() -> Credentials:
+        number = next(serial)
+        await begun.put(number)
+        try:
+            await asyncio.Event().wait()  # an endpoint that never answers
+        finally:
+            ended.append(number)
+        raise AssertionError("unreachable")
+
+    provider = RefreshingProvider(fetch, clock=clock)
+    first = asyncio.create_task(provider.get())
+    assert await asyncio.wait_for(begun.get(), 5) == 1
+    provider.invalidate()  # the next get() starts a second refresh; the first runs on
+    second = asyncio.create_task(provider.get())
+    assert await asyncio.wait_for(begun.get(), 5) == 2
+    await provider.aclose()
+    assert sorted(ended) == [1, 2]
+    for waiter in (first, second):
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+
+REFRESH = "RefreshingProvider._refresh"
+
+
+async def test_stop_ends_a_credential_refresh_in_flight(
+    tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay stopped while it waits for its credentials leaves no refresh
+    running on a closed session (that would log an unexpected error later)."""
+    asked = asyncio.Event()
+    hung_up = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.set()
+        await reader.read()  # until the relay closes the connection
+        hung_up.set()
+        writer.close()
+
+    endpoint = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = endpoint.sockets[0].getsockname()[1]
+    # Checking bounce_sender with SES at start needs credentials.
+    config, env = relay_config(tmp_path, fake_ses, delivery={"bounce_sender": "dsn@relay.test"})
+    env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"http://127.0.0.1:{port}/creds"
+    async with endpoint:
+        relay = Relay(config, env)
+        await relay.start()
+        await asyncio.wait_for(asked.wait(), 5)
+        await relay.stop(grace=0)
+        coroutines = [t.get_coro() for t in asyncio.all_tasks() if not t.done()]
+        refreshing = [c for c in coroutines if getattr(c, "__qualname__", "") == REFRESH]
+        assert refreshing == []
+        await asyncio.wait_for(hung_up.wait(), 5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -121,6 +121,45 @@ async def test_a_limited_user_cannot_send_as_anyone_else(
     assert request.raw_message == message(allowed)
 
 
+async def test_a_limited_user_gets_553_for_a_mail_from_not_allowed(
+    tmp_path: Path,
+    fake_ses: FakeSes,
+    relay_cert: dict[str, str],
+    users_file: str,
+    ca_pem_path: Path,
+) -> None:
+    async with running_relay(
+        tmp_path,
+        fake_ses,
+        smtp={"allowed_networks": ["192.0.2.0/24"], **relay_cert},
+        auth={"users_file": users_file, "failure_delay": 0.0, **SENDER_RULES},
+    ) as relay:
+        host, port = relay.smtp_addresses[0]
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, start_tls=False, tls_context=client_tls(ca_pem_path)
+        )
+        async with client:
+            await client.ehlo()
+            await client.starttls()
+            await client.ehlo()
+            await client.auth_plain("alice", "s3cret")
+            refused = []
+            for sender in ("eve@evil.example", "alice@sub.team.example", "alice@team.example.net"):
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                    await client.mail(sender)
+                refused.append((caught.value.code, caught.value.message))
+            accepted = await client.mail("Carol@Team.Example")  # a domain entry, any case
+            await client.rcpt("bob@example.net")
+            sent = await client.data(message("From: Carol@Team.Example\r\n"))
+    assert refused == [
+        (553, f"5.7.1 MAIL FROM <{sender}> is not allowed for user alice")
+        for sender in ("eve@evil.example", "alice@sub.team.example", "alice@team.example.net")
+    ]
+    assert (accepted.code, sent.code) == (250, 250)
+    [request] = fake_ses.requests
+    assert request.params["Source"] == "Carol@Team.Example"
+
+
 async def test_deeply_nested_comment_gets_5xx_and_one_log_line(
     tmp_path: Path, fake_ses: FakeSes, caplog: pytest.LogCaptureFixture
 ) -> None:

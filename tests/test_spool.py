@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
 from relay.spool import (
     AREAS,
     DEAD,
@@ -39,11 +40,9 @@ from relay.spool import (
     QUEUE,
     TMP,
     Batch,
+    Census,
     Entry,
-    NoSuchEntry,
     Spool,
-    SpoolError,
-    SpoolLocked,
 )
 from tests import diskfull
 
@@ -984,6 +983,13 @@ def test_load_of_garbled_and_missing_entries(spool: Spool) -> None:
     write_raw(spool.dir(QUEUE) / "BAD001.json", GARBLED["truncated"])
     with pytest.raises(ValueError, match="not a spool entry"):
         spool.load("BAD001")
+    with pytest.raises(UnreadableEntry, match="not a spool entry") as unreadable:
+        spool.load("BAD001")
+    assert isinstance(unreadable.value, SpoolError)
+    write_raw(spool.dir(QUEUE) / "BAD002.eml", MESSAGE)
+    write_raw(spool.dir(QUEUE) / "BAD002.json", make_entry("OTHER1").to_json())
+    with pytest.raises(UnreadableEntry, match=r"BAD002\.json holds id 'OTHER1'"):
+        spool.load("BAD002")
     with pytest.raises(NoSuchEntry):
         spool.load("NOPE01")
     with pytest.raises(NoSuchEntry):
@@ -1287,7 +1293,8 @@ def test_remove_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 DISKFULL_SCRIPT = r"""
 import dataclasses, errno, json, os, sys
-from relay.spool import Batch, Entry, Spool, SpoolError
+from relay.errors import SpoolError
+from relay.spool import Batch, Entry, Spool
 
 root = os.path.join(sys.argv[1], "spool")
 
@@ -1433,6 +1440,35 @@ def test_free_bytes_is_the_file_systems_free_space(spool: Spool) -> None:
 def test_free_bytes_of_a_missing_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolError):
         Spool(tmp_path / "missing").free_bytes()
+
+
+def test_census_counts_each_area_and_dates_the_oldest_queued(spool: Spool) -> None:
+    assert spool.census() == Census(queued=0, dead=0, oldest_arrival=None)
+    older, newer = f"{1_700_000_000_250_000:014X}000001", f"{1_700_000_100_000_000:014X}000002"
+    for entry_id in (newer, "HANDMADE1", older, "DEAD01", "DEAD02"):
+        spool.put(make_entry(entry_id), message_of(entry_id))
+    for entry_id in ("DEAD01", "DEAD02"):
+        spool.move(spool.load(entry_id), QUEUE, DEAD)
+    write_raw(spool.dir(QUEUE) / "UNCOMMITTED1.eml", MESSAGE)  # no envelope: not counted
+    write_raw(spool.dir(QUEUE) / "notes.txt", b"left by a person")
+    assert spool.census() == Census(queued=3, dead=2, oldest_arrival=1_700_000_000.25)
+
+
+def test_census_of_a_queue_of_ids_not_made_here(spool: Spool) -> None:
+    put_some(spool, 2)
+    assert spool.census() == Census(queued=2, dead=0, oldest_arrival=None)
+
+
+def test_census_of_a_spool_it_cannot_list(tmp_path: Path) -> None:
+    assert Spool(tmp_path / "missing").census() == Census(queued=0, dead=0, oldest_arrival=None)
+
+
+def test_message_size(spool: Spool) -> None:
+    spool.put(make_entry("SIZE01"), MESSAGE)
+    assert spool.message_size("SIZE01") == len(MESSAGE)
+    assert spool.message_size("SIZE01", DEAD) is None
+    assert spool.message_size("NOPE01") is None
+    assert spool.message_size("../queue/SIZE01") is None
 
 
 def test_find_across_areas(spool: Spool) -> None:

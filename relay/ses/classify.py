@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from relay.errors import Disposition, SesError, SesTransportError, SmtpReply
+from relay.errors import Disposition, HttpTransportError, SesError, SesTransportError, SmtpReply
 from relay.oneline import one_line
 
 RETRYABLE = Disposition.RETRYABLE
@@ -192,4 +192,23 @@ def transport_error(
         disposition=rule.disposition,
         smtp_reply=rule.reply(),
         request_sent=request_sent,
+    )
+
+
+_UNANSWERED_CODES: Final = {
+    "connect": "ConnectionError",
+    "connect-timeout": "Timeout",
+    "timeout": "Timeout",
+    "io": "ConnectionError",
+    "too-large": "ResponseTooLarge",
+}
+
+
+def unanswered(error: HttpTransportError) -> SesTransportError:
+    """The typed error for an SES call that got no usable answer."""
+    return transport_error(
+        _UNANSWERED_CODES[error.cause],
+        str(error),
+        http_status=error.status,
+        request_sent=error.request_sent,
     )

@@ -1,7 +1,8 @@
 """The SES client: signed Query API calls over one pooled aiohttp session.
 
-Every aiohttp and OS error becomes a ``relay.errors.SesError`` here and
-nowhere else. Calls retry retryable errors quickly (exponential backoff with
+Every failure of a call is a ``relay.errors.SesError``: SES's own errors,
+and the transport's, translated once by ``relay.ses.http.request`` and
+classified here. Calls retry retryable errors quickly (exponential backoff with
 full jitter) within the attempts and the deadline they are given; long-term
 retrying is the spool's job.
 
@@ -28,11 +29,11 @@ import aiohttp
 from yarl import URL
 
 from relay.config import SesConfig
-from relay.errors import CredentialsError, SesError
+from relay.errors import CredentialsError, HttpTransportError, SesError
 from relay.log import ses_log
-from relay.ses.classify import no_credentials, transport_error
+from relay.ses.classify import no_credentials, transport_error, unanswered
 from relay.ses.credentials import CredentialProvider
-from relay.ses.http import client_tls_context, new_session, read_capped
+from relay.ses.http import client_tls_context, new_session, request
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
     SendRawEmailRequest,
@@ -229,44 +230,22 @@ class SesClient:
             now=self._clock(),
         )
         headers["Host"] = self._host
+        # aiohttp writes a large body in chunks only from a file-like object.
+        data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
         try:
-            async with asyncio.timeout(timeout):
-                status, answer = await self._post(body, headers, timeout)
-        except SesError:
-            raise
-        except aiohttp.ClientConnectorError as exc:
-            raise transport_error(
-                "ConnectionError", f"cannot connect to SES: {exc.os_error}", request_sent=False
-            ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise transport_error(
-                "Timeout", "timed out connecting to SES", request_sent=False
-            ) from None
-        except TimeoutError:
-            raise transport_error("Timeout", f"no SES answer within {timeout:.1f}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise transport_error("ConnectionError", f"SES connection failed: {exc!r}") from None
+            status, answer = await request(
+                self.session,
+                "POST",
+                self._url,
+                what="SES",
+                headers=headers,
+                data=data,
+                seconds=timeout,
+                connect_seconds=config.connect_timeout,
+                limit=config.max_response_size,
+            )
+        except HttpTransportError as exc:
+            raise unanswered(exc) from None
         if 200 <= status < 300:
             return parse(answer)
         raise error_from_answer(status, answer)
-
-    async def _post(
-        self, body: bytes, headers: dict[str, str], seconds: float
-    ) -> tuple[int, bytes]:
-        limit = self._config.max_response_size
-        # aiohttp writes a large body in chunks only from a file-like object.
-        data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
-        async with self.session.post(
-            self._url,
-            data=data,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=seconds, sock_connect=self._config.connect_timeout),
-        ) as response:
-            answer = await read_capped(response, limit)
-            if answer is None:
-                raise transport_error(
-                    "ResponseTooLarge",
-                    f"SES answer exceeds {limit} bytes",
-                    http_status=response.status,
-                )
-            return response.status, answer

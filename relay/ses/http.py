@@ -1,12 +1,22 @@
-"""HTTP plumbing shared by the SES client and the credential providers."""
+"""HTTP plumbing shared by the SES client and the credential providers.
+
+``request`` is the one place where aiohttp's and the operating system's
+errors of a call to AWS become ours (``HttpTransportError``), as httpx maps
+httpcore's in ``map_httpcore_exceptions``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import ssl
+from collections.abc import Mapping
 
 import aiohttp
+from yarl import URL
 
 from relay import __version__
+from relay.errors import HttpTransportError
 
 USER_AGENT = f"ses-relay/{__version__}"
 
@@ -52,3 +62,62 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | N
             response.close()
             return None
         chunks.append(chunk)
+
+
+async def request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    *,
+    what: str,
+    headers: Mapping[str, str],
+    data: bytes | io.BytesIO | None = None,
+    seconds: float,
+    connect_seconds: float | None = None,
+    read_seconds: float | None = None,
+    limit: int,
+) -> tuple[int, bytes]:
+    """One call to an AWS endpoint: the status and the whole answer (at most
+    ``limit`` bytes), within ``seconds`` in all (connecting within
+    ``connect_seconds``, no silence longer than ``read_seconds``); redirects
+    are not followed.
+
+    Every way of getting no usable answer is an ``HttpTransportError`` whose
+    message names ``what`` and the endpoint's origin, never its path or query
+    (a container endpoint's may hold a secret)."""
+    origin = url.origin()
+    limits = aiohttp.ClientTimeout(
+        total=seconds, sock_connect=connect_seconds, sock_read=read_seconds
+    )
+    try:
+        async with (
+            asyncio.timeout(seconds),
+            session.request(
+                method, url, headers=headers, data=data, timeout=limits, allow_redirects=False
+            ) as response,
+        ):
+            body = await read_capped(response, limit)
+            if body is None:
+                raise HttpTransportError(
+                    f"{what} answer from {origin} exceeds {limit} bytes",
+                    "too-large",
+                    status=response.status,
+                )
+            return response.status, body
+    except aiohttp.ClientConnectorError as exc:
+        raise HttpTransportError(
+            f"cannot connect to {what} at {origin} ({type(exc).__name__}: {exc.os_error})",
+            "connect",
+        ) from None
+    except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one
+        raise HttpTransportError(
+            f"timed out connecting to {what} at {origin}", "connect-timeout"
+        ) from None
+    except TimeoutError:
+        raise HttpTransportError(
+            f"no answer from {what} at {origin} within {seconds:.1f}s", "timeout"
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise HttpTransportError(
+            f"{what} at {origin} failed ({type(exc).__name__})", "io"
+        ) from None

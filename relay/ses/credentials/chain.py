@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import aiohttp
 
-from relay.errors import CredentialsError
+from relay.errors import CredentialsError, CredentialsNotConfigured
 from relay.log import ses_log
 from relay.ses.credentials.container import container_plan
-from relay.ses.credentials.fetch import Context, NotConfigured, Sleep, sts_call
+from relay.ses.credentials.fetch import Context, Sleep, sts_call
 from relay.ses.credentials.files import SharedFiles, load_shared_files, read_token_file
 from relay.ses.credentials.imds import imds_plan
 from relay.ses.credentials.parsing import (
@@ -37,7 +37,7 @@ def _session_name(ctx: Context) -> str:
 
 # --------------------------------------------------------------------------- sources
 #
-# A "plan" looks at configuration only and either raises NotConfigured (skip
+# A "plan" looks at configuration only and either raises CredentialsNotConfigured (skip
 # me), raises CredentialsError (configured but wrong), or returns the Fetch that
 # gets credentials (and refreshes them later).
 
@@ -45,7 +45,7 @@ def _session_name(ctx: Context) -> str:
 def _env_plan(ctx: Context) -> Fetch:
     creds = credentials_from_env(ctx.env)
     if creds is None:
-        raise NotConfigured("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set")
+        raise CredentialsNotConfigured("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set")
     env = ctx.env
 
     async def fetch() -> Credentials:
@@ -67,7 +67,7 @@ def _web_identity_plan(ctx: Context, files: SharedFiles, profile: str, *, use_en
     token_file = setting("AWS_WEB_IDENTITY_TOKEN_FILE", "web_identity_token_file")
     if not token_file:
         where = "AWS_WEB_IDENTITY_TOKEN_FILE is not set and " if use_env else ""
-        raise NotConfigured(f"{where}profile {profile!r} has no web_identity_token_file")
+        raise CredentialsNotConfigured(f"{where}profile {profile!r} has no web_identity_token_file")
     role_arn = setting("AWS_ROLE_ARN", "role_arn")
     if not role_arn:
         raise CredentialsError(
@@ -101,13 +101,13 @@ def _file_static_plan(ctx: Context, files: SharedFiles, profile: str, *, config:
     sections = files.config if config else files.credentials
     what = "shared config file" if config else "shared credentials file"
     if path is None:
-        raise NotConfigured(f"{what} cannot be located: HOME is not set")
+        raise CredentialsNotConfigured(f"{what} cannot be located: HOME is not set")
     section = sections.get(profile)
     if section is None:
-        raise NotConfigured(f"no profile {profile!r} in {path}")
+        raise CredentialsNotConfigured(f"no profile {profile!r} in {path}")
     where = f"profile {profile!r} in {path}"
     if credentials_from_profile(section, where) is None:
-        raise NotConfigured(f"{where} has no aws_access_key_id")
+        raise CredentialsNotConfigured(f"{where} has no aws_access_key_id")
     env = ctx.env
 
     async def fetch() -> Credentials:
@@ -209,7 +209,7 @@ def _source_profile_provider(
         for _label, plan in _profile_chain(ctx, files, profile, use_env=False):
             try:
                 fetch = plan()
-            except NotConfigured:
+            except CredentialsNotConfigured:
                 continue
             return RefreshingProvider(fetch, name=f"source profile {profile!r}", clock=ctx.clock)
         raise CredentialsError(f"source profile {profile!r} has no credentials")
@@ -236,7 +236,7 @@ def _named_source(ctx: Context, name: str, profile: str) -> CredentialProvider:
         )
     try:
         fetch = plan(ctx)
-    except NotConfigured as exc:
+    except CredentialsNotConfigured as exc:
         raise CredentialsError(f"credential_source {name} of profile {profile!r}: {exc}") from None
     return RefreshingProvider(fetch, name=f"credential_source {name}", clock=ctx.clock)
 
@@ -272,7 +272,7 @@ class _Chain:
 
         def assume_role() -> Fetch:
             if not _has_assume_role(files.profile(profile)):
-                raise NotConfigured(f"profile {profile!r} has no role_arn")
+                raise CredentialsNotConfigured(f"profile {profile!r} has no role_arn")
             return _assume_role_plan(ctx, files, profile, [profile])
 
         yield "assume role", assume_role
@@ -286,7 +286,7 @@ class _Chain:
             try:
                 fetch = plan()
                 creds = await fetch()
-            except NotConfigured as exc:
+            except CredentialsNotConfigured as exc:
                 ses_log.debug("credentials: %s skipped: %s", label, exc)
                 skipped.append(f"{label}: {exc}")
                 continue

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import aiohttp
-
-from relay.errors import CredentialsError
-from relay.ses.credentials.fetch import HEADER_VALUE, Context, HttpFailure, NotConfigured, http
+from relay.errors import CredentialsError, CredentialsNotConfigured, CredentialsUnreachable
+from relay.ses.credentials.fetch import HEADER_VALUE, Context, http
 from relay.ses.credentials.files import read_token_file
 from relay.ses.credentials.parsing import container_endpoint, parse_container_credentials
 from relay.ses.credentials.providers import Fetch
@@ -34,8 +32,9 @@ def _container_token(env: Mapping[str, str]) -> str | None:
 def container_plan(ctx: Context) -> Fetch:
     url = container_endpoint(ctx.env)
     if url is None:
-        raise NotConfigured("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI and _FULL_URI are not set")
-    limits = aiohttp.ClientTimeout(total=CONTAINER_TIMEOUT)
+        raise CredentialsNotConfigured(
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI and _FULL_URI are not set"
+        )
     what = "container credentials endpoint"
 
     async def fetch() -> Credentials:
@@ -49,9 +48,9 @@ def container_plan(ctx: Context) -> Fetch:
                 await ctx.sleep(CONTAINER_RETRY_DELAY)
             try:
                 status, body = await http(
-                    ctx, "GET", url, what=what, headers=headers, limits=limits
+                    ctx, "GET", url, what=what, headers=headers, seconds=CONTAINER_TIMEOUT
                 )
-            except HttpFailure as exc:
+            except CredentialsUnreachable as exc:
                 problem = str(exc)
                 continue
             if status == 200:

@@ -1,7 +1,7 @@
 """The I/O groundwork the sources share: the ``Context`` a source works in
-(environment, HTTP session, region, clock, sleep), ``NotConfigured`` (skip this
-source), one HTTP request with a capped answer whose failures name only the
-endpoint's origin, and the STS call, signed or not."""
+(environment, HTTP session, region, clock, sleep), one HTTP request with a
+capped answer whose failures name only the endpoint's origin, and the STS
+call, signed or not."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from relay.errors import CredentialsError
+from relay.errors import CredentialsError, CredentialsUnreachable, HttpTransportError
 from relay.ses.credentials.parsing import parse_sts_credentials, sts_endpoint
 from relay.ses.credentials.providers import Clock
-from relay.ses.http import read_capped
+from relay.ses.http import request
 from relay.ses.query import FORM_CONTENT_TYPE, encode_form
 from relay.ses.sigv4 import Credentials, payload_hash, sign_request
 
@@ -25,16 +25,10 @@ MAX_RESPONSE_SIZE = 64 * 1024
 """Answers from STS, container and IMDS endpoints are read up to this size."""
 
 STS_API_VERSION = "2011-06-15"
-STS_TIMEOUT = aiohttp.ClientTimeout(total=10.0, sock_connect=3.0)
+STS_TIMEOUT = 10.0
+STS_CONNECT_TIMEOUT = 3.0
 
 HEADER_VALUE = re.compile(r"[\t -~]+")
-
-
-class NotConfigured(CredentialsError):
-    """A source that has nothing to offer: the chain moves on to the next one.
-
-    Raised during a refresh (IMDS gone away), it is an ordinary failure.
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +40,6 @@ class Context:
     sleep: Sleep
 
 
-class HttpFailure(CredentialsError):
-    """No answer: ``kind`` is ``connect`` (never reached the server), ``timeout``
-    (reached it, no answer in time) or ``io``."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 async def http(
     ctx: Context,
     method: str,
@@ -62,30 +47,28 @@ async def http(
     *,
     what: str,
     headers: Mapping[str, str],
-    limits: aiohttp.ClientTimeout,
+    seconds: float,
+    connect_seconds: float | None = None,
+    read_seconds: float | None = None,
     data: bytes | None = None,
 ) -> tuple[int, bytes]:
-    """One request; the status and the body (capped). Every transport problem
-    becomes ``HttpFailure`` whose message names ``what`` and the origin only."""
-    origin = str(url.origin())
+    """One request; the status and the body (capped at ``MAX_RESPONSE_SIZE``).
+    No answer is ``CredentialsUnreachable``, a credentials error."""
     try:
-        async with ctx.session.request(
-            method, url, headers=headers, data=data, timeout=limits, allow_redirects=False
-        ) as response:
-            body = await read_capped(response, MAX_RESPONSE_SIZE)
-            if body is None:
-                raise HttpFailure(
-                    f"{what} answer from {origin} exceeds {MAX_RESPONSE_SIZE} bytes", "io"
-                )
-            return response.status, body
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-        raise HttpFailure(
-            f"cannot connect to {what} at {origin} ({type(exc).__name__})", "connect"
-        ) from None
-    except TimeoutError:
-        raise HttpFailure(f"no answer from {what} at {origin} in time", "timeout") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise HttpFailure(f"{what} at {origin} failed ({type(exc).__name__})", "io") from None
+        return await request(
+            ctx.session,
+            method,
+            url,
+            what=what,
+            headers=headers,
+            data=data,
+            seconds=seconds,
+            connect_seconds=connect_seconds,
+            read_seconds=read_seconds,
+            limit=MAX_RESPONSE_SIZE,
+        )
+    except HttpTransportError as exc:
+        raise CredentialsUnreachable(str(exc), exc.cause) from None
 
 
 async def sts_call(
@@ -116,6 +99,13 @@ async def sts_call(
             raise CredentialsError(f"cannot sign STS {action} request: {exc}") from None
     headers["Host"] = host
     status, answer = await http(
-        ctx, "POST", url, what=f"STS {action}", headers=headers, limits=STS_TIMEOUT, data=body
+        ctx,
+        "POST",
+        url,
+        what=f"STS {action}",
+        headers=headers,
+        seconds=STS_TIMEOUT,
+        connect_seconds=STS_CONNECT_TIMEOUT,
+        data=body,
     )
     return parse_sts_credentials(answer, action, status=status)

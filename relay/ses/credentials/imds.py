@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-import aiohttp
 from yarl import URL
 
-from relay.errors import CredentialsError
+from relay.errors import CredentialsError, CredentialsNotConfigured, CredentialsUnreachable
 from relay.log import ses_log
-from relay.ses.credentials.fetch import HEADER_VALUE, Context, HttpFailure, NotConfigured, http
+from relay.ses.credentials.fetch import HEADER_VALUE, Context, http
 from relay.ses.credentials.parsing import imds_endpoint, parse_imds_credentials
 from relay.ses.credentials.providers import Fetch
 from relay.ses.sigv4 import Credentials
@@ -78,7 +77,7 @@ def _extend_for_outage(creds: Credentials, now: datetime) -> Credentials:
 def imds_plan(ctx: Context) -> Fetch:
     base = imds_endpoint(ctx.env)
     if base is None:
-        raise NotConfigured("disabled by AWS_EC2_METADATA_DISABLED")
+        raise CredentialsNotConfigured("disabled by AWS_EC2_METADATA_DISABLED")
     settings = _imds_settings(ctx.env, base)
 
     async def fetch() -> Credentials:
@@ -93,18 +92,22 @@ async def _imds_request(
 ) -> tuple[int, bytes]:
     """One IMDS request, retried on connection errors and 5xx; the last answer
     or failure wins."""
-    limits = aiohttp.ClientTimeout(
-        total=2 * settings.timeout, sock_connect=settings.timeout, sock_read=settings.timeout
-    )
     url = settings.base.join(URL(path))
     result: tuple[int, bytes] | None = None
     for attempt in range(1, settings.attempts + 1):
         try:
             result = await http(
-                ctx, method, url, what="EC2 instance metadata", headers=headers, limits=limits
+                ctx,
+                method,
+                url,
+                what="EC2 instance metadata",
+                headers=headers,
+                seconds=2 * settings.timeout,
+                connect_seconds=settings.timeout,
+                read_seconds=settings.timeout,
             )
-        except HttpFailure as exc:
-            if exc.kind == "timeout" or attempt == settings.attempts:
+        except CredentialsUnreachable as exc:
+            if exc.cause == "timeout" or attempt == settings.attempts:
                 raise
             continue
         if result[0] < 500:
@@ -125,18 +128,18 @@ async def _imds_token(ctx: Context, settings: _ImdsSettings) -> str | None:
             _IMDS_SESSION_PATH,
             {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_SESSION_TTL_SECONDS},
         )
-    except HttpFailure as exc:
-        if exc.kind == "timeout":
+    except CredentialsUnreachable as exc:
+        if exc.cause == "timeout":
             return None
-        raise NotConfigured(str(exc)) from None
+        raise CredentialsNotConfigured(str(exc)) from None
     if status == 200:
         token = body.decode("ascii", "replace").strip()
         if not HEADER_VALUE.fullmatch(token):
-            raise NotConfigured("IMDS token answer is not a usable token")
+            raise CredentialsNotConfigured("IMDS token answer is not a usable token")
         return token
     if status in (403, 404, 405) or status >= 500:
         return None
-    raise NotConfigured(f"IMDS refused the token request (HTTP {status})")
+    raise CredentialsNotConfigured(f"IMDS refused the token request (HTTP {status})")
 
 
 async def _imds_fetch(ctx: Context, settings: _ImdsSettings) -> Credentials:
@@ -146,31 +149,35 @@ async def _imds_fetch(ctx: Context, settings: _ImdsSettings) -> Credentials:
         async with asyncio.timeout(budget):
             token = await _imds_token(ctx, settings)
             if token is None and not settings.v1_allowed:
-                raise NotConfigured(f"no IMDSv2 token from {origin} and IMDSv1 is disabled")
+                raise CredentialsNotConfigured(
+                    f"no IMDSv2 token from {origin} and IMDSv1 is disabled"
+                )
             headers = {"X-aws-ec2-metadata-token": token} if token else {}
             status, body = await _imds_request(ctx, settings, "GET", _IMDS_ROLE_PATH, headers)
             if status == 404:
-                raise NotConfigured(f"no IAM role attached to this instance ({origin})")
+                raise CredentialsNotConfigured(f"no IAM role attached to this instance ({origin})")
             if status != 200:
-                raise NotConfigured(f"IMDS at {origin} answered HTTP {status} for the role name")
+                raise CredentialsNotConfigured(
+                    f"IMDS at {origin} answered HTTP {status} for the role name"
+                )
             lines = body.decode("utf-8", "replace").split()
             role = lines[0] if lines else ""
             if not _ROLE_NAME.fullmatch(role):
-                raise NotConfigured(f"IMDS at {origin} gave no usable role name")
+                raise CredentialsNotConfigured(f"IMDS at {origin} gave no usable role name")
             status, body = await _imds_request(
                 ctx, settings, "GET", _IMDS_ROLE_PATH + role, headers
             )
             if status != 200:
-                raise NotConfigured(
+                raise CredentialsNotConfigured(
                     f"IMDS at {origin} answered HTTP {status} for the credentials of role {role}"
                 )
-    except HttpFailure as exc:
-        raise NotConfigured(str(exc)) from None
+    except CredentialsUnreachable as exc:
+        raise CredentialsNotConfigured(str(exc)) from None
     except TimeoutError:
-        raise NotConfigured(
+        raise CredentialsNotConfigured(
             f"no complete answer from IMDS at {origin} within {budget:.0f}s"
         ) from None
     try:
         return parse_imds_credentials(body)
     except CredentialsError as exc:
-        raise NotConfigured(str(exc)) from None
+        raise CredentialsNotConfigured(str(exc)) from None

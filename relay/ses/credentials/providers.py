@@ -107,6 +107,8 @@ class RefreshingProvider:
         self._not_before: datetime | None = None
         self._task: asyncio.Task[Credentials] | None = None
         self._task_generation = -1
+        self._running: set[asyncio.Task[Credentials]] = set()
+        """Every refresh not finished: one superseded by ``invalidate`` runs on."""
 
     def __repr__(self) -> str:
         creds = self._credentials
@@ -154,17 +156,22 @@ class RefreshingProvider:
             await asyncio.wait([task])
 
     async def aclose(self) -> None:
-        """Cancel a refresh in progress."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
+        """Cancel every refresh in progress and wait until they have ended
+        (before the HTTP session they use is closed)."""
+        self._task = None
+        running = list(self._running)
+        for task in running:
             task.cancel()
-            await asyncio.wait([task])
+        if running:
+            await asyncio.wait(running)
 
     def _start(self) -> asyncio.Task[Credentials]:
         task = self._task
         if task is None or task.done() or self._task_generation != self._generation:
             task = asyncio.create_task(self._refresh(self._generation))
             task.add_done_callback(_consume_result)
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
             self._task = task
             self._task_generation = self._generation
         return task
