@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from relay.clock import Clock, SystemClock, wait_for
 from relay.config import Config
 from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
 from relay.errors import Disposition, SesError, SmtpReply
@@ -105,8 +106,7 @@ class Delivery:
         spool: Spool,
         ses: SesClient,
         *,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
         metrics: RelayMetrics,
     ) -> None:
@@ -116,11 +116,12 @@ class Delivery:
         self.quota: SendQuota | None = None
         """The account's quota as GetSendQuota last said (``ses.max_send_rate = 0``)."""
         self._ses = ses
-        self._clock = clock
+        self._time = clock = clock or SystemClock()
+        self._clock = clock.wall
         self._jitter = jitter
-        self.rate = SendRate(clock=monotonic, sleep=asyncio.sleep, rate=config.ses.max_send_rate)
+        self.rate = SendRate(clock=clock, rate=config.ses.max_send_rate)
         self.outage = Outage(first=config.delivery.retry_min, longest=config.delivery.retry_max)
-        self._monotonic = monotonic
+        self._monotonic = clock.monotonic
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._in_flight: set[str] = set()
@@ -322,8 +323,7 @@ class Delivery:
         if paused_until is not None and paused_until > ends:
             return False
         try:
-            async with asyncio.timeout(max(0.0, ends - self._monotonic())):
-                await self.rate.acquire(recipients)
+            await wait_for(self._time, self.rate.acquire(recipients), ends - self._monotonic())
         except TimeoutError:
             return False
         return True
@@ -607,7 +607,7 @@ class Delivery:
             self._wake.clear()
             wait = self._heap[0][0] - now if self._heap else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                await wait_for(self._time, self._wake.wait(), wait)
 
     async def _worker(self) -> None:
         while True:
@@ -677,7 +677,7 @@ class Delivery:
             else:
                 self.quota = quota
                 self.rate.set_rate(quota.max_send_rate)
-            await asyncio.sleep(self._config.delivery.quota_refresh)
+            await self._time.sleep(self._config.delivery.quota_refresh)
 
 
 def _failed_recipient(address: str, batch: Batch) -> FailedRecipient:
