@@ -257,9 +257,9 @@ class Relay:
             queued=census.queued,
             dead=census.dead,
             oldest_age=max(0.0, time.time() - arrived) if arrived is not None else 0.0,
-            pause_remaining=delivery.pause_left() if delivery is not None else 0.0,
-            send_rate=delivery.rate.effective_rate if delivery is not None else 0.0,
-            quota=delivery.quota if delivery is not None else None,
+            pause_remaining=delivery.account.pause_left() if delivery is not None else 0.0,
+            send_rate=delivery.account.rate.effective_rate if delivery is not None else 0.0,
+            quota=delivery.account.quota if delivery is not None else None,
             smtp_open=limiter.active,
             smtp_admitted=limiter.admitted,
             smtp_refused=limiter.refused,
@@ -278,7 +278,7 @@ class Relay:
             spool = "not open"
         elif not delivery.space_ok():
             spool = "no room: free space is below 1.5 x smtp.max_message_size"
-        pause = delivery.pause_left() if delivery is not None else 0.0
+        pause = delivery.account.pause_left() if delivery is not None else 0.0
         ses = "ok" if pause <= 0 else f"all delivery paused for {pause:.0f}s more (see the log)"
         return {"smtp": smtp, "spool": spool, "ses": ses}
 

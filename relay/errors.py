@@ -214,8 +214,6 @@ class NoSuchEntry(SpoolError):
     """The entry is not (or no longer) in that area: delivered, deleted or moved."""
 
 
-class UnreadableEntry(SpoolError, ValueError):
+class UnreadableEntry(SpoolError):
     """An envelope on disk is not a valid spool entry (garbled, truncated, from
-    another tool, or its message file is gone): set it aside for a person.
-
-    Also a ``ValueError``: what the spool raised for it before this class."""
+    another tool, or its message file is gone): set it aside for a person."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+LOG_TEXT_LIMIT = 500
+"""Characters of a text from outside (an SES error, a reason) kept in one log line."""
+
 
 def one_line(text: str, limit: int) -> str:
     """``text`` on one line of at most ``limit`` characters.

@@ -1,8 +1,8 @@
 """SES's sending rate as a token bucket: one token per recipient.
 
-Time comes from an injected ``clock`` (seconds, monotonic) and waits go
-through an injected ``sleep``; nothing here reads the time or sleeps on its
-own, so tests drive it with a fake clock.
+Time and waits come from an injected ``relay.clock.Clock`` (its monotonic
+time); nothing here reads the time or sleeps on its own, so tests drive it
+with a fake clock.
 
 Bucket. Tokens refill at the effective rate ``r`` up to a capacity of
 ``max(1, r)`` (one second's worth); the bucket starts full. A request for
@@ -36,12 +36,11 @@ then. ``resume()`` ends a pause early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
+from relay.clock import Clock, wait_for
 
 DEFAULT_RATE = 1.0
 """Recipients per second while the account's MaxSendRate is unknown."""
@@ -60,7 +59,6 @@ class SendRate:
         self,
         *,
         clock: Clock,
-        sleep: Sleep,
         rate: float = 0.0,
         decrease: float = 0.5,
         recovery: float = 60.0,
@@ -75,7 +73,6 @@ class SendRate:
         if not (0 < recovery < math.inf and 0 <= cooldown < math.inf):
             raise ValueError("recovery must be positive and cooldown 0 or more")
         self._clock = clock
-        self._sleep = sleep
         self._decrease = decrease
         self._recovery = recovery
         self._floor = floor
@@ -83,7 +80,7 @@ class SendRate:
         self._rate = _known(rate)
         self._cut: tuple[float, float] | None = None
         """(effective rate right after the last throttle, when)."""
-        now = clock()
+        now = clock.monotonic()
         self._updated = now
         self._tokens = self._capacity(now)
         self._paused_until: float | None = None
@@ -100,19 +97,19 @@ class SendRate:
     @property
     def effective_rate(self) -> float:
         """The rate in force now, below ``rate`` after a throttle."""
-        return self._effective(self._clock())
+        return self._effective(self._clock.monotonic())
 
     @property
     def paused_until(self) -> float | None:
         """The end of the current pause (clock time), or None."""
-        if self._paused_until is None or self._clock() >= self._paused_until:
+        if self._paused_until is None or self._clock.monotonic() >= self._paused_until:
             return None
         return self._paused_until
 
     @property
     def tokens(self) -> float:
         """Tokens available now; negative while a large batch's debt is paid."""
-        now = self._clock()
+        now = self._clock.monotonic()
         elapsed = max(0.0, now - self._updated)
         return min(self._capacity(now), self._tokens + elapsed * self._effective(self._updated))
 
@@ -195,7 +192,7 @@ class SendRate:
 
         The rate can only have grown since then (recovery), so this errs low.
         """
-        now = self._clock()
+        now = self._clock.monotonic()
         elapsed = now - self._updated
         if elapsed > 0:
             self._tokens = min(
@@ -227,16 +224,11 @@ class SendRate:
         """Sleep ``delay`` seconds, or less if something changes the arithmetic."""
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = wake
-        nap = asyncio.ensure_future(self._sleep(delay))
         try:
-            await asyncio.wait((nap, wake), return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(TimeoutError):
+                await wait_for(self._clock, wake, delay)
         finally:
             self._wake = None
-            wake.cancel()
-            if not nap.done():
-                nap.cancel()
-        if nap.done():
-            nap.result()  # the sleep's own error, if any
 
     def _poke(self) -> None:
         if self._wake is not None and not self._wake.done():

@@ -9,45 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.clock import SystemClock
 from relay.ratelimit import DEFAULT_RATE, TOLERANCE, SendRate
-
-START = 1_000.0
-
-
-class FakeClock:
-    """Time that moves only when the code under test sleeps (autojump) or
-    when the test calls ``advance``. Records every sleep."""
-
-    def __init__(self, start: float = START, *, autojump: bool = True) -> None:
-        self.now = start
-        self.autojump = autojump
-        self.sleeps: list[float] = []
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, delay: float) -> None:
-        self.sleeps.append(delay)
-        if self.autojump:
-            self.now += delay
-            await asyncio.sleep(0)
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.now + delay, done))
-        await done
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        for deadline, done in list(self._sleepers):
-            if deadline <= self.now or done.done():
-                self._sleepers.remove((deadline, done))
-                if not done.done():
-                    done.set_result(None)
+from tests.fakeclock import START, FakeClock
 
 
 def bucket(clock: FakeClock, rate: float, **kwargs: float) -> SendRate:
-    return SendRate(clock=clock, sleep=clock.sleep, rate=rate, **kwargs)
+    return SendRate(clock=clock, rate=rate, **kwargs)
 
 
 async def settle() -> None:
@@ -378,11 +346,12 @@ async def test_a_day_long_pause_is_one_sleep() -> None:
 async def test_with_the_real_clock_and_sleep() -> None:
     sleeps: list[float] = []
 
-    async def sleep(delay: float) -> None:
-        sleeps.append(delay)
-        await asyncio.sleep(delay)
+    class RecordingClock(SystemClock):
+        async def sleep(self, seconds: float) -> None:
+            sleeps.append(seconds)
+            await super().sleep(seconds)
 
-    limiter = SendRate(clock=time.monotonic, sleep=sleep, rate=1000)
+    limiter = SendRate(clock=RecordingClock(), rate=1000)
     await limiter.acquire(1000)  # the full bucket, at once
     started = time.monotonic()
     for _ in range(4):
