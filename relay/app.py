@@ -23,7 +23,7 @@ from relay.config import Config, split_host_port
 from relay.delivery import Delivery, queue_id_time
 from relay.errors import ConfigError, RelayError
 from relay.handler import RelayHandler
-from relay.httpserver import HttpServer
+from relay.httpserver import HttpServer, Readiness
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State, scan_area
 from relay.ses.client import SesClient
@@ -260,8 +260,8 @@ class Relay:
             smtp_refused=limiter.refused,
         )
 
-    def _readiness(self) -> dict[str, str]:
-        """``/readyz``'s checks: "ok", or what is wrong."""
+    def _readiness(self) -> Readiness:
+        """``/readyz``: whether this relay accepts and keeps mail, and SES's state."""
         delivery = self.delivery
         smtp = "ok"
         if self.limiter.draining:
@@ -275,7 +275,7 @@ class Relay:
             spool = "no room: free space is below 1.5 x smtp.max_message_size"
         pause = delivery.pause_left() if delivery is not None else 0.0
         ses = "ok" if pause <= 0 else f"all delivery paused for {pause:.0f}s more (see the log)"
-        return {"smtp": smtp, "spool": spool, "ses": ses}
+        return Readiness(checks={"smtp": smtp, "spool": spool}, ses=ses)
 
     def end_grace(self) -> None:
         """Cut a ``stop`` in progress short: what is open is closed at once
