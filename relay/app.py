@@ -79,7 +79,7 @@ def load_resources(config: Config) -> Resources:
             users = load_users(config.auth.users_file)
         except ConfigError as exc:
             problems.extend(exc.problems)
-        if tls_context is None:
+        if not (smtp.tls_cert and smtp.tls_key):
             problems.append(
                 f"{source}: [auth] users_file: AUTH is offered only under TLS: "
                 "set [smtp] tls_cert and tls_key"
