@@ -118,6 +118,22 @@ async def test_every_problem_is_reported_in_one_pass_files_included(
     assert lines[6:] == [f"  {users}: cannot read users file: No such file or directory"]
 
 
+async def test_a_users_file_without_tls_settings_is_refused(tmp_path: Path) -> None:
+    """Told only when tls_cert and tls_key are unset: when they are set but do
+    not load, that problem is reported alone."""
+    users = tmp_path / "users"
+    users.write_text("")
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[auth]\nusers_file = "{users}"\n')
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert err.splitlines() == [
+        "ses-relay: configuration is invalid (1 problem):",
+        f"  {config}: [auth] users_file: AUTH is offered only under TLS: "
+        "set [smtp] tls_cert and tls_key",
+    ]
+
+
 async def test_an_unknown_variable_is_a_warning_and_check_config_still_passes(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
