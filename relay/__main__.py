@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from relay import __version__
 from relay.auth import SCHEMES, hash_password, valid_username
-from relay.config import Config, load_config
+from relay.config import Config, load_config, read_config, unknown_variables
 from relay.errors import ConfigError, RelayError
 from relay.queuecmd import add_arguments as add_queue_arguments
 from relay.queuecmd import queue_command as run_queue_command
@@ -73,16 +73,33 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if args.command == "hash-password":
         return hash_password_command(args.user, args.scheme)
     environment = os.environ if env is None else env
+    for warning in unknown_variables(environment):
+        print(f"ses-relay: warning: {warning}", file=sys.stderr)
     try:
-        config = load_config(args.config, environment)
         if args.command == "queue":
-            return run_queue_command(config, args)
+            return run_queue_command(load_config(args.config, environment), args)
+        config = load_checked(args.config, environment)
         return COMMANDS[args.command](config, environment)
     except ConfigError as exc:
         return report_config_error(exc)
     except RelayError as exc:
         print(f"ses-relay: {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def load_checked(path: str | None, env: Mapping[str, str]) -> Config:
+    """The configuration, and the files it names loaded: ``ConfigError`` lists
+    every problem of both in one pass."""
+    from relay.app import load_resources
+
+    config, problems = read_config(path, env)
+    try:
+        load_resources(config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def serve_command(config: Config, env: Mapping[str, str]) -> int:
@@ -94,11 +111,10 @@ def serve_command(config: Config, env: Mapping[str, str]) -> int:
 
 
 def check_config_command(config: Config, env: Mapping[str, str]) -> int:
-    """Problems fail; what SES says of the bounce sender is told, never a failure."""
-    from relay.app import load_resources
+    """Problems fail (``main`` found them); what SES says of the bounce sender
+    is told, never a failure."""
     from relay.bouncecheck import check_bounce_sender
 
-    load_resources(config)
     print(f"ses-relay: configuration OK ({config.source})")
     check = asyncio.run(with_ses(config, env, lambda ses: check_bounce_sender(config, ses)))
     if check is not None:

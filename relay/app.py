@@ -23,7 +23,7 @@ from relay.config import Config, split_host_port
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
-from relay.httpserver import HttpServer
+from relay.httpserver import HttpServer, Readiness
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
 from relay.ses.client import SesClient
@@ -79,7 +79,7 @@ def load_resources(config: Config) -> Resources:
             users = load_users(config.auth.users_file)
         except ConfigError as exc:
             problems.extend(exc.problems)
-        if tls_context is None:
+        if not (smtp.tls_cert and smtp.tls_key):
             problems.append(
                 f"{source}: [auth] users_file: AUTH is offered only under TLS: "
                 "set [smtp] tls_cert and tls_key"
@@ -265,8 +265,8 @@ class Relay:
             smtp_refused=limiter.refused,
         )
 
-    def _readiness(self) -> dict[str, str]:
-        """``/readyz``'s checks: "ok", or what is wrong."""
+    def _readiness(self) -> Readiness:
+        """``/readyz``: whether this relay accepts and keeps mail, and SES's state."""
         delivery = self.delivery
         smtp = "ok"
         if self.limiter.draining:
@@ -280,7 +280,7 @@ class Relay:
             spool = "no room: free space is below 1.5 x smtp.max_message_size"
         pause = delivery.account.pause_left() if delivery is not None else 0.0
         ses = "ok" if pause <= 0 else f"all delivery paused for {pause:.0f}s more (see the log)"
-        return {"smtp": smtp, "spool": spool, "ses": ses}
+        return Readiness(checks={"smtp": smtp, "spool": spool}, ses=ses)
 
     def end_grace(self) -> None:
         """Cut a ``stop`` in progress short: what is open is closed at once

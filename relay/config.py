@@ -3,18 +3,23 @@
 ``load_config`` reads the TOML file, applies ``SES_RELAY_<SECTION>_<KEY>``
 environment overrides and the AWS variables the SDKs honour, and checks
 everything in one pass: a ``ConfigError`` lists every problem with its key
-and where the value came from. Nothing else in the relay reads the file or
-the environment for settings.
+and where the value came from, and a misspelt key or section is told the
+closest right one. ``read_config`` gives the configuration and its problems
+without raising, so that the files it names can be checked in the same pass
+(``relay.app.load_resources``). ``unknown_variables`` names the
+``SES_RELAY_*`` variables that set nothing. Nothing else in the relay reads
+the file or the environment for settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -282,13 +287,25 @@ _NESTED = frozenset({"users"})
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Config:
     """The configuration from ``path`` (None: defaults only) and ``env``."""
+    config, problems = read_config(path, env)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str]
+) -> tuple[Config, list[str]]:
+    """The configuration from ``path`` and ``env`` with the default in place of
+    each wrong value, and every problem found; ``ConfigError`` only when the
+    file cannot be read or parsed."""
     source = str(path) if path is not None else "defaults"
     document = read_toml(Path(path)) if path is not None else {}
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for name in document:
         if name not in SECTIONS:
-            problems.append(f"{source}: [{name}]: unknown section")
+            problems.append(f"{source}: [{name}]: unknown section{_did_you_mean(name, SECTIONS)}")
     for name, cls in SECTIONS.items():
         table = document.get(name, {})
         if not isinstance(table, dict):
@@ -313,9 +330,40 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> 
         problems.append(
             f"{source}: [delivery] retry_max: must be at least retry_min ({delivery.retry_min:g})"
         )
-    if problems:
-        raise ConfigError(problems)
-    return Config(source=source, **sections)
+    return Config(source=source, **sections), problems
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The ``SES_RELAY_*`` variables in ``env`` that name no key, each with the
+    closest one that does. A warning, not an error as an unknown key in the
+    file is: the environment is shared, and others put names there that begin
+    the same way (Kubernetes adds ``SES_RELAY_SERVICE_HOST`` and
+    ``SES_RELAY_PORT...`` to every pod of a namespace with a Service named
+    ses-relay)."""
+    known = [
+        f"{section}_{spec.name}".upper()
+        for section, cls in SECTIONS.items()
+        for spec in dataclasses.fields(cls)
+        if spec.name not in _NESTED
+    ]
+    unknown = (
+        variable.removeprefix(ENV_PREFIX)
+        for variable in sorted(env)
+        if variable.startswith(ENV_PREFIX)
+    )
+    return [
+        f"environment {ENV_PREFIX}{name}: names no setting"
+        + _did_you_mean(name, known, prefix=ENV_PREFIX)
+        for name in unknown
+        if name not in known
+    ]
+
+
+def _did_you_mean(name: str, choices: Iterable[str], *, prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the choice closest to a misspelt ``name``
+    (shown after ``prefix``), or ""."""
+    closest = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {prefix}{closest[0]}?)" if closest else ""
 
 
 def _user_policies(tables: Any, source: str, problems: list[str]) -> tuple[UserPolicy, ...]:
@@ -363,7 +411,7 @@ def _section_values(
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NESTED}
     for key in table:
         if key not in fields:
-            problems.append(f"{source}: [{section}] {key}: unknown key")
+            problems.append(f"{source}: [{section}] {key}: unknown key{_did_you_mean(key, fields)}")
     values = _aws_defaults(section, env)
     for name, spec in fields.items():
         expected = hints[name]

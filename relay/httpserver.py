@@ -1,17 +1,20 @@
 """The relay's HTTP server on ``metrics.listen``: /metrics, /healthz, /readyz.
 
 ``/metrics`` is the Prometheus text format (built in a thread: it reads the
-spool). ``/healthz`` answers 200 while the process runs. ``/readyz``
-answers 200 when every check passes and 503 otherwise, with a JSON body
-naming each check: ``smtp`` (listening and not stopping), ``spool`` (room
-for a message) and ``ses`` (no pause of all delivery: not unreachable, no
-quota or account pause).
+spool). ``/healthz`` answers 200 while the process runs. ``/readyz`` says
+whether this instance accepts and keeps mail: 200 when every check passes
+and 503 otherwise, with a JSON body naming each check, ``smtp`` (listening
+and not stopping) and ``spool`` (room for a message). SES's state is in the
+body too (``ses``: "ok", or the pause of all delivery) but never makes the
+relay unready: during a pause, mail is accepted and queued, which is when a
+load balancer must keep sending it here.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,8 +23,18 @@ from relay.config import split_host_port
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
 
-Checks = Callable[[], Mapping[str, str]]
-"""Readiness checks: name → "ok" or what is wrong."""
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What ``/readyz`` answers."""
+
+    checks: Mapping[str, str]
+    """What readiness needs: name → "ok" or what is wrong."""
+    ses: str
+    """SES delivery: "ok" or what pauses it; shown, never a reason to be unready."""
+
+
+Checks = Callable[[], Readiness]
 
 
 class HttpServer:
@@ -63,6 +76,9 @@ class HttpServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        checks = dict(self._checks())
+        readiness = self._checks()
+        checks = dict(readiness.checks)
         ready = all(result == "ok" for result in checks.values())
-        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+        return web.json_response(
+            {"ready": ready, "checks": checks, "ses": readiness.ses}, status=200 if ready else 503
+        )

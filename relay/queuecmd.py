@@ -114,11 +114,12 @@ def last_error(entry: Entry) -> str | None:
     return entry.history[-1] if entry.history else None
 
 
-def format_list(messages: Sequence[Listed], now: float) -> str:
+def format_list(messages: Sequence[Listed], now: float, spool: str) -> str:
     """The ``list`` output, like ``mailq``: a header, one line per message
-    with its undelivered recipients (and why) indented below, a summary."""
+    with its undelivered recipients (and why) indented below, a summary
+    naming the ``spool`` read."""
     if not messages:
-        return "Mail queue is empty\n"
+        return f"Mail queue is empty (spool {spool})\n"
     header = (
         "Queue ID",
         "Area",
@@ -165,7 +166,7 @@ def format_list(messages: Sequence[Listed], now: float) -> str:
     queued = sum(1 for m in messages if m.area == QUEUE)
     dead = len(messages) - queued
     lines.append("")
-    lines.append(f"{plural(queued, 'message')} in queue, {dead} dead")
+    lines.append(f"{plural(queued, 'message')} in queue, {dead} dead (spool {spool})")
     return "\n".join(lines) + "\n"
 
 
@@ -181,9 +182,10 @@ def entry_data(item: Listed) -> dict[str, Any]:
     )
 
 
-def listing_json(messages: Sequence[Listed]) -> str:
+def listing_json(messages: Sequence[Listed], spool: str) -> str:
     queued = sum(1 for m in messages if m.area == QUEUE)
     document = {
+        "spool": spool,
         "messages": [entry_data(m) for m in messages],
         "queued": queued,
         "dead": len(messages) - queued,
@@ -339,6 +341,9 @@ class Console:
     def fail(self, text: str) -> None:
         print(f"ses-relay: queue: {text}", file=self.err)
 
+    def warn(self, text: str) -> None:
+        print(f"ses-relay: queue: warning: {text}", file=self.err)
+
 
 def open_spool(config: Config) -> Spool:
     """The configured spool, without the daemon's lock. A missing spool is
@@ -347,15 +352,27 @@ def open_spool(config: Config) -> Spool:
     path = Path(config.spool.path)
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
-        where = (
-            "the default spool.path; give the daemon's configuration with -c FILE"
-            if config.source == "defaults"
-            else f"spool.path in {config.source}"
-        )
-        raise SpoolError(f"spool {path} {problem} ({where})")
-    spool = Spool(path)
+        raise SpoolError(f"spool {path} {problem} ({spool_origin(config)})")
+    spool = Spool(path.absolute())
     spool.open(lock=False)
     return spool
+
+
+def spool_origin(config: Config) -> str:
+    """Where the spool's path came from, for a message about it."""
+    if config.source == "defaults":
+        return "the default spool.path; give the daemon's configuration with -c FILE"
+    return f"spool.path in {config.source}"
+
+
+def warn_if_unused(spool: Spool, config: Config, console: Console) -> None:
+    """Say so when no daemon has ever used the spool read: likely not the
+    daemon's (a ``./spool`` left behind, a missing ``-c``)."""
+    if not spool.used_by_daemon():
+        console.warn(
+            f"no ses-relay daemon has ever used spool {spool.path}: it has no lock file "
+            f"({spool_origin(config)})"
+        )
 
 
 def collect(spool: Spool, areas: Iterable[str] = AREAS) -> list[Listed]:
@@ -373,7 +390,8 @@ def no_such(entry_id: str) -> str:
 
 def run_list(spool: Spool, console: Console, now: float, *, as_json: bool) -> int:
     messages = collect(spool)
-    console.out.write(listing_json(messages) if as_json else format_list(messages, now))
+    path = str(spool.path)
+    console.out.write(listing_json(messages, path) if as_json else format_list(messages, now, path))
     return EXIT_OK
 
 
@@ -434,7 +452,7 @@ def run_retry(
     if every:
         targets = [item.entry.id for item in collect(spool, areas)]
         if not targets:
-            console.say("Mail queue is empty: nothing to retry")
+            console.say(f"Mail queue is empty (spool {spool.path}): nothing to retry")
             return EXIT_OK
     else:
         targets = [as_typed(i) for i in ids]
@@ -617,6 +635,7 @@ def queue_command(
         return EXIT_USAGE
     try:
         spool = open_spool(config)
+        warn_if_unused(spool, config, console)
         now = clock()
         if args.action == "list":
             return run_list(spool, console, now, as_json=args.json)

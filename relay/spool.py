@@ -356,6 +356,10 @@ class Spool:
             if orphans:
                 _sync_dir(directory)
 
+    def used_by_daemon(self) -> bool:
+        """Whether a daemon has ever opened this spool (it leaves its lock file)."""
+        return (self.path / "lock").exists()
+
     def daemon_pid(self) -> int | None:
         """The PID of the daemon holding the lock, or None when none does."""
         path = self.path / "lock"

@@ -89,6 +89,67 @@ async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+async def test_every_problem_is_reported_in_one_pass_files_included(
+    tmp_path: Path, command: str
+) -> None:
+    """Files named by tls_cert, tls_key and users_file are checked along with
+    every other key, not only once the rest is right; serve reports the same."""
+    config = tmp_path / "relay.toml"
+    cert, key, users = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "users"
+    config.write_text(
+        f'[smtp]\nlisen = ["127.0.0.1:0"]\nmax_recipients = 0\ntls_cert = "{cert}"\n'
+        f'tls_key = "{key}"\n[auth]\nusers_file = "{users}"\n[spol]\n'
+    )
+    env = clean_env(tmp_path, SES_RELAY_SES_REGON="eu-west-1")
+    code, out, err = await run_cli(command, "-c", str(config), env=env)
+    assert (code, out) == (78, "")
+    lines = err.splitlines()
+    assert lines[:6] == [
+        "ses-relay: warning: environment SES_RELAY_SES_REGON: names no setting "
+        "(did you mean SES_RELAY_SES_REGION?)",
+        "ses-relay: configuration is invalid (5 problems):",
+        f"  {config}: [spol]: unknown section (did you mean spool?)",
+        f"  {config}: [smtp] lisen: unknown key (did you mean listen?)",
+        f"  {config}: [smtp] max_recipients: must be greater than 0",
+        f"  {config}: [smtp] tls_cert, tls_key: cannot load the certificate and key "
+        f"({cert}, {key}): [Errno 2] No such file or directory",
+    ]
+    assert lines[6:] == [f"  {users}: cannot read users file: No such file or directory"]
+
+
+async def test_a_users_file_without_tls_settings_is_refused(tmp_path: Path) -> None:
+    """Told only when tls_cert and tls_key are unset: when they are set but do
+    not load, that problem is reported alone."""
+    users = tmp_path / "users"
+    users.write_text("")
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[auth]\nusers_file = "{users}"\n')
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert err.splitlines() == [
+        "ses-relay: configuration is invalid (1 problem):",
+        f"  {config}: [auth] users_file: AUTH is offered only under TLS: "
+        "set [smtp] tls_cert and tls_key",
+    ]
+
+
+async def test_an_unknown_variable_is_a_warning_and_check_config_still_passes(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    env = ses_env(tmp_path, fake_ses) | {
+        "SES_RELAY_SMTP_LISTN": "0.0.0.0:25",
+        "SES_RELAY_SERVICE_HOST": "10.0.0.7",  # Kubernetes' link to a Service "ses-relay"
+    }
+    code, out, err = await run_cli("check-config", "-c", str(EXAMPLE), env=env)
+    assert (code, out.splitlines()[0]) == (0, f"ses-relay: configuration OK ({EXAMPLE})")
+    assert err.splitlines()[:2] == [
+        "ses-relay: warning: environment SES_RELAY_SERVICE_HOST: names no setting",
+        "ses-relay: warning: environment SES_RELAY_SMTP_LISTN: names no setting "
+        "(did you mean SES_RELAY_SMTP_LISTEN?)",
+    ]
+
+
 async def test_check_config_requires_trusted_networks_for_proxy_protocol(
     tmp_path: Path,
 ) -> None:

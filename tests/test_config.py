@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import SECTIONS, load_config, split_host_port
+from relay.config import SECTIONS, load_config, split_host_port, unknown_variables
 from relay.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -120,7 +120,7 @@ def test_every_problem_is_reported_with_key_and_file(tmp_path: Path) -> None:
         load_config(path, {"SES_RELAY_SES_REQUEST_TIMEOUT": "-1"})
     problems = caught.value.problems
     assert f"{path}: [bogus]: unknown section" in problems
-    assert f"{path}: [smtp] lisen: unknown key" in problems
+    assert f"{path}: [smtp] lisen: unknown key (did you mean listen?)" in problems
     assert any(p.startswith(f"{path}: [smtp] listen: '1.2.3.4'") for p in problems)
     assert f"{path}: [smtp] max_recipients: expected an integer, got a string ('many')" in problems
     assert any(p.startswith(f"{path}: [ses] endpoint: must start with https://") for p in problems)
@@ -227,3 +227,21 @@ def test_header_size_limit_defaults_to_postfix_and_must_be_positive(tmp_path: Pa
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
     assert caught.value.problems == (f"{path}: [smtp] header_size_limit: must be greater than 0",)
+
+
+def test_variables_that_name_no_key_are_told_with_the_closest_key() -> None:
+    env = {
+        "SES_RELAY_SMTP_MAX_MESAGE_SIZE": "1",
+        "SES_RELAY_AUTH_USERS": "x",  # [auth.users.NAME] tables have no variable
+        "SES_RELAY_SES_REGION": "eu-west-1",
+        "SES_RELAY_PORT_2525_TCP": "tcp://10.0.0.7:2525",
+        "OTHER_SMTP_LISTEN": "x",
+    }
+    assert unknown_variables(env) == [
+        "environment SES_RELAY_AUTH_USERS: names no setting "
+        "(did you mean SES_RELAY_AUTH_USERS_FILE?)",
+        "environment SES_RELAY_PORT_2525_TCP: names no setting",
+        "environment SES_RELAY_SMTP_MAX_MESAGE_SIZE: names no setting "
+        "(did you mean SES_RELAY_SMTP_MAX_MESSAGE_SIZE?)",
+    ]
+    assert load_config(None, env).smtp.max_message_size == 7_864_320  # ignored, as told

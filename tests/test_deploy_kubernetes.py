@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from relay.app import SHUTDOWN_GRACE
-from relay.config import Config, load_config, split_host_port
+from relay.config import Config, load_config, split_host_port, unknown_variables
 from tests.image import REPO, read_image
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
@@ -127,6 +127,24 @@ def test_the_probes_ask_health_and_readiness_on_the_metrics_port(statefulset: Ma
         "livenessProbe": ("/healthz", "metrics"),
         "readinessProbe": ("/readyz", "metrics"),
     }
+
+
+def test_the_pod_gets_no_variables_the_relay_would_warn_of(
+    manifests: dict[tuple[str, str], Manifest],
+) -> None:
+    """Kubernetes' service links would give the pod SES_RELAY_SERVICE_HOST and
+    the like (for the Service "ses-relay"), which the relay reports as naming no
+    setting: they are switched off, and every variable set names a setting."""
+    statefulset = one(manifests, "StatefulSet")
+    links = {
+        f"{name.upper().replace('-', '_')}_SERVICE_HOST": "10.0.0.7"
+        for (kind, name), manifest in manifests.items()
+        if kind == "Service" and manifest["spec"].get("clusterIP") != "None"
+    }
+    assert unknown_variables(links), "the links would be warned of"
+    assert pod(statefulset)["enableServiceLinks"] is False
+    env = read_image().env | {e["name"]: e["value"] for e in container(statefulset).get("env", [])}
+    assert unknown_variables(env) == []
 
 
 def test_each_replica_keeps_its_spool_on_its_own_claim(

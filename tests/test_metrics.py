@@ -160,27 +160,35 @@ async def test_quota_gauges_follow_get_send_quota(tmp_path: Path, fake_ses: Fake
     assert calls == 1
 
 
-async def test_health_and_readiness_follow_a_pause_of_all_delivery(
+async def test_a_pause_of_all_delivery_keeps_the_relay_ready_and_says_so(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
+    """Readiness is "accepts and keeps mail": a load balancer must keep sending
+    mail to a relay that queues it while SES is paused; the pause is in the body."""
     async with running_relay(tmp_path, fake_ses, ses={"max_attempts": 1}) as relay:
         assert await get_json(relay, "/healthz") == (200, {"status": "ok"})
         assert await get_json(relay, "/readyz") == (
             200,
-            {"ready": True, "checks": {"smtp": "ok", "spool": "ok", "ses": "ok"}},
+            {"ready": True, "checks": {"smtp": "ok", "spool": "ok"}, "ses": "ok"},
         )
         fake_ses.script(SesErrorReply(400, "Throttling", "Daily message quota exceeded."))
         assert (await send(relay, ["a@example.net"], message()))[0] == 250
         status, body = await get_json(relay, "/readyz")
-        assert (status, body["ready"], body["checks"]["smtp"]) == (503, False, "ok")
-        assert body["checks"]["ses"].startswith("all delivery paused for 900s more")
+        assert (status, body["ready"], body["checks"]) == (
+            200,
+            True,
+            {"smtp": "ok", "spool": "ok"},
+        )
+        assert body["ses"].startswith("all delivery paused for 900s more")
         samples = await scrape(relay)
         assert 899 < value(samples, "ses_relay_delivery_pause_remaining_seconds") <= 900
+        code, text = await send(relay, ["b@example.net"], message())  # still takes mail
+        assert (code, " queued as " in text) == (250, True)
         assert await get_json(relay, "/healthz") == (200, {"status": "ok"})  # alive all along
 
         relay.retry_now()  # `ses-relay queue retry`
         async with asyncio.timeout(10):
-            while (await get_json(relay, "/readyz"))[0] != 200:
+            while (await get_json(relay, "/readyz"))[1]["ses"] != "ok":
                 await asyncio.sleep(0.02)
 
 

@@ -55,6 +55,9 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
     config = write_config(tmp_path / "relay.toml", {"spool": {"path": str(tmp_path / "spool")}})
+    used = Spool(tmp_path / "spool")
+    used.open()  # as a daemon that ran and stopped: its lock file stays
+    used.close()
     spool = Spool(tmp_path / "spool")
     spool.open(lock=False)
     yield Setup(config, spool)
@@ -125,10 +128,11 @@ def put_both(spool: Spool) -> None:
 
 
 def test_empty_spool(setup: Setup) -> None:
-    assert run(setup.config, "list") == (0, "Mail queue is empty\n", "")
+    path = setup.spool.path
+    assert run(setup.config, "list") == (0, f"Mail queue is empty (spool {path})\n", "")
     code, out, err = run(setup.config, "list", "--json")
     assert (code, err) == (0, "")
-    assert json.loads(out) == {"messages": [], "queued": 0, "dead": 0}
+    assert json.loads(out) == {"spool": str(path), "messages": [], "queued": 0, "dead": 0}
 
 
 def test_list_shows_queued_and_dead_messages_like_mailq(setup: Setup) -> None:
@@ -148,7 +152,7 @@ def test_list_shows_queued_and_dead_messages_like_mailq(setup: Setup) -> None:
         "    (554 5.7.1 message rejected by SES: Email address is not verified.)",
         "      frank@example.net",
         "",
-        "1 message in queue, 1 dead",
+        f"1 message in queue, 1 dead (spool {setup.spool.path})",
     ]
 
 
@@ -172,7 +176,7 @@ def test_list_shows_the_last_attempt_when_no_batch_has_an_error(setup: Setup) ->
         "      bob@example.net",
         "",
     ]
-    assert lines[-1] == "1 message in queue, 0 dead"
+    assert lines[-1] == f"1 message in queue, 0 dead (spool {setup.spool.path})"
 
 
 def test_list_survives_absurd_times_in_a_hand_edited_envelope(setup: Setup) -> None:
@@ -237,7 +241,7 @@ def test_list_skips_a_garbled_entry_and_quarantines_it(setup: Setup) -> None:
     garbled.write_text('{"version": 1, "id": ')
     code, out, err = run(setup.config, "list")
     assert code == 0
-    assert out.splitlines()[-1] == "1 message in queue, 0 dead"
+    assert out.splitlines()[-1] == f"1 message in queue, 0 dead (spool {setup.spool.path})"
     assert OTHER_ID in err
     assert "quarantined" in err
     assert (setup.spool.dir("quarantine") / f"{OTHER_ID}.json").exists()
@@ -356,7 +360,7 @@ def test_retry_a_dead_message_moves_it_back_to_the_queue(setup: Setup) -> None:
     )
     assert setup.spool.message(DEAD_ID, QUEUE) == b"Subject: refused\r\n\r\nbody\r\n"
     code, out, _ = run(setup.config, "list")
-    assert out.splitlines()[-1] == "2 messages in queue, 0 dead"
+    assert out.splitlines()[-1] == f"2 messages in queue, 0 dead (spool {setup.spool.path})"
 
 
 def test_show_names_a_bounce_and_what_it_reports_on(setup: Setup) -> None:
@@ -397,7 +401,11 @@ def test_retry_all_and_by_area(setup: Setup) -> None:
 
 
 def test_retry_all_on_an_empty_spool(setup: Setup) -> None:
-    assert run(setup.config, "retry", "--all") == (0, "Mail queue is empty: nothing to retry\n", "")
+    assert run(setup.config, "retry", "--all") == (
+        0,
+        f"Mail queue is empty (spool {setup.spool.path}): nothing to retry\n",
+        "",
+    )
 
 
 def test_retry_an_unknown_id_fails_and_the_others_are_retried(setup: Setup) -> None:
@@ -444,7 +452,44 @@ def test_delete_from_the_queue_and_the_dead_letter_area(setup: Setup) -> None:
     assert not list(setup.spool.dir(DEAD).iterdir())
     assert not list(setup.spool.dir(QUEUE).glob(f"{QUEUED_ID}.*"))
     assert run(setup.config, "delete", OTHER_ID) == (0, f"{OTHER_ID}: deleted from the queue\n", "")
-    assert run(setup.config, "list") == (0, "Mail queue is empty\n", "")
+    assert run(setup.config, "list") == (0, f"Mail queue is empty (spool {setup.spool.path})\n", "")
+
+
+# -- which spool
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_without_c_the_spool_read_is_named_and_one_no_daemon_used_is_told(
+    tmp_path: Path, as_json: bool
+) -> None:
+    """Without -c the queue of ./spool is read, not the daemon's: the output
+    says which spool, and that no daemon ever used it; --json stays JSON."""
+    stray = Spool(tmp_path / "spool")
+    stray.open(lock=False)  # left by an earlier `ses-relay queue` or a test run
+    put(stray, queued_entry())
+    env = {k: v for k, v in clean_env().items() if k != "STATE_DIRECTORY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "list", *(["--json"] if as_json else [])],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0
+    assert done.stderr == (
+        f"ses-relay: queue: warning: no ses-relay daemon has ever used spool {tmp_path}/spool: "
+        "it has no lock file "
+        "(the default spool.path; give the daemon's configuration with -c FILE)\n"
+    )
+    if as_json:
+        document = json.loads(done.stdout)
+        assert (document["spool"], document["queued"]) == (f"{tmp_path}/spool", 1)
+    else:
+        assert (
+            done.stdout.splitlines()[-1] == f"1 message in queue, 0 dead (spool {tmp_path}/spool)"
+        )
 
 
 # -- failures
@@ -485,7 +530,11 @@ def test_config_may_follow_the_action(setup: Setup) -> None:
         check=False,
         env=clean_env(),
     )
-    assert (done.returncode, done.stdout, done.stderr) == (0, "Mail queue is empty\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"Mail queue is empty (spool {setup.spool.path})\n",
+        "",
+    )
 
 
 # -- telling the daemon (in-process: signalling is injected)
@@ -629,7 +678,7 @@ async def run_async(config: Path, *args: str) -> tuple[int, str, str]:
 
 async def wait_until_empty(config: Path) -> None:
     async with asyncio.timeout(WAIT):
-        while (await run_async(config, "list"))[1] != "Mail queue is empty\n":
+        while not (await run_async(config, "list"))[1].startswith("Mail queue is empty (spool "):
             await asyncio.sleep(0.05)
 
 
