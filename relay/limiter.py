@@ -17,11 +17,11 @@ SessionOutcome = Literal[
     "quit", "disconnected", "timeout", "refused", "dropped", "tls_failed", "shutdown", "error"
 ]
 """How an SMTP connection ended (``ses_relay_smtp_sessions_total``): the client
-sent QUIT; it closed without QUIT; a time limit (idle, DATA, session) ran
-out; the relay refused it (a connection limit, too many bad commands, a
-command over its limit, AUTH lock-out, a bad or untrusted PROXY header); the
-relay dropped it (its replies were not read); the STARTTLS handshake failed;
-the relay was stopping; or an unexpected error ended it."""
+sent QUIT; it closed without QUIT; a time limit (idle, DATA, session, PROXY
+header) ran out; the relay refused it (a connection limit, too many bad
+commands, a command over its limit, AUTH lock-out, a bad or untrusted PROXY
+header); the relay dropped it (its replies were not read); the STARTTLS
+handshake failed; the relay was stopping; or an unexpected error ended it."""
 SESSION_OUTCOMES: Final[tuple[SessionOutcome, ...]] = get_args(SessionOutcome)
 
 

@@ -280,7 +280,7 @@ class StateCollector(Collector):
                 "ses_relay_smtp_sessions",
                 "SMTP connections that have closed, by how they ended: quit (the client "
                 "sent QUIT), disconnected (the client closed without QUIT), timeout "
-                "(idle, DATA or session time limit: 421), refused (421 for a connection "
+                "(idle, DATA, session or PROXY header time limit), refused (421 for a connection "
                 "limit, too many bad commands, a command over its limit or AUTH lock-out; "
                 "a bad or untrusted PROXY header), dropped (the client did not read its "
                 "replies), tls_failed (the STARTTLS handshake failed), shutdown (421 "
