@@ -5,7 +5,8 @@ Every SES answer is reported here (``answered``, ``react``): throttling slows
 the shared rate; an error of the whole account (daily quota, sending paused,
 credentials refused) or an outage (``relay.outage``) pauses all delivery, so
 that queued mail does not hammer SES with calls bound to fail. A batch takes
-sending-rate tokens (``token``) before it is sent. Time comes from the one
+sending-rate tokens (``token``) before it is sent; how long it waited is
+told to ``waited`` (``ses_relay_send_rate_wait_seconds``). Time comes from the one
 injected clock: pauses and the rate run on its monotonic time, ``resume_at``
 says in wall time when sending may go on.
 """
@@ -30,8 +31,12 @@ PAUSE_LOG_SLACK = 1.0
 class Account:
     """Rate, outage, pauses and quota of the SES account that delivery uses."""
 
-    def __init__(self, config: Config, clock: Clock) -> None:
+    def __init__(
+        self, config: Config, clock: Clock, *, waited: Callable[[float], None] | None = None
+    ) -> None:
+        """``waited`` is told the seconds each batch waited for its tokens."""
         self._clock = clock
+        self._waited = waited
         self.rate = SendRate(clock=clock, rate=config.ses.max_send_rate)
         self.outage = Outage(first=config.delivery.retry_min, longest=config.delivery.retry_max)
         self.quota: SendQuota | None = None
@@ -66,12 +71,13 @@ class Account:
         paused_until = self.rate.paused_until
         if paused_until is not None and paused_until > ends:
             return False
+        asked = self._clock.monotonic()
         try:
-            await wait_for(
-                self._clock, self.rate.acquire(recipients), ends - self._clock.monotonic()
-            )
+            await wait_for(self._clock, self.rate.acquire(recipients), ends - asked)
         except TimeoutError:
             return False
+        if self._waited is not None:
+            self._waited(self._clock.monotonic() - asked)
         return True
 
     def answered(self) -> None:

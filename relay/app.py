@@ -146,6 +146,7 @@ class Relay:
             self._credentials = default_chain(
                 self._env, session=self._http, region=config.ses.region
             )
+            self._in_background(self._credentials.keep_fresh())
             ses = SesClient(
                 config.ses, self._credentials, session=self._http, observe=self.metrics.ses_call
             )
@@ -154,7 +155,9 @@ class Relay:
             self._in_background(self._check_bounce_sender(ses))
             handler = RelayHandler(config, self.delivery, metrics=self.metrics)
             if resources.users is not None:
-                self._authenticator = Authenticator(resources.users, config.auth)
+                self._authenticator = Authenticator(
+                    resources.users, config.auth, observe=self.metrics.auth_attempt
+                )
             loop = asyncio.get_running_loop()
             for address in config.smtp.listen:
                 self.smtp_addresses.append(
@@ -251,6 +254,7 @@ class Relay:
         """The spool's contents, delivery and connections, for a scrape (runs in
         a thread: it lists the spool)."""
         spool, delivery, limiter = self.spool, self.delivery, self.limiter
+        credentials = self._credentials
         census = spool.census() if spool is not None else Census(0, 0, None)
         arrived = census.oldest_arrival
         return State(
@@ -261,8 +265,11 @@ class Relay:
             send_rate=delivery.account.rate.effective_rate if delivery is not None else 0.0,
             quota=delivery.account.quota if delivery is not None else None,
             smtp_open=limiter.active,
+            smtp_max=limiter.max_connections,
             smtp_admitted=limiter.admitted,
             smtp_refused=limiter.refused,
+            smtp_sessions=dict(limiter.sessions),
+            credentials_expiry=credentials.seconds_left() if credentials is not None else None,
         )
 
     def _readiness(self) -> Readiness:

@@ -21,6 +21,9 @@ argon2id (``$argon2id$...``, from argon2-cffi) or bcrypt (``$2b$``, ``$2a$``,
   failures in the window is refused without a check until the oldest one
   ages out. The table of counters is pruned and capped.
 
+Each attempt's outcome (``AUTH_OUTCOMES``) is reported to ``observe``
+(``ses_relay_auth_attempts_total``).
+
 Clock and sleep are injected; nothing here patches or reads ``time`` on its own.
 """
 
@@ -37,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import argon2
 import bcrypt
@@ -48,6 +51,11 @@ from relay.log import smtp_log
 
 Scheme = Literal["argon2id", "bcrypt"]
 SCHEMES: Final = ("argon2id", "bcrypt")
+AuthAttempt = Literal["ok", "failed", "locked_out", "unavailable"]
+"""How an AUTH attempt ended: accepted; refused after a check (unknown user or
+wrong password); refused without one, the client being locked out; or no
+check could be made now (too many waiting, or stopping)."""
+AUTH_OUTCOMES: Final[tuple[AuthAttempt, ...]] = get_args(AuthAttempt)
 
 BCRYPT_MAX_PASSWORD_BYTES: Final = 72
 """bcrypt reads only this many bytes of a password; every implementation truncates."""
@@ -357,6 +365,10 @@ Verify = Callable[[PasswordHash, bytes], bool]
 Sleep = Callable[[float], Awaitable[object]]
 
 
+def _unobserved(outcome: AuthAttempt) -> None:
+    """The default ``observe``: outcomes are not counted."""
+
+
 class Authenticator:
     """Checks AUTH credentials off the event loop, and slows and counts failures."""
 
@@ -369,8 +381,11 @@ class Authenticator:
         sleep: Sleep = asyncio.sleep,
         verify: Verify = verify_password,
         max_clients: int = MAX_CLIENTS,
+        observe: Callable[[AuthAttempt], None] = _unobserved,
     ) -> None:
+        """``observe`` is told each attempt's outcome (the relay's metrics)."""
         self.config = config
+        self._observe = observe
         self._users = users
         self._clock = clock
         self._sleep = sleep
@@ -423,6 +438,14 @@ class Authenticator:
         failures = self._failures.failures(key, self._clock())
         return failures + self._pending[key] >= self.config.max_failures
 
+    def refuses(self, client_ip: str) -> bool:
+        """``locked_out``, asked before the exchange so that a locked-out client
+        never sends its password: True counts as a "locked_out" attempt."""
+        if not self.locked_out(client_ip):
+            return False
+        self._observe("locked_out")
+        return True
+
     async def authenticate(
         self, username: str, password: str | bytes, client_ip: str, *, via: str | None = None
     ) -> AuthOutcome:
@@ -438,6 +461,7 @@ class Authenticator:
             smtp_log.warning(
                 "auth: client=%s user=%s status=refused (locked out)", shown, _shown(username)
             )
+            self._observe("locked_out")
             return AuthOutcome(success=False, username=None, locked_out=True)
         secret = (
             password if isinstance(password, bytes) else password.encode("utf-8", "surrogateescape")
@@ -449,6 +473,7 @@ class Authenticator:
                 _shown(username),
                 self.checks,
             )
+            self._observe("unavailable")
             return AuthOutcome(success=False, username=None, unavailable=True)
         stored = self._users.hash_for(username)
         known = username in self._users
@@ -464,6 +489,7 @@ class Authenticator:
             smtp_log.warning(
                 "auth: client=%s user=%s status=unavailable (stopping)", shown, _shown(username)
             )
+            self._observe("unavailable")
             return AuthOutcome(success=False, username=None, unavailable=True)
         finally:
             self._checks -= 1
@@ -472,6 +498,7 @@ class Authenticator:
                 del self._pending[key]
         if matched and known:
             smtp_log.info("auth: client=%s user=%s status=ok", shown, _shown(username))
+            self._observe("ok")
             return AuthOutcome(success=True, username=username)
         failures = self._failures.record(key, self._clock())
         locked = failures >= self.config.max_failures
@@ -483,6 +510,7 @@ class Authenticator:
             self.config.max_failures,
             " (locked out)" if locked else "",
         )
+        self._observe("failed")
         if self.config.failure_delay > 0:
             await self._sleep(self.config.failure_delay)
         return AuthOutcome(success=False, username=None, locked_out=locked)

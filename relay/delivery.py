@@ -114,7 +114,7 @@ class Delivery:
         self._ses = ses
         self._clock = clock = clock or SystemClock()
         self._jitter = jitter
-        self.account = Account(config, clock)
+        self.account = Account(config, clock, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
         self._due = DueQueue()
         self._in_flight: set[str] = set()

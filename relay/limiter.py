@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol, get_args
 
 REPLY_SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down"
+
+SessionOutcome = Literal[
+    "quit", "disconnected", "timeout", "refused", "dropped", "tls_failed", "shutdown", "error"
+]
+"""How an SMTP connection ended (``ses_relay_smtp_sessions_total``): the client
+sent QUIT; it closed without QUIT; a time limit (idle, DATA, session, PROXY
+header) ran out; the relay refused it (a connection limit, too many bad
+commands, a command over its limit, AUTH lock-out, a bad or untrusted PROXY
+header); the relay dropped it (its replies were not read); the STARTTLS
+handshake failed; the relay was stopping; or an unexpected error ended it."""
+SESSION_OUTCOMES: Final[tuple[SessionOutcome, ...]] = get_args(SessionOutcome)
 
 
 class _Closable(Protocol):
@@ -43,6 +54,9 @@ class ConnectionLimiter:
         """Connections admitted since start (for metrics)."""
         self.refused = 0
         """Connections refused for a limit since start (for metrics)."""
+        self.sessions: Counter[str] = Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
+        """Connections closed since start, by outcome (for metrics; every key
+        present from the start, so a scrape in another thread sees no new key)."""
 
     @property
     def active(self) -> int:
@@ -89,6 +103,10 @@ class ConnectionLimiter:
                 del self._per_client[client]
         if not self._open:
             self._idle.set()
+
+    def ended(self, outcome: SessionOutcome) -> None:
+        """A connection has closed (whether or not it was admitted)."""
+        self.sessions[outcome] += 1
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for every connection to close; True if they did."""

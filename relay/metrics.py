@@ -1,8 +1,10 @@
 """Prometheus metrics of one relay: what is counted, and what is read at scrape.
 
 Counters and histograms are updated as things happen (``RelayMetrics``'s
-``message`` and ``ses_call``); gauges of state (the spool's contents, a
-pause of all delivery) are read when Prometheus scrapes, by ``StateCollector``,
+``message``, ``ses_call``, ``auth_attempt``, ``send_rate_wait``); gauges of
+state (the spool's contents, a pause of all delivery, the credentials'
+expiry) and the counts the connection limiter keeps (connections, sessions
+by outcome) are read when Prometheus scrapes, by ``StateCollector``,
 which runs in a thread (``exposition``), never on the event loop. Names
 follow Prometheus conventions: ``ses_relay_`` prefix, base units, ``_total``
 counters. Each relay has its own registry (tests run several in one process).
@@ -11,7 +13,7 @@ counters. Each relay has its own registry (tests run several in one process).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -26,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import __version__
+from relay.auth import AUTH_OUTCOMES, AuthAttempt
 from relay.errors import SmtpReply
 from relay.ses.classify import metric_code
 from relay.ses.client import SendQuota
@@ -38,6 +41,8 @@ SES_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760)
 """Bytes of a message as received."""
 RECIPIENT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000)
+SEND_RATE_WAIT_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+"""Seconds; the first bucket holds the batches that did not wait."""
 BOUNCE_OUTCOMES = ("queued", "sent", "failed")
 
 
@@ -114,12 +119,30 @@ class RelayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._send_rate_wait = Histogram(
+            "ses_relay_send_rate_wait_seconds",
+            "Time each batch waited for the sending rate (its recipients' tokens) before "
+            "it was sent to SES; batches that gave up waiting (a pause, the attempt's deadline) "
+            "are not counted.",
+            buckets=SEND_RATE_WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self._auth_attempts = Counter(
+            "ses_relay_auth_attempts",
+            "SMTP AUTH attempts, by outcome: ok (235), failed (535: unknown user or wrong "
+            "password), locked_out (421: the client has auth.max_failures failures), "
+            "unavailable (454: no password check could be made now).",
+            ["outcome"],
+            registry=self.registry,
+        )
         for outcome in ("sent", "queued", "deferred", "rejected"):
             self._messages.labels(outcome)  # present at 0 from the start
         for outcome in ("sent", "failed", "deferred"):
             self._batches.labels(outcome)
         for outcome in BOUNCE_OUTCOMES:
             self._bounces.labels(outcome)
+        for outcome in AUTH_OUTCOMES:
+            self._auth_attempts.labels(outcome)
 
     def message(self, reply: SmtpReply, *, size: int, recipients: int) -> None:
         """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
@@ -138,6 +161,14 @@ class RelayMetrics:
     def bounce(self, outcome: str) -> None:
         """A delivery status notification's outcome: one of ``BOUNCE_OUTCOMES``."""
         self._bounces.labels(outcome).inc()
+
+    def send_rate_wait(self, seconds: float) -> None:
+        """A batch waited ``seconds`` for sending-rate tokens, and got them."""
+        self._send_rate_wait.observe(seconds)
+
+    def auth_attempt(self, outcome: AuthAttempt) -> None:
+        """One AUTH attempt's outcome (``relay.auth.Authenticator``)."""
+        self._auth_attempts.labels(outcome).inc()
 
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""
@@ -169,8 +200,15 @@ class State:
     quota: SendQuota | None
     """The account's quota as GetSendQuota last said; None until it answers."""
     smtp_open: int
+    smtp_max: int
+    """``smtp.max_connections``."""
     smtp_admitted: int
     smtp_refused: int
+    smtp_sessions: Mapping[str, int]
+    """SMTP sessions ended, by outcome (``relay.limiter.SESSION_OUTCOMES``)."""
+    credentials_expiry: float | None
+    """Seconds until the current AWS credentials expire (negative once they have);
+    None for keys that never expire, or before any were fetched."""
 
 
 class StateCollector(Collector):
@@ -232,9 +270,37 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "ses_relay_smtp_connections_open", "SMTP connections open now.", value=state.smtp_open
         )
+        yield GaugeMetricFamily(
+            "ses_relay_smtp_connections_max",
+            "smtp.max_connections: connections open at once before new ones get 421.",
+            value=state.smtp_max,
+        )
+        yield _by_label(
+            CounterMetricFamily(
+                "ses_relay_smtp_sessions",
+                "SMTP connections that have closed, by how they ended: quit (the client "
+                "sent QUIT), disconnected (the client closed without QUIT), timeout "
+                "(idle, DATA, session or PROXY header time limit), refused (421 for a connection "
+                "limit, too many bad commands, a command over its limit or AUTH lock-out; "
+                "a bad or untrusted PROXY header), dropped (the client did not read its "
+                "replies), tls_failed (the STARTTLS handshake failed), shutdown (421 "
+                "while the relay stops), error (an unexpected error).",
+                labels=["outcome"],
+            ),
+            state.smtp_sessions,
+        )
+        if state.credentials_expiry is not None:
+            yield GaugeMetricFamily(
+                "ses_relay_credentials_expiry_seconds",
+                "Seconds until the AWS credentials in use expire; negative once they have "
+                "(refreshing them fails). Absent for keys that never expire.",
+                value=state.credentials_expiry,
+            )
 
 
-def _by_label(family: GaugeMetricFamily | CounterMetricFamily, values: dict[str, float]) -> Metric:
+def _by_label(
+    family: GaugeMetricFamily | CounterMetricFamily, values: Mapping[str, float]
+) -> Metric:
     """``family`` (one label) with a sample per label value."""
     for label, number in values.items():
         family.add_metric([label], number)

@@ -12,6 +12,8 @@ This module is the session's policy and flow; its parts are elsewhere:
 ``relay.smtpsyntax`` parses command lines and the paths and parameters of
 MAIL and RCPT (pure), ``relay.limiter`` counts connections, and
 ``relay.aiosmtpd_compat`` holds every use of aiosmtpd's private API.
+How each connection ended (``relay.limiter.SessionOutcome``) is told to the
+limiter when it closes, for ``ses_relay_smtp_sessions_total``.
 
 DATA is read in 64 KiB chunks by ``relay.dataread.DataReader`` (dot
 unstuffing, size limit, bare CR/LF and NUL rules, SMTP smuggling); the bytes
@@ -71,7 +73,7 @@ from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.dataread import BareNewline, DataReader
 from relay.errors import MessageRefused
-from relay.limiter import REPLY_SHUTTING_DOWN
+from relay.limiter import REPLY_SHUTTING_DOWN, SessionOutcome
 from relay.limiter import ConnectionLimiter as ConnectionLimiter  # noqa: PLC0414 (relay.app)
 from relay.log import smtp_log
 from relay.policy import Network, in_networks, networks
@@ -243,6 +245,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         """The transport's buffer is over its high-water mark: the client is not reading."""
         self._linger: asyncio.TimerHandle | None = None
         """Drops a closing connection whose last replies were not taken in time."""
+        self._outcome: SessionOutcome | None = None
+        """How the session ends, once the relay knows; None: the client closed it."""
 
     # -- connection life ---------------------------------------------------
 
@@ -274,6 +278,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._lost = True
         self._closing = True
         self.limiter.release(self)
+        self.limiter.ended(self._outcome or "disconnected")
         for timer in (self._session_timer, self._linger):
             if timer is not None:
                 timer.cancel()
@@ -289,6 +294,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
 
     def shutdown(self, reply: str) -> None:
         """Send ``reply`` (a 421) at once and close; for ``ConnectionLimiter.close_all``."""
+        self._ending("shutdown")
         self._write_and_close(reply)
 
     def close_when_idle(self, reply: str) -> None:
@@ -297,10 +303,16 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         transaction ends (``ConnectionLimiter.drain``)."""
         self._drain_reply = reply
         if not self._busy and not self._in_transaction():
+            self._ending("shutdown")
             self._write_and_close(reply)
 
     def _in_transaction(self) -> bool:
         return self.envelope.mail_from is not None
+
+    def _ending(self, outcome: SessionOutcome) -> None:
+        """Say how the session ends, unless that is said already."""
+        if self._outcome is None:
+            self._outcome = outcome
 
     def _close(self) -> None:
         """Close once the replies written so far are sent; a client that has
@@ -338,6 +350,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         transport = self.transport
         if transport is None or self._lost:
             return
+        self._outcome = "dropped"  # whatever ended it, its last replies were lost
         smtp_log.warning(
             "client=%s: dropped: %s (%d bytes unsent)",
             client_label(self.session),
@@ -386,6 +399,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             return
         if self._timeout_reply is not None:
             smtp_log.info("client=%s: %s", client_label(self.session), self._timeout_reply[10:])
+        self._ending("timeout")
         self._write_and_close(self._timeout_reply)
 
     def _session_expired(self) -> None:
@@ -393,6 +407,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             self._expired = True
             return
         smtp_log.info("client=%s: session time limit reached", client_label(self.session))
+        self._ending("timeout")
         self._write_and_close(REPLY_SESSION_TIMEOUT)
 
     # -- the session -----------------------------------------------------------
@@ -446,6 +461,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         except Exception:
             if not self._connection_gone():
                 smtp_log.exception("client=%s: session failed", client_label(self.session))
+                self._ending("error")
             self._close()
 
     def _connection_gone(self) -> bool:
@@ -456,7 +472,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         """Connection limits and the PROXY header; False if the connection is closed."""
         session = self.session
         if self.limiter.draining:
-            await self._refuse(REPLY_SHUTTING_DOWN)
+            await self._refuse(REPLY_SHUTTING_DOWN, "shutdown")
             return False
         if not self.limiter.open(self):
             smtp_log.warning(
@@ -464,7 +480,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 client_label(session),
                 self.limiter.active,
             )
-            await self._refuse(REPLY_TOO_MANY_CONNECTIONS)
+            await self._refuse(REPLY_TOO_MANY_CONNECTIONS, "refused")
             return False
         timeout = self.settings.proxy_timeout
         if timeout is not None:
@@ -478,13 +494,18 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 client_label(session),
                 self.limiter.connections(client),
             )
-            await self._refuse(REPLY_TOO_MANY_CONNECTIONS)
+            await self._refuse(REPLY_TOO_MANY_CONNECTIONS, "refused")
             return False
         return True
 
-    async def _refuse(self, reply: str) -> None:
+    async def _refuse(self, reply: str, outcome: SessionOutcome) -> None:
+        self._ending(outcome)
         await self.push(reply)
         self._close()
+
+    async def _auth_lock_out(self) -> None:
+        self._ending("refused")
+        await super()._auth_lock_out()
 
     async def _read_proxy_header(self) -> bool:
         """The PROXY header, believed only from ``proxy_trusted_networks``.
@@ -500,6 +521,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 "client=%s: closed: PROXY header from a peer outside smtp.proxy_trusted_networks",
                 peer,
             )
+            self._ending("refused")
             self._close()
             return False
         try:
@@ -513,11 +535,13 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 client_label(session),
                 problem,
             )
+            self._ending("refused")
             self._close()
             return False
         session.proxy_data = proxy
         accepted = await self.call_hook("PROXY", proxy)
         if accepted is not MISSING and not accepted:
+            self._ending("refused")
             self._close()
             return False
         return True
@@ -539,7 +563,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             if method is None:
                 bad_lines += 1
                 if bad_lines >= BAD_COMMAND_LIMIT:
-                    await self._refuse(REPLY_TOO_MANY_ERRORS)
+                    await self._refuse(REPLY_TOO_MANY_ERRORS, "refused")
                     return
                 await self.push(problem or REPLY_UNKNOWN_COMMAND)
                 continue
@@ -550,7 +574,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                     client_label(self.session),
                     command,
                 )
-                await self._refuse(f"421 4.7.0 {command} sent too many times")
+                await self._refuse(f"421 4.7.0 {command} sent too many times", "refused")
                 return
             if not self.tls_handshake_okay and command != "QUIT":
                 await self.push(REPLY_INSECURE)
@@ -563,9 +587,9 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             if self._closing:
                 return
             if self._expired:
-                await self._refuse(REPLY_SESSION_TIMEOUT)
+                await self._refuse(REPLY_SESSION_TIMEOUT, "timeout")
             elif self._drain_reply is not None and not self._in_transaction():
-                await self._refuse(self._drain_reply)
+                await self._refuse(self._drain_reply, "shutdown")
 
     async def _read_command_line(self) -> bytes | None:
         """The next line, or None if it was too long (and has been skipped)."""
@@ -591,6 +615,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             await method(self, arg)
         except TLSSetupException:
             # The handshake failed: nothing can be said in clear any more.
+            self._ending("tls_failed")
             self._close()
             if self.transport is not None:
                 self.connection_lost(None)
@@ -656,6 +681,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: QUIT")
             return
+        self._ending("quit")
         await self.push("221 2.0.0 Bye")
         self._close()
 

@@ -65,9 +65,14 @@ def ses_env(fake: SesTarget, **extra: str) -> dict[str, str]:
 
 
 def relay_config(
-    tmp_path: Path, fake: SesTarget, **sections: Mapping[str, Any]
+    tmp_path: Path,
+    fake: SesTarget,
+    *,
+    env: Mapping[str, str] | None = None,
+    **sections: Mapping[str, Any],
 ) -> tuple[Config, dict[str, str]]:
-    """A configuration listening on free loopback ports, delivering to ``fake``."""
+    """A configuration listening on free loopback ports, delivering to ``fake``;
+    ``env`` adds to (or overrides) the environment ``ses_env`` gives."""
     merged: dict[str, dict[str, Any]] = {
         "smtp": {"listen": ["127.0.0.1:0"], "hostname": "relay.test"},
         "ses": {
@@ -84,17 +89,21 @@ def relay_config(
     }
     for section, values in sections.items():
         merged.setdefault(section, {}).update(values)
-    env = ses_env(fake)
+    environment = ses_env(fake, **(env or {}))
     path = write_config(tmp_path / "relay.toml", merged)
-    return load_config(path, env), env
+    return load_config(path, environment), environment
 
 
 @asynccontextmanager
 async def running_relay(
-    tmp_path: Path, fake: SesTarget, **sections: Mapping[str, Any]
+    tmp_path: Path,
+    fake: SesTarget,
+    *,
+    env: Mapping[str, str] | None = None,
+    **sections: Mapping[str, Any],
 ) -> AsyncIterator[Relay]:
-    config, env = relay_config(tmp_path, fake, **sections)
-    relay = Relay(config, env)
+    config, environment = relay_config(tmp_path, fake, env=env, **sections)
+    relay = Relay(config, environment)
     await relay.start()
     try:
         yield relay

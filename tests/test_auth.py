@@ -342,8 +342,15 @@ async def test_lockout_after_max_failures_and_expiry_after_window(
 ) -> None:
     clock = Clock()
     verify = CountingVerify()
+    observed: list[str] = []
     auth = make_authenticator(
-        users, max_failures=3, window=60, clock=clock, verify=verify, sleep=Sleeps()
+        users,
+        max_failures=3,
+        window=60,
+        clock=clock,
+        verify=verify,
+        sleep=Sleeps(),
+        observe=observed.append,
     )
     closing.append(auth)
     ip = "198.51.100.7"
@@ -368,6 +375,14 @@ async def test_lockout_after_max_failures_and_expiry_after_window(
     clock.now = 1020 + 60 + 1
     assert not auth.locked_out(ip)
     assert (await auth.authenticate("alice", ALICE_PW, ip)).success
+    # ses_relay_auth_attempts_total: the failure that reaches the limit is "failed".
+    assert observed == ["failed"] * 3 + ["locked_out", "ok", "failed", "ok"]
+    # Asked before the exchange: refused, and counted, only while locked out.
+    assert not auth.refuses(ip)
+    for _ in range(2):  # with the one at t=1060, still in the window
+        await auth.authenticate("alice", "guess", ip)
+    assert auth.refuses(ip)
+    assert observed[-3:] == ["failed", "failed", "locked_out"]
 
 
 async def test_attempts_in_flight_count_against_the_limit(
@@ -486,8 +501,15 @@ async def test_checks_beyond_the_queue_are_unavailable_at_once_and_not_counted(
         return verify_password(stored, password)
 
     sleeps = Sleeps()
+    observed: list[str] = []
     auth = make_authenticator(
-        users, max_failures=1, threads=1, queued=1, verify=held_verify, sleep=sleeps
+        users,
+        max_failures=1,
+        threads=1,
+        queued=1,
+        verify=held_verify,
+        sleep=sleeps,
+        observe=observed.append,
     )
     closing.append(auth)
     running = asyncio.ensure_future(auth.authenticate("alice", "wrong", "192.0.2.1"))
@@ -510,6 +532,10 @@ async def test_checks_beyond_the_queue_are_unavailable_at_once_and_not_counted(
     assert (first.success, first.locked_out, second.success) == (False, True, True)
     assert auth.checks == 0
     assert (await auth.authenticate("alice", ALICE_PW, "192.0.2.3")).success
+    assert observed == ["unavailable", "failed", "ok", "ok"]
+    auth.close()  # the relay is stopping: no check can be made
+    assert (await auth.authenticate("alice", ALICE_PW, "192.0.2.4")).unavailable
+    assert observed[-1] == "unavailable"
 
 
 async def test_reload_replaces_users_and_keeps_them_on_error(

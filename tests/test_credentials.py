@@ -874,6 +874,55 @@ async def test_invalidate_forces_a_refresh(
     assert len(container.requests) == 2
 
 
+async def test_keep_fresh_refreshes_while_no_one_asks_and_seconds_left_follows(
+    tmp_path: Path, session: aiohttp.ClientSession, clock: FakeClock, container: FakeContainer
+) -> None:
+    """An idle relay (no SES call) still refreshes in the advisory window, so
+    ``ses_relay_credentials_expiry_seconds`` runs down only when refreshing fails."""
+    provider = chain(container_env(container, tmp_path), session, clock)
+    assert provider.seconds_left() is None  # nothing fetched yet
+    naps: asyncio.Queue[tuple[float, asyncio.Event]] = asyncio.Queue()
+
+    async def sleep(seconds: float) -> None:
+        woken = asyncio.Event()
+        await naps.put((seconds, woken))
+        await woken.wait()
+
+    keeping = asyncio.create_task(provider.keep_fresh(every=60, sleep=sleep))
+    try:
+        seconds, woken = await asyncio.wait_for(naps.get(), 5)
+        assert seconds == 60
+        assert len(container.requests) == 1
+        assert provider.seconds_left() == 3600
+        clock.advance(timedelta(minutes=46))
+        assert provider.seconds_left() == 14 * 60  # inside the advisory window
+        woken.set()
+        _, woken = await asyncio.wait_for(naps.get(), 5)
+        await asyncio.wait_for(provider.wait_for_refresh(), 5)
+        assert len(container.requests) == 2
+        assert provider.seconds_left() == 3600
+
+        container.fail_with.extend([500] * 20)  # refreshing fails: the gauge runs down
+        clock.advance(timedelta(minutes=50))
+        woken.set()
+        _, woken = await asyncio.wait_for(naps.get(), 5)
+        await asyncio.wait_for(provider.wait_for_refresh(), 5)
+        assert len(container.requests) > 2
+        assert provider.seconds_left() == 10 * 60
+    finally:
+        keeping.cancel()
+        await asyncio.gather(keeping, return_exceptions=True)
+
+
+async def test_keys_that_never_expire_have_no_seconds_left(
+    tmp_path: Path, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    env = env_for(tmp_path, AWS_ACCESS_KEY_ID="AKIDEXAMPLE", AWS_SECRET_ACCESS_KEY=SECRET)
+    provider = chain(env, session, clock)
+    await provider.get()
+    assert provider.seconds_left() is None
+
+
 @pytest.mark.parametrize("minutes_left", [14, 9])
 async def test_failed_refresh_keeps_the_old_credentials_while_valid(
     tmp_path: Path,

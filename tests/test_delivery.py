@@ -50,6 +50,7 @@ class Harness:
     spool: Spool
     clock: FakeClock
     ses: FakeSes
+    metrics: RelayMetrics
 
     async def send(self, recipients: Iterable[str], batch_size: int = 50) -> tuple[SmtpReply, str]:
         """Give ``delivery.accept`` a message, as the DATA handler does."""
@@ -120,12 +121,13 @@ async def delivering(
     credentials = StaticProvider(Credentials(fake_ses.access_key, fake_ses.secret_key))
     try:
         async with SesClient(config.ses, credentials) as ses:
+            metrics = RelayMetrics()
             delivery = Delivery(
-                config, spool, ses, clock=clock, jitter=lambda: 0.0, metrics=RelayMetrics()
+                config, spool, ses, clock=clock, jitter=lambda: 0.0, metrics=metrics
             )
             await delivery.start()
             try:
-                yield Harness(delivery, spool, clock, fake_ses)
+                yield Harness(delivery, spool, clock, fake_ses, metrics)
             finally:
                 await delivery.stop()
     finally:
@@ -328,6 +330,32 @@ async def test_throttling_halves_the_sending_rate_which_then_recovers(
         relay.clock.advance_to_wall(start + 60)
         await relay.gone(queue_id)
     assert relay.calls() == [["bob@example.net"]] * 2
+
+
+async def test_each_batch_s_wait_for_the_sending_rate_is_measured(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    """ses_relay_send_rate_wait_seconds: one observation per batch sent, its
+    wait on the delivery clock."""
+    async with delivering(tmp_path, fake_ses, ses={"max_send_rate": 10.0}) as relay:
+        crowd = [f"r{n}@example.net" for n in range(25)]
+        # The bucket starts full (10): the 25 pass at once and leave it 15 in debt.
+        assert (await relay.send(crowd))[0].code == 250
+        sending = asyncio.create_task(relay.send(["late@example.net"]))
+        await relay.clock.wait_for_sleeper(relay.clock.wall() + 1.6, within=WAIT)
+        relay.clock.advance(1.6)  # 16 tokens at 10/s: the debt, then its own
+        assert (await sending)[0].code == 250
+
+    def sample(suffix: str, **labels: str) -> float | None:
+        name = f"ses_relay_send_rate_wait_seconds_{suffix}"
+        return relay.metrics.registry.get_sample_value(name, labels)
+
+    assert sample("count") == 2
+    assert sample("sum") == pytest.approx(1.6)
+    assert sample("bucket", le="0.005") == 1
+    assert sample("bucket", le="1.0") == 1
+    assert sample("bucket", le="2.5") == 2
+    assert relay.calls() == [crowd, ["late@example.net"]]
 
 
 # -- partial failure

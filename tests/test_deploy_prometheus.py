@@ -119,9 +119,10 @@ def test_the_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -
 
 
 async def test_every_metric_queried_is_served(tmp_path: Path, fake_ses: FakeSes) -> None:
-    """A relay that asked SES for its quota and sent a message serves every
-    metric the alerts and the dashboard name."""
-    async with running_relay(tmp_path, fake_ses, ses={"max_send_rate": 0}) as relay:
+    """A relay that asked SES for its quota and sent a message, with temporary
+    credentials, serves every metric the alerts and the dashboard name."""
+    expiring = {"AWS_CREDENTIAL_EXPIRATION": "2099-01-01T00:00:00Z"}
+    async with running_relay(tmp_path, fake_ses, env=expiring, ses={"max_send_rate": 0}) as relay:
         assert (await send(relay, ["a@example.net"], message()))[0] == 250
         async with asyncio.timeout(10):
             samples = await scrape(relay)

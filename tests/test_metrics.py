@@ -4,8 +4,11 @@ real SMTP traffic through the fake SES: the values are exact."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from platform import python_version
 from typing import Any
@@ -13,11 +16,13 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 import pytest
+import trustme
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
 from relay.app import Relay
+from relay.auth import hash_password
 from tests.fakeses import FakeSes, SesErrorReply
 from tests.relayd import running_relay
 from tests.smtpserver import EHLO, OVER_HIGH_WATER, RawClient, stalled_client
@@ -120,6 +125,11 @@ async def test_metrics_count_what_happened(tmp_path: Path, fake_ses: FakeSes) ->
     assert value(after, "ses_relay_smtp_connections_total", outcome="refused") == 0
     assert value(after, "ses_relay_send_rate_recipients_per_second") == 1000  # ses.max_send_rate
     assert not any(name.startswith("ses_relay_ses_quota_") for name, _ in after)
+    # Every batch tried took its tokens at once (1000/s; the bucket starts full).
+    assert value(after, "ses_relay_send_rate_wait_seconds_count") == 3
+    assert value(after, "ses_relay_send_rate_wait_seconds_bucket", le="0.005") == 3
+    # Static keys never expire: no expiry to report.
+    assert ("ses_relay_credentials_expiry_seconds", ()) not in after
 
 
 async def test_unknown_ses_error_codes_share_one_label(tmp_path: Path, fake_ses: FakeSes) -> None:
@@ -237,3 +247,170 @@ async def test_clients_that_do_not_read_give_their_connections_back(
                 assert await RawClient(reader, writer).line() == "220 relay.test ESMTP ses-relay"
             finally:
                 writer.close()
+
+
+async def ended_sessions(relay: Relay) -> dict[str, float]:
+    """``ses_relay_smtp_sessions_total`` by outcome, once every connection has closed."""
+    assert await relay.limiter.wait_idle(10)
+    samples = await scrape(relay)
+    return {
+        dict(labels)["outcome"]: number
+        for (name, labels), number in samples.items()
+        if name == "ses_relay_smtp_sessions_total"
+    }
+
+
+async def ended_sessions_so_far(relay: Relay, outcome: str) -> float:
+    """``ses_relay_smtp_sessions_total{outcome}`` now (some connections still open)."""
+    return value(await scrape(relay), "ses_relay_smtp_sessions_total", outcome=outcome)
+
+
+NO_SESSIONS = dict.fromkeys(
+    ("quit", "disconnected", "timeout", "refused", "dropped", "tls_failed", "shutdown", "error"),
+    0.0,
+)
+
+
+async def test_smtp_sessions_are_counted_by_how_they_ended(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    smtp = {
+        "idle_timeout": 0.3,
+        "write_timeout": 0.3,
+        "max_connections": 5,
+        "max_connections_per_client": 3,
+        "max_commands": 10_000,
+    }
+    async with running_relay(tmp_path, fake_ses, smtp=smtp) as relay:
+        assert await ended_sessions(relay) == NO_SESSIONS
+        assert value(await scrape(relay), "ses_relay_smtp_connections_max") == 5
+        address = relay.smtp_addresses[0]
+
+        assert (await send(relay, ["a@example.net"], message()))[0] == 250  # QUIT
+
+        gone = RawClient(*await asyncio.open_connection(*address))
+        await gone.greet()
+        await gone.close()  # no QUIT
+
+        silent = RawClient(*await asyncio.open_connection(*address))
+        assert await silent.line() == "220 relay.test ESMTP ses-relay"
+        assert await silent.replies_until_eof() == ["421 4.4.2 idle timeout"]
+        await silent.close()
+
+        garbling = RawClient(*await asyncio.open_connection(*address))
+        await garbling.greet()
+        for _ in range(4):
+            assert (await garbling.command("FOO")).startswith("500 ")
+        assert await garbling.command("FOO") == "421 4.7.0 too many bad commands"
+        assert await garbling.at_eof()
+        await garbling.close()
+
+        async with stalled_client(relay.limiter, address, EHLO * OVER_HIGH_WATER):
+            assert await relay.limiter.wait_idle(10)  # dropped after write_timeout
+
+        clients = [RawClient(*await asyncio.open_connection(*address)) for _ in range(4)]
+        for client in clients[:3]:
+            await client.greet()
+        assert await clients[3].replies_until_eof() == ["421 4.7.0 too many connections"]
+        assert await ended_sessions_so_far(relay, "refused") == 2
+        await relay.stop(grace=0)
+        for client in clients[:3]:
+            assert await client.replies_until_eof() == ["421 4.3.2 Service shutting down"]
+            await client.close()
+        await clients[3].close()
+        registry = relay.metrics.registry
+        ended = {
+            outcome: registry.get_sample_value(
+                "ses_relay_smtp_sessions_total", {"outcome": outcome}
+            )
+            for outcome in NO_SESSIONS
+        }
+    assert ended == NO_SESSIONS | {
+        "quit": 1,
+        "disconnected": 1,
+        "timeout": 1,
+        "refused": 2,
+        "dropped": 1,
+        "shutdown": 3,
+    }
+
+
+def auth_plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+async def tls_client(address: tuple[str, int], ca_pem_path: Path) -> RawClient:
+    """Connected to an implicit-TLS listener, after the banner and EHLO."""
+    context = ssl.create_default_context(cafile=str(ca_pem_path))
+    opened = asyncio.open_connection(*address, ssl=context, server_hostname="relay.test")
+    client = RawClient(*await asyncio.wait_for(opened, 10))
+    await client.greet()
+    return client
+
+
+async def test_auth_attempts_are_counted_by_outcome(
+    tmp_path: Path, fake_ses: FakeSes, tls_ca: trustme.CA, ca_pem_path: Path
+) -> None:
+    cert = tls_ca.issue_cert("relay.test", "127.0.0.1")
+    cert_path, key_path = tmp_path / "relay.pem", tmp_path / "relay.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('s3cret', 'bcrypt', bcrypt_rounds=4)}\n")
+    smtp = {"tls_cert": str(cert_path), "tls_key": str(key_path), "tls_listen": ["127.0.0.1:0"]}
+    auth = {"users_file": str(users), "failure_delay": 0.0, "max_failures": 2}
+    async with running_relay(tmp_path, fake_ses, smtp=smtp, auth=auth) as relay:
+        attempts = {
+            outcome: value(await scrape(relay), "ses_relay_auth_attempts_total", outcome=outcome)
+            for outcome in ("ok", "failed", "locked_out", "unavailable")
+        }
+        assert attempts == {"ok": 0, "failed": 0, "locked_out": 0, "unavailable": 0}
+        address = relay.tls_addresses[0]
+
+        alice = await tls_client(address, ca_pem_path)
+        ok = await alice.command(auth_plain("alice", "s3cret"))
+        assert ok == "235 2.7.0 Authentication successful"
+        assert await alice.command("QUIT") == "221 2.0.0 Bye"
+        await alice.close()
+
+        guesser = await tls_client(address, ca_pem_path)
+        wrong = "535 5.7.8 Authentication credentials invalid"
+        assert await guesser.command(auth_plain("alice", "guess1")) == wrong
+        assert await guesser.command(auth_plain("alice", "guess2")) == wrong
+        assert await guesser.replies_until_eof() == ["421 4.7.0 too many failed AUTH attempts"]
+        await guesser.close()
+
+        again = await tls_client(address, ca_pem_path)
+        assert await again.command(auth_plain("alice", "s3cret")) == (
+            "421 4.7.0 too many failed AUTH attempts"
+        )
+        await again.close()
+
+        plain = RawClient(*await asyncio.open_connection(*relay.smtp_addresses[0]))
+        await plain.greet()
+        assert await plain.command("STARTTLS") == "220 Ready to start TLS"
+        await plain.send(b"\x16\x03\x01\x00\x05hello")  # not a ClientHello
+        assert await plain.at_eof()
+        await plain.close()
+
+        sessions = await ended_sessions(relay)
+        samples = await scrape(relay)
+    attempts = {
+        outcome: value(samples, "ses_relay_auth_attempts_total", outcome=outcome)
+        for outcome in ("ok", "failed", "locked_out", "unavailable")
+    }
+    assert attempts == {"ok": 1, "failed": 2, "locked_out": 1, "unavailable": 0}
+    assert sessions == NO_SESSIONS | {"quit": 1, "refused": 2, "tls_failed": 1}
+
+
+async def test_credentials_expiry_counts_down_to_the_expiration(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    expiration = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    env = {"AWS_CREDENTIAL_EXPIRATION": expiration.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    async with running_relay(tmp_path, fake_ses, env=env) as relay:
+        assert (await send(relay, ["a@example.net"], message()))[0] == 250
+        samples = await scrape(relay)
+        left = (expiration - datetime.now(UTC)).total_seconds()
+    assert left <= value(samples, "ses_relay_credentials_expiry_seconds") <= 7200
+    assert value(samples, "ses_relay_credentials_expiry_seconds") > 7200 - 60

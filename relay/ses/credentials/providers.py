@@ -22,6 +22,9 @@ ADVISORY_REFRESH = timedelta(minutes=15)
 """Less than this left: refresh in the background, keep serving the cached credentials."""
 MANDATORY_REFRESH = timedelta(minutes=10)
 """Less than this left: callers wait for the refresh."""
+KEEP_FRESH_INTERVAL = 60.0
+"""Seconds between ``keep_fresh``'s looks at the credentials: well inside the
+advisory window, so a refresh starts there even when no mail flows."""
 REFRESH_RETRY_INTERVAL = timedelta(seconds=30)
 """After a refresh (failed, or returning short-lived credentials), the next
 advisory or mandatory one waits this long, so a broken endpoint is not hammered."""
@@ -119,6 +122,29 @@ class RefreshingProvider:
     @property
     def name(self) -> str:
         return self._name
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the cached credentials expire (negative once they
+        have); None before any are fetched, or for keys that never expire."""
+        creds = self._credentials
+        if creds is None or creds.expiration is None:
+            return None
+        return (creds.expiration - self._clock()).total_seconds()
+
+    async def keep_fresh(
+        self,
+        every: float = KEEP_FRESH_INTERVAL,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        """``get`` every ``every`` seconds until cancelled, so that temporary
+        credentials are refreshed in the advisory window even while no mail
+        flows, and a refresh that keeps failing shows (in the log, and in
+        ``seconds_left`` running down) before they expire. A failure is
+        logged by the refresh, or raised to the next SES call."""
+        while True:
+            with contextlib.suppress(CredentialsError):
+                await self.get()
+            await sleep(every)
 
     async def get(self) -> Credentials:
         now = self._clock()
