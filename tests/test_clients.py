@@ -348,18 +348,19 @@ async def test_nodemailer_starttls_auth(
     if not (NODE_PROJECT / "node_modules" / "nodemailer").is_dir():
         pytest.skip("nodemailer not installed (npm ci --prefix tests/clients)")
     async with site_factory("127.0.0.1") as site:
-        script = NODE_PROJECT / f"send-{os.getpid()}-{id(site)}.js"
+        script = site.home / "send.js"
         script.write_text(
             substitute(readme_snippet("nodemailer"), {HOST: "127.0.0.1", STARTTLS_PORT: site.port})
         )
-        try:
-            code, output = await run(
-                ["node", str(script)],
-                env=client_env(site, NODE_EXTRA_CA_CERTS=str(site.ca_pem)),
-                cwd=NODE_PROJECT,
-            )
-        finally:
-            script.unlink()
+        code, output = await run(
+            ["node", str(script)],
+            env=client_env(
+                site,
+                NODE_EXTRA_CA_CERTS=str(site.ca_pem),
+                NODE_PATH=str(NODE_PROJECT / "node_modules"),
+            ),
+            cwd=site.home,
+        )
         assert code == 0, output
     assert output.startswith("250 2.0.0 Ok: "), output
     request = assert_reached_ses(
