@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.errors import SmtpReply
+from relay.outcome import DataReply
 from relay.ses.classify import metric_code
 from relay.ses.client import SendQuota
 
@@ -39,13 +39,6 @@ SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760)
 """Bytes of a message as received."""
 RECIPIENT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000)
 BOUNCE_OUTCOMES = ("queued", "sent", "failed")
-
-
-def message_outcome(reply: SmtpReply) -> str:
-    """A DATA reply as a ``ses_relay_messages_total`` outcome."""
-    if reply.code // 100 == 2:
-        return "queued" if " queued as " in f" {reply.text}" else "sent"
-    return "deferred" if reply.code // 100 == 4 else "rejected"
 
 
 class RelayMetrics:
@@ -121,9 +114,9 @@ class RelayMetrics:
         for outcome in BOUNCE_OUTCOMES:
             self._bounces.labels(outcome)
 
-    def message(self, reply: SmtpReply, *, size: int, recipients: int) -> None:
+    def message(self, answer: DataReply, *, size: int, recipients: int) -> None:
         """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
-        self._messages.labels(message_outcome(reply)).inc()
+        self._messages.labels(answer.outcome).inc()
         self._sizes.observe(size)
         self._recipients.observe(recipients)
 

@@ -64,7 +64,7 @@ class Harness:
             batches=tuple(Batch(to[n : n + batch_size]) for n in range(0, len(to), batch_size)),
         )
         async with asyncio.timeout(WAIT):  # the fake clock never moves by itself
-            return await self.delivery.accept(entry, MESSAGE), entry.id
+            return (await self.delivery.accept(entry, MESSAGE)).reply, entry.id
 
     async def load(self, entry_id: str, area: str = QUEUE) -> Entry:
         return await asyncio.to_thread(self.spool.load, entry_id, area)
@@ -204,8 +204,8 @@ async def test_an_entry_is_given_up_at_max_age_and_its_sender_gets_one_bounce(
     [batch] = dead.batches
     assert batch.state == "failed"
     assert batch.error is not None
-    assert batch.error.startswith("554 5.4.7 message expired in queue; last error: ")
-    assert batch.error.endswith(" ServiceUnavailable: down")
+    assert str(batch.error).startswith("554 5.4.7 message expired in queue; last error: ")
+    assert str(batch.error).endswith(" ServiceUnavailable: down")
     bounce = relay.ses.requests[-1].raw_message
     assert bounce is not None
     assert b"Final-Recipient: rfc822; bob@example.net\r\n" in bounce

@@ -22,7 +22,9 @@ import aiosmtplib
 import pytest
 
 from relay import queuecmd
-from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.errors import SmtpReply
+from relay.ses.sender import SesParameters
+from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
 from tests.daemon import clean_env
 from tests.daemon import queue_command as run
 from tests.fakeses import FakeSes, SesErrorReply
@@ -75,10 +77,10 @@ def queued_entry(entry_id: str = QUEUED_ID, **changes: Any) -> Entry:
                 ("carol@example.org", "dan@example.org"),
                 "pending",
                 None,
-                "451 4.3.0 SES is unavailable: down",
+                BatchError(SmtpReply(451, "4.3.0", "SES is unavailable: down")),
             ),
         ),
-        ses={"configuration_set": "transactional", "tags": [["team", "ops"]]},
+        ses=SesParameters(configuration_set="transactional", tags=(("team", "ops"),)),
         attempts=2,
         next_attempt=LATER,
         history=("2026-11-23T12:00:05Z ServiceUnavailable: down",),
@@ -101,7 +103,11 @@ def dead_entry(entry_id: str = DEAD_ID, **changes: Any) -> Entry:
                 ("frank@example.net",),
                 "failed",
                 None,
-                "554 5.7.1 message rejected by SES: Email address is not verified.",
+                BatchError(
+                    SmtpReply(
+                        554, "5.7.1", "message rejected by SES: Email address is not verified."
+                    )
+                ),
             ),
         ),
         attempts=1,

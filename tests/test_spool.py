@@ -32,7 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
+from relay.errors import NoSuchEntry, SmtpReply, SpoolError, SpoolLocked, UnreadableEntry
+from relay.ses.sender import SesParameters
 from relay.spool import (
     AREAS,
     DEAD,
@@ -40,9 +41,11 @@ from relay.spool import (
     QUEUE,
     TMP,
     Batch,
+    BatchError,
     Census,
     Entry,
     Spool,
+    ses_json,
 )
 from tests import diskfull
 
@@ -65,7 +68,7 @@ def make_entry(entry_id: str = "ABC123", **changes: Any) -> Entry:
         source="app@example.com",
         recipients=recipients,
         batches=(Batch(recipients=recipients),),
-        ses={"ConfigurationSetName": "transactional", "Tags": [{"Name": "a", "Value": "b"}]},
+        ses=SesParameters(configuration_set="transactional", tags=(("a", "b"),)),
     )
     return replace(entry, **changes)
 
@@ -77,7 +80,14 @@ def message_of(entry_id: str) -> bytes:
 def progressed(entry: Entry) -> Entry:
     """The entry after one delivery attempt: a new envelope to write."""
     return replace(
-        entry.with_batch(0, replace(entry.batches[0], state="failed", error="Throttling: slow")),
+        entry.with_batch(
+            0,
+            replace(
+                entry.batches[0],
+                state="failed",
+                error=BatchError(SmtpReply(451, "4.4.5", "slow"), "Throttling", "slow"),
+            ),
+        ),
         attempts=entry.attempts + 1,
         next_attempt=entry.received + 300,
         history=(*entry.history, "Throttling: Maximum sending rate exceeded"),
@@ -145,7 +155,7 @@ def test_put_writes_the_documented_files(spool: Spool) -> None:
         "sender": "app@example.com",
         "source": "app@example.com",
         "recipients": ["a@example.com", "b@example.org"],
-        "ses": {"ConfigurationSetName": "transactional", "Tags": [{"Name": "a", "Value": "b"}]},
+        "ses": {"configuration_set": "transactional", "tags": [["a", "b"]]},
         "batches": [
             {
                 "recipients": ["a@example.com", "b@example.org"],
@@ -205,26 +215,26 @@ def test_put_survives_short_writes(spool: Spool, monkeypatch: pytest.MonkeyPatch
     assert spool.load("SHORT1") == make_entry("SHORT1")
 
 
-_json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-_json_values = st.recursive(
-    _json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 _finite = st.floats(allow_nan=False, allow_infinity=False)
 _batches = st.builds(
     Batch,
     recipients=st.lists(st.text(), max_size=5).map(tuple),
     state=st.sampled_from(["pending", "sent", "failed"]),
     message_id=st.none() | st.text(),
-    error=st.none() | st.text(),
+    error=st.none()
+    | st.builds(
+        BatchError,
+        reply=st.builds(
+            SmtpReply,
+            code=st.integers(400, 599),
+            enhanced=st.from_regex(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}", fullmatch=True),
+            text=st.text(),
+        ),
+        code=st.none() | st.text(),
+        message=st.none() | st.text(),
+    ),
 )
+_optional_text = st.none() | st.text()
 entries_strategy = st.builds(
     Entry,
     id=st.from_regex(r"[0-9A-Z]{6,32}", fullmatch=True),
@@ -234,7 +244,14 @@ entries_strategy = st.builds(
     source=st.text(),
     recipients=st.lists(st.text() | st.emails(), max_size=8).map(tuple),
     batches=st.lists(_batches, min_size=1, max_size=4).map(tuple),
-    ses=st.dictionaries(st.text(), _json_values, max_size=5),
+    ses=st.builds(
+        SesParameters,
+        configuration_set=_optional_text,
+        tags=st.lists(st.tuples(st.text(), st.text()), max_size=3).map(tuple),
+        source_arn=_optional_text,
+        from_arn=_optional_text,
+        return_path_arn=_optional_text,
+    ),
     user=st.none() | st.text(),
     attempts=st.integers(min_value=0),
     next_attempt=_finite,
@@ -250,7 +267,7 @@ def test_envelope_round_trips_and_is_plain_json(entry: Entry) -> None:
     document = json.loads(text)  # the standard library's parser, default settings
     assert document["id"] == entry.id
     assert document["recipients"] == list(entry.recipients)
-    assert document["ses"] == entry.ses
+    assert document["ses"] == ses_json(entry.ses)
     assert [b["state"] for b in document["batches"]] == [b.state for b in entry.batches]
     assert Entry.from_json(text) == entry
 
@@ -288,7 +305,7 @@ def test_put_load_update_round_trip_on_disk(entry: Entry, message: bytes) -> Non
         ({"batches": ()}, "no batches"),
         ({"received": math.nan}, "NaN"),
         ({"next_attempt": math.inf}, "infinity"),
-        ({"ses": {"Tags": {1, 2}}}, "not JSON"),
+        ({"ses": SesParameters(tags=(("a", 5),))}, "a tag that is not a string"),
     ],
 )
 def test_put_refuses_an_entry_that_would_not_read_back(
