@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import NoSuchEntry, SmtpReply, SpoolError, SpoolLocked, UnreadableEntry
+from relay.ses.classify import ses_error
 from relay.ses.sender import SesParameters
 from relay.spool import (
     AREAS,
@@ -315,6 +316,75 @@ def test_put_refuses_an_entry_that_would_not_read_back(
         spool.put(make_entry(**changes), MESSAGE)
     for area in (TMP, QUEUE, DEAD, QUARANTINE):
         assert names(spool, area) == set(), why
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy-entry.json"
+"""An envelope as the version before typed SES parameters wrote it: ``ses``
+a plain object, each batch's ``error`` the SMTP reply as text."""
+LEGACY_ID = "0005F1AAAAAAAAAA00000E"
+IDENTITY = "arn:aws:ses:us-east-1:123456789012:identity/example.com"
+
+
+def test_an_entry_written_by_the_previous_version_loads_typed(spool: Spool) -> None:
+    shutil.copyfile(LEGACY, spool.dir(QUEUE) / f"{LEGACY_ID}.json")
+    (spool.dir(QUEUE) / f"{LEGACY_ID}.eml").write_bytes(MESSAGE)
+
+    [entry] = spool.entries()  # not quarantined
+    assert entry.ses == SesParameters(
+        configuration_set="transactional",
+        tags=(("team", "ops"), ("app", "billing")),
+        source_arn=IDENTITY,
+        from_arn=IDENTITY,
+        return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/bounces.example.com",
+    )
+    assert [b.error for b in entry.batches] == [
+        None,
+        BatchError(
+            SmtpReply(554, "5.7.1", "message rejected by SES: Email address is not verified.")
+        ),
+        BatchError(SmtpReply(451, "4.4.5", "SES sending rate exceeded, try again later")),
+    ]
+    # Written again, it says the same in the same words: the previous version
+    # reads what this one writes.
+    spool.update(entry)
+    assert json.loads((spool.dir(QUEUE) / f"{LEGACY_ID}.json").read_bytes()) == json.loads(
+        LEGACY.read_bytes()
+    )
+
+
+def test_batch_errors_keep_ses_code_and_message(spool: Spool) -> None:
+    refused = ses_error("MessageRejected", "Email address is not verified.", 400, "r1")
+    failed = BatchError.of(refused)
+    entry = make_entry(batches=(Batch(("a@example.com",), "failed", None, failed),))
+    spool.put(entry, MESSAGE)
+
+    [batch] = json.loads((spool.dir(QUEUE) / f"{entry.id}.json").read_bytes())["batches"]
+    assert batch["error"] == "554 5.7.1 message rejected by SES: Email address is not verified."
+    assert (batch["error_code"], batch["error_message"]) == (
+        "MessageRejected",
+        "Email address is not verified.",
+    )
+    loaded = spool.load(entry.id).batches[0].error
+    assert loaded == failed
+    assert loaded is not None
+    assert (loaded.reply.code, loaded.reply.enhanced) == (554, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    ("state", "reply"),
+    [
+        ("failed", SmtpReply(554, "5.0.0", "slow down")),
+        ("pending", SmtpReply(451, "4.0.0", "slow down")),
+    ],
+)
+def test_an_error_that_is_not_a_reply_reads_with_a_generic_status(
+    spool: Spool, state: str, reply: SmtpReply
+) -> None:
+    document = json.loads(make_entry().to_json())
+    document["batches"][0] |= {"state": state, "error": "slow down"}
+    (spool.dir(QUEUE) / "ABC123.json").write_text(json.dumps(document))
+    (spool.dir(QUEUE) / "ABC123.eml").write_bytes(MESSAGE)
+    assert spool.load("ABC123").batches[0].error == BatchError(reply)
 
 
 def test_put_refuses_an_id_already_queued_and_keeps_the_first(spool: Spool) -> None:
