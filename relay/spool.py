@@ -71,7 +71,12 @@ _tmp_seq = itertools.count()
 
 @dataclass(frozen=True, slots=True)
 class BatchError:
-    """Why SES did not take a batch (the last time it was tried)."""
+    """Why SES did not take a batch (the last time it was tried).
+
+    In the file ``reply`` keeps the form every version wrote, ``554 5.7.1
+    text`` (read back exactly by ``SmtpReply.parse``), beside ``error_code``
+    and ``error_message``: an older ses-relay (a rollback) still reads it.
+    """
 
     reply: SmtpReply
     """What the client (inline) or the bounce says of its recipients."""
