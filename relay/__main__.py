@@ -186,7 +186,7 @@ def hash_password_command(
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
-    return await with_ses(config, env, lambda ses: ses.get_send_quota())
+    return await with_ses(config, env, lambda ses: ses.quota())
 
 
 async def with_ses(

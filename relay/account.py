@@ -13,7 +13,7 @@ says in wall time when sending may go on.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from relay.clock import Clock, wait_for
 from relay.config import Config
@@ -22,20 +22,27 @@ from relay.log import delivery_log
 from relay.oneline import LOG_TEXT_LIMIT, one_line
 from relay.outage import Outage
 from relay.ratelimit import SendRate
-from relay.ses.responses import SendQuota
+from relay.ses.sender import SendQuota, SesSender
 
 PAUSE_LOG_SLACK = 1.0
 """Seconds by which a pause must outlast the current one to be logged again."""
 
 
 class Account:
-    """Rate, outage, pauses and quota of the SES account that delivery uses."""
+    """Rate, outage, pauses and quota of the SES account that delivery uses
+    (through ``sender``)."""
 
     def __init__(
-        self, config: Config, clock: Clock, *, waited: Callable[[float], None] | None = None
+        self,
+        config: Config,
+        clock: Clock,
+        sender: SesSender,
+        *,
+        waited: Callable[[float], None] | None = None,
     ) -> None:
         """``waited`` is told the seconds each batch waited for its tokens."""
         self._clock = clock
+        self._sender = sender
         self._waited = waited
         self.rate = SendRate(clock=clock, rate=config.ses.max_send_rate)
         self.outage = Outage(first=config.delivery.retry_min, longest=config.delivery.retry_max)
@@ -87,7 +94,7 @@ class Account:
     def react(self, error: SesError) -> None:
         """SES refused a batch, or gave no usable answer: slow down or pause
         all delivery when the error says so."""
-        if error.retryable and error.code != "Throttling":
+        if error.retryable and not error.throttled:
             now = self._clock.monotonic()
             pause = self.outage.failed(now)
             if pause is not None:
@@ -110,17 +117,17 @@ class Account:
                     one_line(str(error), LOG_TEXT_LIMIT),
                 )
             self.rate.pause_until(ends)
-        elif error.code == "Throttling":
+        elif error.throttled:
             self.rate.throttled()
 
     # -- the quota
 
-    async def follow_quota(self, read: Callable[[], Awaitable[SendQuota]], every: float) -> None:
+    async def follow_quota(self, every: float) -> None:
         """Keep the sending rate at the account's MaxSendRate, read every
         ``every`` seconds; runs until cancelled."""
         while True:
             try:
-                quota = await read()
+                quota = await self._sender.quota()
             except SesError as exc:
                 delivery_log.warning(
                     "cannot read the SES send quota: %s", one_line(str(exc), LOG_TEXT_LIMIT)

@@ -18,11 +18,14 @@ from datetime import UTC, datetime
 from relay.clock import Clock
 from relay.config import Config
 from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
-from relay.errors import SpoolError
+from relay.errors import SmtpReply, SpoolError
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.oneline import LOG_TEXT_LIMIT, one_line
 from relay.spool import Batch, Entry, Spool
+
+NO_REASON = SmtpReply(554, "5.0.0", "delivery failed")
+"""What a failed batch without a recorded error says."""
 
 
 class Bouncer:
@@ -99,7 +102,7 @@ class Bouncer:
     def failed(self, bounce: Entry, failed: Sequence[Batch]) -> None:
         """A bounce given up on (now in the dead-letter area): its recipient,
         the failed message's sender, will not be told. Said loudly, once."""
-        reason = "; ".join(dict.fromkeys(b.error or "no reason given" for b in failed))
+        reason = "; ".join(dict.fromkeys(str(b.error or "no reason given") for b in failed))
         delivery_log.error(
             "%s: the bounce for %s to <%s> failed, so its sender is not told: %s; kept in the "
             "dead-letter area (ses-relay queue show %s); bounces come from <%s>: if SES "
@@ -116,9 +119,5 @@ class Bouncer:
 
 
 def _failed_recipient(address: str, batch: Batch) -> FailedRecipient:
-    reply = batch.error or "554 5.0.0 delivery failed"
-    _, _, rest = reply.partition(" ")
-    enhanced = rest.split(" ", 1)[0] if rest else "5.0.0"
-    if enhanced[:1] not in ("4", "5") or enhanced.count(".") != 2:
-        enhanced = "5.0.0"
-    return FailedRecipient(address, enhanced, f"smtp; {reply}")
+    reply = NO_REASON if batch.error is None else batch.error.reply
+    return FailedRecipient(address, reply.enhanced, f"smtp; {reply}")

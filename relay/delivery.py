@@ -18,6 +18,9 @@ and carries out what its parts decide. The parts, each with one job:
 - ``relay.account``: the SES account's sending rate, outage, pauses and quota;
 - ``relay.bouncer``: the delivery status notifications;
 - ``relay.clock``: the one clock all of them read and sleep on.
+
+SES is "a sender" (``relay.ses.sender.SesSender``): send one batch, read the
+account's quota; which API and wire format serve it is the sender's business.
 """
 
 from __future__ import annotations
@@ -43,12 +46,20 @@ from relay.errors import (
 )
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
-from relay.outcome import Forget, GiveUp, Refuse, Retry, Wait, after_attempt, expire
+from relay.outcome import (
+    DataReply,
+    Forget,
+    GiveUp,
+    Refuse,
+    Retry,
+    Wait,
+    after_attempt,
+    expire,
+)
 from relay.queueid import new_id
 from relay.schedule import expired
-from relay.ses.client import SesClient
-from relay.ses.query import SendRawEmailRequest
-from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.ses.sender import SendRequest, SesSender
+from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
 
 MAX_IDS_IN_REPLY = 5
 PAUSE_SLACK = 0.05
@@ -59,29 +70,19 @@ SPACE_RECHECK_INTERVAL = 0.1
 STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
-def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRawEmailRequest:
-    ses = entry.ses
-    return SendRawEmailRequest(
-        raw_message=message,
-        destinations=batch.recipients,
-        source=entry.source,
-        from_arn=ses.get("from_arn"),
-        source_arn=ses.get("source_arn"),
-        return_path_arn=ses.get("return_path_arn"),
-        configuration_set=ses.get("configuration_set"),
-        tags=tuple((str(k), str(v)) for k, v in ses.get("tags", ())),
-    )
+def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
+    return SendRequest(message, batch.recipients, entry.source, entry.ses)
 
 
-def sent_reply(entry: Entry) -> SmtpReply:
+def sent_reply(entry: Entry) -> DataReply:
     ids = [b.message_id for b in entry.batches if b.message_id]
     shown = " ".join(ids[:MAX_IDS_IN_REPLY]) or "(SES gave no usable message id)"
     more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
-    return SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}")
+    return DataReply(SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}"), "sent")
 
 
-def queued_reply(entry: Entry) -> SmtpReply:
-    return SmtpReply(250, "2.0.0", f"Ok: queued as {entry.id}")
+def queued_reply(entry: Entry) -> DataReply:
+    return DataReply(SmtpReply(250, "2.0.0", f"Ok: queued as {entry.id}"), "queued")
 
 
 @dataclass(slots=True)
@@ -102,7 +103,7 @@ class Delivery:
         self,
         config: Config,
         spool: Spool,
-        ses: SesClient,
+        sender: SesSender,
         *,
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
@@ -111,10 +112,10 @@ class Delivery:
         self._config = config
         self._spool = spool
         self._metrics = metrics
-        self._ses = ses
+        self._sender = sender
         self._clock = clock = clock or SystemClock()
         self._jitter = jitter
-        self.account = Account(config, clock, waited=metrics.send_rate_wait)
+        self.account = Account(config, clock, sender, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
         self._due = DueQueue()
         self._in_flight: set[str] = set()
@@ -124,7 +125,7 @@ class Delivery:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
-        self._accepting: set[asyncio.Task[SmtpReply]] = set()
+        self._accepting: set[asyncio.Task[DataReply]] = set()
         """Commits and inline attempts: they outlive a client that hangs up."""
         self._unsaved: dict[str, Entry] = {}
         """Entries whose latest batch outcomes could not be written (full
@@ -144,9 +145,7 @@ class Delivery:
         for number in range(self._config.delivery.concurrency):
             self._tasks.append(asyncio.create_task(self._worker(), name=f"relay-worker-{number}"))
         if self._config.ses.max_send_rate <= 0:
-            follow = self.account.follow_quota(
-                self._ses.get_send_quota, self._config.delivery.quota_refresh
-            )
+            follow = self.account.follow_quota(self._config.delivery.quota_refresh)
             self._tasks.append(asyncio.create_task(follow, name="relay-quota"))
 
     async def quiesce(self) -> None:
@@ -218,7 +217,7 @@ class Delivery:
             delivery_log.warning("cannot read free space of the spool: %s", exc)
         self._free_read = self._clock.monotonic()
 
-    async def accept(self, entry: Entry, message: bytes) -> SmtpReply:
+    async def accept(self, entry: Entry, message: bytes) -> DataReply:
         """Commit, then try SES inline; the reply for the client's DATA.
 
         The work runs in its own task: if the client hangs up (aiosmtpd then
@@ -233,13 +232,13 @@ class Delivery:
             task.add_done_callback(_log_orphan_failure)
             raise
 
-    async def _accept(self, entry: Entry, message: bytes) -> SmtpReply:
+    async def _accept(self, entry: Entry, message: bytes) -> DataReply:
         try:
             await asyncio.to_thread(self._spool.put, entry, message)
         except SpoolError as exc:
             delivery_log.error("%s: not accepted: %s", entry.id, exc)
             self._free_checked = -SPACE_CHECK_INTERVAL
-            return STORAGE_FULL
+            return DataReply.refused(STORAGE_FULL)
         self._in_flight.add(entry.id)
         try:
             attempt = await self._attempt(entry, message, self._config.delivery.inline_timeout)
@@ -267,7 +266,7 @@ class Delivery:
                 attempt.starved = True  # stays pending; nothing was sent
                 return
             try:
-                result = await self._ses.send_raw_email(
+                result = await self._sender.send(
                     request_for(entry, message, batch),
                     deadline=max(0.1, ends - self._clock.monotonic()),
                 )
@@ -277,9 +276,7 @@ class Delivery:
                 permanent = error.disposition is Disposition.PERMANENT
                 self._metrics.batch("failed" if permanent else "deferred")
                 new = replace(
-                    batch,
-                    state="failed" if permanent else "pending",
-                    error=str(error.smtp_reply),
+                    batch, state="failed" if permanent else "pending", error=BatchError.of(error)
                 )
             else:
                 self.account.answered()
@@ -294,7 +291,7 @@ class Delivery:
         await asyncio.gather(*(send(i) for i in entry.pending()))
         return attempt
 
-    async def _settle(self, attempt: _Attempt, *, inline: bool = False) -> SmtpReply:
+    async def _settle(self, attempt: _Attempt, *, inline: bool = False) -> DataReply:
         """Carry out what ``relay.outcome`` decides after ``attempt``; the
         reply to DATA (``inline``: the client waits for it)."""
         entry = attempt.entry
@@ -320,7 +317,7 @@ class Delivery:
                 # SES took none of it: the client gets SES's refusal and keeps
                 # the message; nothing of ours remains.
                 await self._forget(entry)
-                return reply
+                return DataReply.refused(reply)
             case Wait(at):
                 # Nothing was sent: waiting for the sending rate (or the end of
                 # a pause of all delivery) is not a failed attempt.
@@ -501,7 +498,7 @@ class Delivery:
         await self._settle(await self._attempt(entry, message, budget))
 
 
-def _log_orphan_failure(task: asyncio.Task[SmtpReply]) -> None:
+def _log_orphan_failure(task: asyncio.Task[DataReply]) -> None:
     """What became of an inline attempt whose client is gone (no one else sees it)."""
     if not task.cancelled() and (error := task.exception()) is not None:
         delivery_log.error("%s failed unexpectedly", task.get_name(), exc_info=error)

@@ -26,6 +26,7 @@ classifies and the credential sources report), the file system's in
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +47,7 @@ class Disposition(enum.Enum):
 
 REPLY_LINE_LIMIT = 510
 """Characters of one reply line without its CRLF (RFC 5321 4.5.3.1.5)."""
+_REPLY_LINE = re.compile(r"([2-5][0-9][0-9]) ([245]\.[0-9]{1,3}\.[0-9]{1,3}) (.*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,14 @@ class SmtpReply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
+
+    @classmethod
+    def parse(cls, line: str) -> SmtpReply | None:
+        """The reply whose ``str`` is ``line``; None when ``line`` is not one."""
+        found = _REPLY_LINE.fullmatch(line)
+        if found is None:
+            return None
+        return cls(int(found[1]), found[2], found[3])
 
 
 class RelayError(Exception):
@@ -150,6 +160,7 @@ class SesError(RelayError):
         smtp_reply: SmtpReply,
         refresh_credentials: bool = False,
         pause: float = 0.0,
+        throttled: bool = False,
     ) -> None:
         self.code = code
         self.message = message
@@ -161,6 +172,9 @@ class SesError(RelayError):
         self.pause = pause
         """Seconds all delivery should wait: the error is the account's (daily
         quota, sending paused, credentials refused), not the message's."""
+        self.throttled = throttled
+        """SES says the account's sending rate was exceeded: every delivery
+        slows down (the error is the account's, and retrying soon helps)."""
         super().__init__(f"{code}: {message}" if message else code)
 
     @property

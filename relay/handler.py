@@ -16,12 +16,14 @@ from typing import Any
 from relay.addresses import ascii_address
 from relay.config import Config
 from relay.delivery import STORAGE_FULL, Delivery
-from relay.errors import MessageRefused, SmtpReply
+from relay.errors import MessageRefused
 from relay.log import smtp_log
-from relay.message import SesParameters, plan_batches, prepare
+from relay.message import plan_batches, prepare
 from relay.metrics import RelayMetrics
+from relay.outcome import DataReply
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
 from relay.queueid import new_id
+from relay.ses.sender import SesParameters
 from relay.session import authenticated_user as session_user
 from relay.session import client_address, client_label
 from relay.spool import Batch, Entry
@@ -80,10 +82,10 @@ class RelayHandler:
         size = len(envelope.content or b"")
         queue_id = self._queue_id()
         try:
-            reply = await self._relay(queue_id, session, envelope)
+            answer = await self._relay(queue_id, session, envelope)
         except MessageRefused as refused:
-            reply = refused.reply
-        self._metrics.message(reply, size=size, recipients=len(envelope.rcpt_tos))
+            answer = DataReply.refused(refused.reply)
+        self._metrics.message(answer, size=size, recipients=len(envelope.rcpt_tos))
         smtp_log.info(
             "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,
@@ -91,12 +93,12 @@ class RelayHandler:
             envelope.mail_from,
             len(envelope.rcpt_tos),
             size,
-            reply,
+            answer.reply,
             time.monotonic() - started,
         )
-        return str(reply)
+        return str(answer.reply)
 
-    async def _relay(self, queue_id: str, session: Any, envelope: Any) -> SmtpReply:
+    async def _relay(self, queue_id: str, session: Any, envelope: Any) -> DataReply:
         client, user = client_address(session), session_user(session)
         # Linear but up to max_message_size of work: off the event loop, so
         # that one large message never holds up the other sessions.
@@ -111,14 +113,13 @@ class RelayHandler:
         # Only the message as SES gets it stays in memory while it is delivered.
         envelope.content = envelope.original_content = message.raw
         self._policy.check_header_senders(message.originators, user)
-        self._policy.check_identity_headers(message.ses.identity_headers(), client, user)
+        self._policy.check_identity_headers(message.identity_headers(), client, user)
         source = envelope.mail_from or ascii_address(message.from_address, "sender")
         batches = plan_batches(
             envelope.rcpt_tos,
             message.header_count,
             self._config.smtp.max_batch_recipients,
         )
-        ses = message.ses
         entry = Entry(
             id=queue_id,
             received=self._clock().timestamp(),
@@ -128,16 +129,6 @@ class RelayHandler:
             source=source,
             recipients=tuple(envelope.rcpt_tos),
             batches=tuple(Batch(recipients=batch) for batch in batches),
-            ses={
-                key: value
-                for key, value in (
-                    ("configuration_set", ses.configuration_set),
-                    ("tags", [list(tag) for tag in ses.tags]),
-                    ("source_arn", ses.source_arn),
-                    ("from_arn", ses.from_arn),
-                    ("return_path_arn", ses.return_path_arn),
-                )
-                if value
-            },
+            ses=message.ses,
         )
         return await self._delivery.accept(entry, message.raw)

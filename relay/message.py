@@ -27,6 +27,7 @@ from datetime import datetime
 
 from relay.addrlist import parse_address_list, parse_mailbox_list
 from relay.errors import MessageRefused, SmtpReply
+from relay.ses.sender import NO_PARAMETERS, SesParameters
 
 SES_MAX_RECIPIENTS = 50
 """SendRawEmail's limit: To, Cc and Bcc together, group members counted."""
@@ -68,24 +69,6 @@ class HeaderField:
 
 
 @dataclass(frozen=True, slots=True)
-class SesParameters:
-    """SendRawEmail parameters that came from ``X-SES-*`` headers."""
-
-    configuration_set: str | None = None
-    tags: tuple[tuple[str, str], ...] = ()
-    source_arn: str | None = None
-    from_arn: str | None = None
-    return_path_arn: str | None = None
-
-    def identity_headers(self) -> list[str]:
-        """The identity headers the message used, by name."""
-        used = zip(
-            IDENTITY_HEADERS, (self.source_arn, self.from_arn, self.return_path_arn), strict=True
-        )
-        return [f"X-SES-{name[6:].upper()}" for name, value in used if value]
-
-
-@dataclass(frozen=True, slots=True)
 class PreparedMessage:
     """A message ready for SES."""
 
@@ -99,8 +82,13 @@ class PreparedMessage:
     what an SES may count beside ``Destinations`` (see ``plan_batches``)."""
     ses: SesParameters
 
-
-NO_PARAMETERS = SesParameters()
+    def identity_headers(self) -> list[str]:
+        """The identity headers the message used, by name."""
+        ses = self.ses
+        used = zip(
+            IDENTITY_HEADERS, (ses.source_arn, ses.from_arn, ses.return_path_arn), strict=True
+        )
+        return [f"X-SES-{name[6:].upper()}" for name, value in used if value]
 
 
 def refuse(code: int, enhanced: str, text: str) -> MessageRefused:

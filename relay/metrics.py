@@ -29,9 +29,9 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.auth import AUTH_OUTCOMES, AuthAttempt
-from relay.errors import SmtpReply
+from relay.outcome import DataReply
 from relay.ses.classify import metric_code
-from relay.ses.client import SendQuota
+from relay.ses.sender import SendQuota
 
 # The *_created series double what is exposed and tell Prometheus nothing it uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -44,13 +44,6 @@ RECIPIENT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000)
 SEND_RATE_WAIT_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 """Seconds; the first bucket holds the batches that did not wait."""
 BOUNCE_OUTCOMES = ("queued", "sent", "failed")
-
-
-def message_outcome(reply: SmtpReply) -> str:
-    """A DATA reply as a ``ses_relay_messages_total`` outcome."""
-    if reply.code // 100 == 2:
-        return "queued" if " queued as " in f" {reply.text}" else "sent"
-    return "deferred" if reply.code // 100 == 4 else "rejected"
 
 
 class RelayMetrics:
@@ -144,9 +137,9 @@ class RelayMetrics:
         for outcome in AUTH_OUTCOMES:
             self._auth_attempts.labels(outcome)
 
-    def message(self, reply: SmtpReply, *, size: int, recipients: int) -> None:
+    def message(self, answer: DataReply, *, size: int, recipients: int) -> None:
         """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
-        self._messages.labels(message_outcome(reply)).inc()
+        self._messages.labels(answer.outcome).inc()
         self._sizes.observe(size)
         self._recipients.observe(recipients)
 

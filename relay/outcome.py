@@ -17,6 +17,10 @@ and does it:
 - ``GiveUp``: nothing is pending and some batch failed for good: bounce its
   recipients and move the entry to the dead-letter area.
 
+``DataReply`` is what an attempt made while the client waits
+(``Delivery.accept``) comes to: the reply to DATA and what became of the
+message, which the handler logs and metrics count as they are.
+
 ``expire`` is the decision before an attempt on a message older than
 ``delivery.max_age``: what is pending fails, and ``after_attempt`` then gives
 it up.
@@ -27,12 +31,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Literal
 
 from relay.config import DeliveryConfig
 from relay.errors import SesError, SmtpReply
 from relay.oneline import one_line
 from relay.schedule import next_attempt_at
-from relay.spool import MAX_HISTORY, Batch, Entry
+from relay.spool import MAX_HISTORY, Batch, BatchError, Entry
 
 ERROR_TEXT_LIMIT = 200
 """Characters of one error's text kept in the entry's history."""
@@ -75,6 +80,23 @@ class GiveUp:
 
 
 Decision = Forget | Refuse | Wait | Retry | GiveUp
+
+MessageOutcome = Literal["sent", "queued", "deferred", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class DataReply:
+    """The reply to a message's DATA, and what it means for the message:
+    sent (SES took every batch at once), queued (``250``, delivery goes on
+    in the background), deferred (``4xx``) or rejected (``5xx``)."""
+
+    reply: SmtpReply
+    outcome: MessageOutcome
+
+    @classmethod
+    def refused(cls, reply: SmtpReply) -> DataReply:
+        """The message is not taken: deferred (``4xx``) or rejected (``5xx``)."""
+        return cls(reply, "deferred" if reply.code // 100 == 4 else "rejected")
 
 
 def after_attempt(
@@ -137,7 +159,7 @@ def expire(entry: Entry) -> Entry:
     reply = SmtpReply(554, "5.4.7", f"message expired in queue; last error: {last}")
     for index in entry.pending():
         entry = entry.with_batch(
-            index, replace(entry.batches[index], state="failed", error=str(reply))
+            index, replace(entry.batches[index], state="failed", error=BatchError(reply))
         )
     return entry
 

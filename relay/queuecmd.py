@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from relay.config import Config
 from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
 from relay.queueid import as_typed
-from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, Spool
+from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, Spool, ses_json
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -101,7 +101,8 @@ def waiting(entry: Entry) -> list[tuple[str | None, list[str]]]:
     groups: dict[str | None, list[str]] = {}
     for batch in entry.batches:
         if batch.state != "sent":
-            groups.setdefault(batch.error, []).extend(batch.recipients)
+            error = None if batch.error is None else str(batch.error)
+            groups.setdefault(error, []).extend(batch.recipients)
     return list(groups.items())
 
 
@@ -253,11 +254,11 @@ def format_show(item: Listed, message: bytes | None, now: float, *, body: bool) 
     fields = envelope_fields(item, now)
     lines = [f"{name + ':':<14}{value}" for name, value in fields]
     lines.extend(f"    {printable(r)}" for r in entry.recipients)
-    if entry.ses:
+    if parameters := ses_json(entry.ses):
         lines.append("SES parameters:")
-        for key, value in entry.ses.items():
+        for key, value in parameters.items():
             shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=True)
-            lines.append(f"    {printable(str(key))}: {printable(shown)}")
+            lines.append(f"    {printable(key)}: {printable(shown)}")
     total = len(entry.batches)
     for number, batch in enumerate(entry.batches, 1):
         count = plural(len(batch.recipients), "recipient")
@@ -266,7 +267,7 @@ def format_show(item: Listed, message: bytes | None, now: float, *, body: bool) 
         if batch.message_id:
             lines.append(f"    SES message id: {printable(batch.message_id)}")
         if batch.error:
-            lines.append(f"    error: {printable(batch.error)}")
+            lines.append(f"    error: {printable(str(batch.error))}")
     lines.append("History:" if entry.history else "History:      (none)")
     lines.extend(f"    {printable(line)}" for line in entry.history)
     lines.append("")
@@ -307,7 +308,7 @@ def revive(now: float) -> Callable[[Entry], Entry]:
     to a history line saying so. A new failure gets a new bounce."""
 
     def change(entry: Entry) -> Entry:
-        errors = [b.error for b in entry.batches if b.state == "failed" and b.error]
+        errors = [str(b.error) for b in entry.batches if b.state == "failed" and b.error]
         batches = tuple(
             replace(b, state="pending", error=None) if b.state == "failed" else b
             for b in entry.batches

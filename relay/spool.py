@@ -38,13 +38,21 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
+from relay.errors import (
+    NoSuchEntry,
+    SesError,
+    SmtpReply,
+    SpoolError,
+    SpoolLocked,
+    UnreadableEntry,
+)
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
+from relay.ses.sender import NO_PARAMETERS, SesParameters
 
 FORMAT_VERSION = 1
 QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
@@ -62,15 +70,40 @@ _tmp_seq = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
+class BatchError:
+    """Why SES did not take a batch (the last time it was tried).
+
+    In the file ``reply`` keeps the form every version wrote, ``554 5.7.1
+    text`` (read back exactly by ``SmtpReply.parse``), beside ``error_code``
+    and ``error_message``: an older ses-relay (a rollback) still reads it.
+    """
+
+    reply: SmtpReply
+    """What the client (inline) or the bounce says of its recipients."""
+    code: str | None = None
+    """SES's error code, or ours for no usable answer (``SesError.code``);
+    None when no SES error says it (the message expired) or an older
+    version wrote the entry."""
+    message: str | None = None
+    """SES's message, with ``code``."""
+
+    @classmethod
+    def of(cls, error: SesError) -> BatchError:
+        return cls(error.smtp_reply, error.code, error.message)
+
+    def __str__(self) -> str:
+        return str(self.reply)
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
-    """One SendRawEmail call's recipients and what became of them."""
+    """One SES call's recipients and what became of them."""
 
     recipients: tuple[str, ...]
     state: BatchState = "pending"
     message_id: str | None = None
     """SES's MessageId once ``state`` is "sent"."""
-    error: str | None = None
-    """The last error, ``Code: message``."""
+    error: BatchError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +112,16 @@ class Entry:
 
     The file is a JSON object (ASCII, indented) with ``version`` (1), ``id``,
     ``received``, ``client``, ``user`` (or null), ``sender``, ``source``,
-    ``recipients``, ``ses`` (an object), ``batches`` (objects with
-    ``recipients``, ``state``, ``message_id``, ``error``), ``attempts``,
-    ``next_attempt``, ``history``, ``bounce`` and ``bounce_of`` (ids, or
-    null). Unknown keys are ignored on reading.
+    ``recipients``, ``ses`` (an object: ``configuration_set``, ``tags`` as
+    ``[name, value]`` pairs, ``source_arn``, ``from_arn``,
+    ``return_path_arn``, each only when set), ``batches`` (objects with
+    ``recipients``, ``state``, ``message_id``, ``error`` (the SMTP reply
+    ``554 5.7.1 text``, or null) and, when SES said why, ``error_code`` and
+    ``error_message``), ``attempts``, ``next_attempt``, ``history``,
+    ``bounce`` and ``bounce_of`` (ids, or null). Unknown keys are ignored on
+    reading, so a version without ``error_code`` reads these files, and an
+    error that is not a reply (never written by ses-relay) reads as
+    ``554 5.0.0`` (failed) or ``451 4.0.0`` with its text.
     """
 
     id: str
@@ -95,8 +134,8 @@ class Entry:
     """SES ``Source``: the sender, or the From: address for the null sender."""
     recipients: tuple[str, ...]
     batches: tuple[Batch, ...]
-    ses: dict[str, Any] = field(default_factory=dict)
-    """SendRawEmail parameters beside Source and Destinations."""
+    ses: SesParameters = NO_PARAMETERS
+    """SES parameters beside the source and the recipients."""
     user: str | None = None
     attempts: int = 0
     next_attempt: float = 0.0
@@ -129,16 +168,8 @@ class Entry:
             "sender": self.sender,
             "source": self.source,
             "recipients": list(self.recipients),
-            "ses": self.ses,
-            "batches": [
-                {
-                    "recipients": list(b.recipients),
-                    "state": b.state,
-                    "message_id": b.message_id,
-                    "error": b.error,
-                }
-                for b in self.batches
-            ],
+            "ses": ses_json(self.ses),
+            "batches": [_batch_json(b) for b in self.batches],
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "history": list(self.history),
@@ -184,7 +215,7 @@ def _fields(data: Any) -> dict[str, Any]:
         "sender": _str(data["sender"], "sender"),
         "source": _str(data["source"], "source"),
         "recipients": _strings(data["recipients"], "recipients"),
-        "ses": _object(data.get("ses"), "ses"),
+        "ses": _ses(data.get("ses")),
         "batches": tuple(_batch(b) for b in batches),
         "attempts": _count(data.get("attempts", 0), "attempts"),
         "next_attempt": _number(data.get("next_attempt", 0.0), "next_attempt"),
@@ -238,12 +269,36 @@ def _count(value: Any, name: str) -> int:
     return value
 
 
-def _object(value: Any, name: str) -> dict[str, Any]:
+def ses_json(ses: SesParameters) -> dict[str, Any]:
+    """The JSON form of ``ses``: its parameters that are set, by name."""
+    named: tuple[tuple[str, Any], ...] = (
+        ("configuration_set", ses.configuration_set),
+        ("tags", [list(tag) for tag in ses.tags] or None),
+        ("source_arn", ses.source_arn),
+        ("from_arn", ses.from_arn),
+        ("return_path_arn", ses.return_path_arn),
+    )
+    return {name: value for name, value in named if value is not None}
+
+
+def _ses(value: Any) -> SesParameters:
     if value is None:
-        return {}
+        return NO_PARAMETERS
     if not isinstance(value, dict):
-        raise TypeError(f"{name} is not an object")
-    return value
+        raise TypeError("ses is not an object")
+    tags = value.get("tags", [])
+    if not isinstance(tags, list):
+        raise TypeError("ses tags is not a list")
+    pairs = tuple(_strings(tag, "an ses tag") for tag in tags)
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError("an ses tag is not a [name, value] pair")
+    return SesParameters(
+        configuration_set=_optional_str(value.get("configuration_set"), "configuration_set"),
+        tags=tuple((name, tag_value) for name, tag_value in pairs),
+        source_arn=_optional_str(value.get("source_arn"), "source_arn"),
+        from_arn=_optional_str(value.get("from_arn"), "from_arn"),
+        return_path_arn=_optional_str(value.get("return_path_arn"), "return_path_arn"),
+    )
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:
@@ -262,7 +317,37 @@ def _batch(value: Any) -> Batch:
         recipients=_strings(value["recipients"], "batch recipients"),
         state=state,
         message_id=_optional_str(value.get("message_id"), "message_id"),
-        error=_optional_str(value.get("error"), "error"),
+        error=_batch_error(value, state),
+    )
+
+
+def _batch_json(batch: Batch) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "recipients": list(batch.recipients),
+        "state": batch.state,
+        "message_id": batch.message_id,
+        "error": None if batch.error is None else str(batch.error.reply),
+    }
+    if batch.error is not None and batch.error.code is not None:
+        data["error_code"] = batch.error.code
+    if batch.error is not None and batch.error.message is not None:
+        data["error_message"] = batch.error.message
+    return data
+
+
+def _batch_error(value: dict[str, Any], state: str) -> BatchError | None:
+    text = _optional_str(value.get("error"), "error")
+    if text is None:
+        return None
+    reply = SmtpReply.parse(text)
+    if reply is None:
+        reply = (
+            SmtpReply(554, "5.0.0", text) if state == "failed" else SmtpReply(451, "4.0.0", text)
+        )
+    return BatchError(
+        reply,
+        code=_optional_str(value.get("error_code"), "error_code"),
+        message=_optional_str(value.get("error_message"), "error_message"),
     )
 
 

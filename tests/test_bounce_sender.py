@@ -181,7 +181,7 @@ async def test_a_bounce_ses_refuses_is_loud_counted_and_kept_with_its_reason(
     [failed] = bounce.batches
     assert failed.state == "failed"
     assert failed.error is not None
-    assert NOT_AUTHORIZED in failed.error
+    assert NOT_AUTHORIZED in str(failed.error)
     # Counted by outcome.
     assert value(samples, "ses_relay_bounces_total", outcome="queued") == 1
     assert value(samples, "ses_relay_bounces_total", outcome="failed") == 1

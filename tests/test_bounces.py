@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from relay.app import Relay
-from relay.errors import SpoolError
-from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.errors import SmtpReply, SpoolError
+from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
 from tests.fakeses import FakeSes, SesErrorReply
 from tests.relayd import running_relay
 
@@ -31,7 +31,7 @@ ORIGINAL_ID = "0005F1AAAAAAAAAA000001"
 BOUNCE_ID = "0005F1AAAAAAAAAA00000B"
 WRITTEN_BOUNCE = b"From: MAILER-DAEMON@relay.test\r\nSubject: written before the crash\r\n\r\nx\r\n"
 MESSAGE = b"From: App <app@example.com>\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
-REFUSED = "554 5.7.1 message rejected by SES: Address blacklisted."
+REFUSED = SmtpReply(554, "5.7.1", "message rejected by SES: Address blacklisted.")
 FAST_RETRY = {"retry_min": 0.05, "retry_max": 0.1}
 
 
@@ -46,7 +46,7 @@ def original(**changes: Any) -> Entry:
         "recipients": ("bob@example.net", "carol@example.org"),
         "batches": (
             Batch(("bob@example.net",), "sent", "0100-sent-1"),
-            Batch(("carol@example.org",), "failed", None, REFUSED),
+            Batch(("carol@example.org",), "failed", None, BatchError(REFUSED, "MessageRejected")),
         ),
         "attempts": 1,
     }

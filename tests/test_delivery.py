@@ -25,11 +25,21 @@ import pytest
 from aiohttp import web
 
 from relay.delivery import Delivery
-from relay.errors import SmtpReply
+from relay.errors import Disposition, SesError, SmtpReply
 from relay.metrics import RelayMetrics
+from relay.outcome import DataReply
 from relay.queuecmd import retry_one
+from relay.ses.classify import RATE_EXCEEDED, ses_error
 from relay.ses.client import SesClient
 from relay.ses.credentials.providers import StaticProvider
+from relay.ses.sender import (
+    NO_PARAMETERS,
+    SendQuota,
+    SendRequest,
+    SendResult,
+    SesParameters,
+    SesSender,
+)
 from relay.ses.sigv4 import Credentials
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from tests.fakeclock import FakeClock
@@ -53,7 +63,14 @@ class Harness:
     metrics: RelayMetrics
 
     async def send(self, recipients: Iterable[str], batch_size: int = 50) -> tuple[SmtpReply, str]:
-        """Give ``delivery.accept`` a message, as the DATA handler does."""
+        """Give ``delivery.accept`` a message, as the DATA handler does; its reply."""
+        answer, queue_id = await self.accept(recipients, batch_size)
+        return answer.reply, queue_id
+
+    async def accept(
+        self, recipients: Iterable[str], batch_size: int = 50, ses: SesParameters = NO_PARAMETERS
+    ) -> tuple[DataReply, str]:
+        """``delivery.accept``'s answer, and the queue id."""
         to = tuple(recipients)
         entry = Entry(
             id=f"{0xD0000000000000 + next(_ids):020X}",
@@ -63,6 +80,7 @@ class Harness:
             source=SENDER,
             recipients=to,
             batches=tuple(Batch(to[n : n + batch_size]) for n in range(0, len(to), batch_size)),
+            ses=ses,
         )
         async with asyncio.timeout(WAIT):  # the fake clock never moves by itself
             return await self.delivery.accept(entry, MESSAGE), entry.id
@@ -106,8 +124,9 @@ class Harness:
 
 @asynccontextmanager
 async def delivering(
-    tmp_path: Path, fake_ses: FakeSes, **sections: dict[str, Any]
+    tmp_path: Path, fake_ses: FakeSes, sender: SesSender | None = None, **sections: dict[str, Any]
 ) -> AsyncIterator[Harness]:
+    """The delivery service on ``sender``, by default the SES client to ``fake_ses``."""
     merged: dict[str, dict[str, Any]] = {
         "ses": {"max_attempts": 1, "max_send_rate": 1000.0},
         "delivery": {"retry_min": 60.0, "retry_max": 600.0, "inline_timeout": 5.0},
@@ -123,7 +142,12 @@ async def delivering(
         async with SesClient(config.ses, credentials) as ses:
             metrics = RelayMetrics()
             delivery = Delivery(
-                config, spool, ses, clock=clock, jitter=lambda: 0.0, metrics=metrics
+                config,
+                spool,
+                sender or ses,
+                clock=clock,
+                jitter=lambda: 0.0,
+                metrics=metrics,
             )
             await delivery.start()
             try:
@@ -206,8 +230,8 @@ async def test_an_entry_is_given_up_at_max_age_and_its_sender_gets_one_bounce(
     [batch] = dead.batches
     assert batch.state == "failed"
     assert batch.error is not None
-    assert batch.error.startswith("554 5.4.7 message expired in queue; last error: ")
-    assert batch.error.endswith(" ServiceUnavailable: down")
+    assert str(batch.error).startswith("554 5.4.7 message expired in queue; last error: ")
+    assert str(batch.error).endswith(" ServiceUnavailable: down")
     bounce = relay.ses.requests[-1].raw_message
     assert bounce is not None
     assert b"Final-Recipient: rfc822; bob@example.net\r\n" in bounce
@@ -394,3 +418,109 @@ async def test_every_batch_refused_inline_gets_the_refusal_and_keeps_nothing(
         reply, queue_id = await relay.send(["bob@example.net"])
         assert str(reply) == ("554 5.7.1 message rejected by SES: Email address is not verified.")
         assert await asyncio.to_thread(relay.spool.find, queue_id) is None
+
+
+# -- any SES sender: the interface a second API or per-route clients plug into
+
+
+class FakeSender:
+    """An SES sender without a wire (``relay.ses.sender.SesSender``): raises
+    ``errors`` for the first batches, then takes every batch."""
+
+    def __init__(self, *errors: SesError, max_send_rate: float = 14.0) -> None:
+        self.requests: list[SendRequest] = []
+        self.errors = list(errors)
+        self.max_send_rate = max_send_rate
+
+    async def send(self, request: SendRequest, *, deadline: float) -> SendResult:
+        self.requests.append(request)
+        if self.errors:
+            raise self.errors.pop(0)
+        return SendResult(f"0100-fake-{len(self.requests)}", "req")
+
+    async def quota(self) -> SendQuota:
+        return SendQuota(50_000.0, self.max_send_rate, 10.0)
+
+
+PARAMETERS = SesParameters(
+    configuration_set="transactional",
+    tags=(("team", "ops"),),
+    source_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
+)
+
+
+async def test_a_sender_gets_every_batch_with_the_messages_ses_parameters(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    sender = FakeSender()
+    async with delivering(tmp_path, fake_ses, sender) as relay:
+        answer, queue_id = await relay.accept(["a@example.net", "b@example.net"], 1, PARAMETERS)
+    assert answer.outcome == "sent"
+    assert answer.reply.text.startswith(f"Ok: {queue_id} sent as 0100-fake-")
+    assert sorted(sender.requests, key=lambda r: r.destinations) == [
+        SendRequest(MESSAGE, ("a@example.net",), SENDER, PARAMETERS),
+        SendRequest(MESSAGE, ("b@example.net",), SENDER, PARAMETERS),
+    ]
+    assert fake_ses.requests == []
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome", "reply"),
+    [
+        (
+            ses_error("MessageRejected", "Email address is not verified.", 400, "r1"),
+            "rejected",
+            "554 5.7.1 message rejected by SES: Email address is not verified.",
+        ),
+        (ses_error("ServiceUnavailable", "down", 503, "r2"), "queued", "250 2.0.0 Ok: queued as"),
+    ],
+)
+async def test_accept_says_what_became_of_the_message(
+    tmp_path: Path, fake_ses: FakeSes, error: SesError, outcome: str, reply: str
+) -> None:
+    async with delivering(tmp_path, fake_ses, FakeSender(error)) as relay:
+        answer, _ = await relay.accept(["a@example.net"])
+    assert answer.outcome == outcome
+    assert str(answer.reply).startswith(reply)
+
+
+async def test_throttling_is_what_the_classification_says_not_a_code(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    # SES API v2 says "TooManyRequestsException" where v1 says "Throttling":
+    # the sender's classification decides, delivery reads no code.
+    too_many = SesError(
+        code="TooManyRequestsException",
+        message="Maximum sending rate exceeded.",
+        http_status=429,
+        request_id="r1",
+        disposition=Disposition.RETRYABLE,
+        smtp_reply=RATE_EXCEEDED.reply(),
+        throttled=True,
+    )
+    sender = FakeSender(too_many)
+    async with delivering(tmp_path, fake_ses, sender, ses={"max_send_rate": 10.0}) as relay:
+        answer, queue_id = await relay.accept(["bob@example.net"])
+        assert answer.outcome == "queued"
+        assert relay.delivery.account.rate.effective_rate == pytest.approx(5.0)
+        assert relay.delivery.account.pause_left() == 0  # slowed down, not an outage
+        entry = await relay.attempts(queue_id, 1)
+    assert entry.batches[0].error is not None
+    assert entry.batches[0].error.code == "TooManyRequestsException"
+    assert str(entry.batches[0].error) == "451 4.4.5 SES sending rate exceeded, try again later"
+
+
+async def test_the_sending_rate_follows_the_senders_quota(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    sender = FakeSender(max_send_rate=14.0)
+    async with delivering(tmp_path, fake_ses, sender, ses={"max_send_rate": 0}) as relay:
+        start = relay.clock.wall()
+        await relay.idle_until(start + 300)  # delivery.quota_refresh
+        rate = relay.delivery.account.rate
+        assert rate.rate == 14.0
+        assert relay.delivery.account.quota == SendQuota(50_000.0, 14.0, 10.0)
+        sender.max_send_rate = 20.0
+        relay.clock.advance(300)
+        await relay.idle_until(start + 600)
+        assert rate.rate == 20.0

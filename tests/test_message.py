@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import MessageRefused
-from relay.message import NO_PARAMETERS, SesParameters, plan_batches, prepare, split_header
+from relay.message import plan_batches, prepare, split_header
+from relay.ses.sender import NO_PARAMETERS, SesParameters
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -92,7 +93,7 @@ def test_ses_headers_become_parameters_and_are_removed() -> None:
         from_arn="arn:aws:ses:us-east-1:1:identity/from.example.com",
         return_path_arn="arn:aws:ses:us-east-1:1:identity/rp.example.com",
     )
-    assert prepared.ses.identity_headers() == [
+    assert prepared.identity_headers() == [
         "X-SES-SOURCE-ARN",
         "X-SES-FROM-ARN",
         "X-SES-RETURN-PATH-ARN",

@@ -11,7 +11,7 @@ from relay.config import DeliveryConfig
 from relay.errors import SesError, SmtpReply
 from relay.outcome import Decision, Forget, GiveUp, Refuse, Retry, Wait, after_attempt, expire
 from relay.ses.classify import ses_error, transport_error
-from relay.spool import MAX_HISTORY, Batch, Entry
+from relay.spool import MAX_HISTORY, Batch, BatchError, Entry
 
 RECEIVED = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 NOW = RECEIVED + 600
@@ -26,7 +26,7 @@ TIMEOUT = transport_error("Timeout", "no answer within 30s")
 
 SENT = Batch(("a@example.net",), "sent", "0100-id")
 PENDING = Batch(("b@example.net",))
-FAILED = Batch(("c@example.net",), "failed", None, str(REJECTED.smtp_reply))
+FAILED = Batch(("c@example.net",), "failed", None, BatchError.of(REJECTED))
 
 
 def entry(*batches: Batch, **changes: Any) -> Entry:
@@ -223,6 +223,6 @@ def test_expire_fails_what_is_pending_with_the_last_error(
     history: tuple[str, ...], reason: str
 ) -> None:
     expired = expire(entry(SENT, PENDING, FAILED, history=history))
-    reply = str(SmtpReply(554, "5.4.7", f"message expired in queue; last error: {reason}"))
+    reply = BatchError(SmtpReply(554, "5.4.7", f"message expired in queue; last error: {reason}"))
     assert expired.batches == (SENT, replace(PENDING, state="failed", error=reply), FAILED)
     assert decide(expired, {}) == GiveUp(expired.batches[1:])

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 import relay.ses.query
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
-    SendRawEmailRequest,
     encode_form,
     get_send_quota_body,
     percent_encode,
     send_raw_email_body,
 )
+from relay.ses.sender import SendRequest, SesParameters
 
 UNRESERVED = set(string.ascii_letters + string.digits + "-_.~")
 BODY_ALPHABET = {ord(c) for c in UNRESERVED | set("%&=")}
@@ -44,19 +44,22 @@ text = st.one_of(
 )
 optional_text = st.one_of(st.none(), text)
 requests = st.builds(
-    SendRawEmailRequest,
+    SendRequest,
     raw_message=st.binary(max_size=600),
     destinations=st.lists(text, max_size=6).map(tuple),
     source=optional_text,
-    from_arn=optional_text,
-    source_arn=optional_text,
-    return_path_arn=optional_text,
-    configuration_set=optional_text,
-    tags=st.lists(st.tuples(text, text), max_size=4).map(tuple),
+    ses=st.builds(
+        SesParameters,
+        from_arn=optional_text,
+        source_arn=optional_text,
+        return_path_arn=optional_text,
+        configuration_set=optional_text,
+        tags=st.lists(st.tuples(text, text), max_size=4).map(tuple),
+    ),
 )
 
 
-def botocore_params(request: SendRawEmailRequest) -> dict[str, Any]:
+def botocore_params(request: SendRequest) -> dict[str, Any]:
     """The same call as botocore's ``send_raw_email(**params)``, in the model's member order.
 
     botocore serializes in the order of the caller's dict, not the model's.
@@ -66,11 +69,11 @@ def botocore_params(request: SendRawEmailRequest) -> dict[str, Any]:
         # botocore sends an empty list as "Destinations=" / "Tags="; we leave it out.
         "Destinations": list(request.destinations) or None,
         "RawMessage": {"Data": request.raw_message},
-        "FromArn": request.from_arn,
-        "SourceArn": request.source_arn,
-        "ReturnPathArn": request.return_path_arn,
-        "Tags": [{"Name": name, "Value": value} for name, value in request.tags] or None,
-        "ConfigurationSetName": request.configuration_set,
+        "FromArn": request.ses.from_arn,
+        "SourceArn": request.ses.source_arn,
+        "ReturnPathArn": request.ses.return_path_arn,
+        "Tags": [{"Name": name, "Value": value} for name, value in request.ses.tags] or None,
+        "ConfigurationSetName": request.ses.configuration_set,
     }
     members = SES_MODEL.operation_model("SendRawEmail").input_shape.members
     assert list(members) == list(given_params)
@@ -158,7 +161,7 @@ def test_encode_form_matches_botocore(params: list[tuple[str, str]]) -> None:
 
 @settings(max_examples=200)
 @given(requests)
-def test_send_raw_email_matches_botocore_serializer(request: SendRawEmailRequest) -> None:
+def test_send_raw_email_matches_botocore_serializer(request: SendRequest) -> None:
     body = send_raw_email_body(request)
     form = botocore_form("SendRawEmail", botocore_params(request))
     # Same parameters, same order, except that ours puts RawMessage.Data last.
@@ -173,7 +176,7 @@ def test_send_raw_email_matches_botocore_serializer(request: SendRawEmailRequest
 
 @settings(max_examples=200)
 @given(requests)
-def test_send_raw_email_parameters(request: SendRawEmailRequest) -> None:
+def test_send_raw_email_parameters(request: SendRequest) -> None:
     body = send_raw_email_body(request)
     assert_form_shape(body)
     assert body.startswith(b"Action=SendRawEmail&Version=2010-12-01&")
@@ -183,16 +186,16 @@ def test_send_raw_email_parameters(request: SendRawEmailRequest) -> None:
     expected: dict[str, str] = {"Action": "SendRawEmail", "Version": "2010-12-01"}
     for name, value in (
         ("Source", request.source),
-        ("FromArn", request.from_arn),
-        ("SourceArn", request.source_arn),
-        ("ReturnPathArn", request.return_path_arn),
-        ("ConfigurationSetName", request.configuration_set),
+        ("FromArn", request.ses.from_arn),
+        ("SourceArn", request.ses.source_arn),
+        ("ReturnPathArn", request.ses.return_path_arn),
+        ("ConfigurationSetName", request.ses.configuration_set),
     ):
         if value is not None:
             expected[name] = value
     for i, address in enumerate(request.destinations, 1):
         expected[f"Destinations.member.{i}"] = address
-    for i, (name, value) in enumerate(request.tags, 1):
+    for i, (name, value) in enumerate(request.ses.tags, 1):
         expected[f"Tags.member.{i}.Name"] = name
         expected[f"Tags.member.{i}.Value"] = value
     raw_data = pairs.pop()[1]
@@ -204,7 +207,7 @@ def test_send_raw_email_parameters(request: SendRawEmailRequest) -> None:
 @settings(max_examples=200)
 @given(st.binary(max_size=4096))
 def test_raw_message_round_trip(raw: bytes) -> None:
-    body = send_raw_email_body(SendRawEmailRequest(raw))
+    body = send_raw_email_body(SendRequest(raw))
     assert body.startswith(b"Action=SendRawEmail&Version=2010-12-01&RawMessage.Data=")
     assert_form_shape(body)
     parsed = parse_qs(body.decode("ascii"), keep_blank_values=True, strict_parsing=True)
@@ -214,7 +217,7 @@ def test_raw_message_round_trip(raw: bytes) -> None:
 
 
 def test_raw_message_escapes_plus_slash_equals() -> None:
-    body = send_raw_email_body(SendRawEmailRequest(b"\xfb\xff\xbf\xfb\xff"))
+    body = send_raw_email_body(SendRequest(b"\xfb\xff\xbf\xfb\xff"))
     assert base64.b64encode(b"\xfb\xff\xbf\xfb\xff") == b"+/+/+/8="
     assert body.endswith(b"&RawMessage.Data=%2B%2F%2B%2F%2B%2F8%3D")
 
@@ -228,7 +231,7 @@ def test_large_message_round_trip_without_per_character_quoting() -> None:
         quoted.append(len(value))
         return real_quote(value, safe=safe)
 
-    request = SendRawEmailRequest(raw, ("a@example.com",), source="b@example.com")
+    request = SendRequest(raw, ("a@example.com",), source="b@example.com")
     with mock.patch.object(relay.ses.query, "quote", counting_quote):
         body = send_raw_email_body(request)
     assert sum(quoted) < 100  # the message itself never goes through quote()
@@ -242,7 +245,7 @@ CHUNK = relay.ses.query._BASE64_CHUNK
 @pytest.mark.parametrize("size", [CHUNK - 1, CHUNK, CHUNK + 1, CHUNK + 2, 2 * CHUNK + 1])
 def test_message_encoded_in_chunks_is_one_base64_text(size: int) -> None:
     raw = random.Random(size).randbytes(size)
-    body = send_raw_email_body(SendRawEmailRequest(raw))
+    body = send_raw_email_body(SendRequest(raw))
     [data] = parse_qs(body.decode("ascii"), strict_parsing=True)["RawMessage.Data"]
     assert data.encode() == base64.b64encode(raw)  # padding only at the very end
 
@@ -251,7 +254,7 @@ def test_building_a_large_body_costs_its_size_about_once() -> None:
     raw = random.Random(7).randbytes(7_000_000)
     tracemalloc.start()
     try:
-        body = send_raw_email_body(SendRawEmailRequest(raw, ("a@example.com",)))
+        body = send_raw_email_body(SendRequest(raw, ("a@example.com",)))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -260,20 +263,22 @@ def test_building_a_large_body_costs_its_size_about_once() -> None:
 
 
 def test_unset_parameters_are_omitted() -> None:
-    body = send_raw_email_body(SendRawEmailRequest(b"x"))
+    body = send_raw_email_body(SendRequest(b"x"))
     assert body == b"Action=SendRawEmail&Version=2010-12-01&RawMessage.Data=eA%3D%3D"
 
 
 def test_full_request_example() -> None:
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=b"Subject: hi\r\n\r\nbody\r\n",
         destinations=("a+b@example.com", "c d@example.com"),
         source="Ops <ops@example.com>",
-        from_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
-        source_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
-        return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
-        configuration_set="my-set",
-        tags=(("campaign", "spring~sale"),),
+        ses=SesParameters(
+            from_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
+            source_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
+            return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
+            configuration_set="my-set",
+            tags=(("campaign", "spring~sale"),),
+        ),
     )
     arn = "arn%3Aaws%3Ases%3Aus-east-1%3A123456789012%3Aidentity%2Fexample.com"
     assert (
@@ -292,7 +297,7 @@ def test_full_request_example() -> None:
 
 
 def test_request_is_frozen() -> None:
-    request = SendRawEmailRequest(b"x")
+    request = SendRequest(b"x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.source = "a@example.com"  # type: ignore[misc]
     assert not hasattr(request, "__dict__")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,9 @@ import aiosmtplib
 import pytest
 
 from relay import queuecmd
-from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.errors import SmtpReply
+from relay.ses.sender import SesParameters
+from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
 from tests.daemon import clean_env
 from tests.daemon import queue_command as run
 from tests.fakeses import FakeSes, SesErrorReply
@@ -39,6 +42,7 @@ MESSAGE = (
     b"Subject: hi \x1b]0;owned\x07 there\r\nMessage-ID: <m1@example.com>\r\n"
     b"\r\nHello from a legacy app.\r\nSecond line.\r\n"
 )
+UNVERIFIED = "Email address is not verified."
 WAIT = 20.0
 """Seconds any wait on the daemon or the fake SES may take."""
 
@@ -78,10 +82,10 @@ def queued_entry(entry_id: str = QUEUED_ID, **changes: Any) -> Entry:
                 ("carol@example.org", "dan@example.org"),
                 "pending",
                 None,
-                "451 4.3.0 SES is unavailable: down",
+                BatchError(SmtpReply(451, "4.3.0", "SES is unavailable: down")),
             ),
         ),
-        ses={"configuration_set": "transactional", "tags": [["team", "ops"]]},
+        ses=SesParameters(configuration_set="transactional", tags=(("team", "ops"),)),
         attempts=2,
         next_attempt=LATER,
         history=("2026-11-23T12:00:05Z ServiceUnavailable: down",),
@@ -104,7 +108,7 @@ def dead_entry(entry_id: str = DEAD_ID, **changes: Any) -> Entry:
                 ("frank@example.net",),
                 "failed",
                 None,
-                "554 5.7.1 message rejected by SES: Email address is not verified.",
+                BatchError(SmtpReply(554, "5.7.1", f"message rejected by SES: {UNVERIFIED}")),
             ),
         ),
         attempts=1,
@@ -308,6 +312,51 @@ def test_show_body_and_a_dead_entry(setup: Setup) -> None:
     data = json.loads(out)
     assert (data["id"], data["area"], data["size"]) == (DEAD_ID, "dead", 26)
     assert data["last_error"].startswith("554 5.7.1")
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy-entry.json"
+"""An envelope as the version before typed SES parameters wrote it."""
+LEGACY_ID = "0005F1AAAAAAAAAA00000E"
+
+
+def test_show_and_list_an_entry_written_by_the_previous_version(setup: Setup) -> None:
+    shutil.copyfile(LEGACY, setup.spool.dir(QUEUE) / f"{LEGACY_ID}.json")
+    (setup.spool.dir(QUEUE) / f"{LEGACY_ID}.eml").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    identity = "arn:aws:ses:us-east-1:123456789012:identity"
+    code, out, err = run(setup.config, "show", LEGACY_ID)
+    assert (code, err) == (0, "")
+    # What the previous version printed for it, line for line.
+    assert out.splitlines()[11:] == [
+        "    bob@example.net",
+        "    carol@example.org",
+        "    dan@example.org",
+        "SES parameters:",
+        "    configuration_set: transactional",
+        '    tags: [["team", "ops"], ["app", "billing"]]',
+        f"    source_arn: {identity}/example.com",
+        f"    from_arn: {identity}/example.com",
+        f"    return_path_arn: {identity}/bounces.example.com",
+        "Batch 1 of 3: sent (1 recipient)",
+        "    bob@example.net",
+        "    SES message id: 0100-sent-1",
+        "Batch 2 of 3: failed (1 recipient)",
+        "    carol@example.org",
+        f"    error: 554 5.7.1 message rejected by SES: {UNVERIFIED}",
+        "Batch 3 of 3: pending (1 recipient)",
+        "    dan@example.org",
+        "    error: 451 4.4.5 SES sending rate exceeded, try again later",
+        "History:",
+        "    2026-11-23T12:00:05Z Throttling: Maximum sending rate exceeded.",
+        "",
+        "Message header:",
+        "Subject: x",
+    ]
+    code, out, err = run(setup.config, "list", "--json")
+    assert (code, err) == (0, "")
+    [listed] = json.loads(out)["messages"]
+    legacy = json.loads(LEGACY.read_bytes())
+    assert (listed["ses"], listed["batches"]) == (legacy["ses"], legacy["batches"])
+    assert listed["last_error"] == f"554 5.7.1 message rejected by SES: {UNVERIFIED}"
 
 
 @pytest.mark.parametrize("entry_id", [UNKNOWN_ID, "../../etc/passwd", "x"])

@@ -19,7 +19,7 @@ from relay.config import SesConfig
 from relay.errors import CredentialsError, Disposition, SesError, SesTransportError
 from relay.ses.client import SendQuota, SendResult, SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.query import SendRawEmailRequest
+from relay.ses.sender import SendRequest, SesParameters
 from relay.ses.sigv4 import Credentials
 from tests.fakeses import (
     Delay,
@@ -87,8 +87,8 @@ class CountingProvider:
         self.index = min(self.index + 1, len(self.sequence) - 1)
 
 
-def simple_request(**overrides: object) -> SendRawEmailRequest:
-    return replace(SendRawEmailRequest(raw_message=MESSAGE), **overrides)  # type: ignore[arg-type]
+def simple_request(**overrides: object) -> SendRequest:
+    return replace(SendRequest(raw_message=MESSAGE), **overrides)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- round trips
@@ -96,18 +96,20 @@ def simple_request(**overrides: object) -> SendRawEmailRequest:
 
 async def test_send_raw_email_round_trip_with_every_parameter(fake_ses: FakeSes) -> None:
     fake_ses.script(Succeed(message_id="0100018c-test-message-id-000000"))
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=MESSAGE,
         destinations=("alice@example.net", "bob@example.org", "carol+tag@xn--bcher-kva.example"),
         source="Ops Team <ops@example.com>",
-        from_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
-        source_arn="arn:aws:ses:us-east-1:123456789012:identity/ops@example.com",
-        return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/bounces.example.com",
-        configuration_set="relay-set_1",
-        tags=(("app", "billing"), ("team", "a b=c&d/e+f%")),
+        ses=SesParameters(
+            from_arn="arn:aws:ses:us-east-1:123456789012:identity/example.com",
+            source_arn="arn:aws:ses:us-east-1:123456789012:identity/ops@example.com",
+            return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/bounces.example.com",
+            configuration_set="relay-set_1",
+            tags=(("app", "billing"), ("team", "a b=c&d/e+f%")),
+        ),
     )
     async with client_for(fake_ses) as client:
-        result = await client.send_raw_email(request, deadline=10.0)
+        result = await client.send(request, deadline=10.0)
 
     assert isinstance(result, SendResult)
     assert result.message_id == "0100018c-test-message-id-000000"
@@ -120,9 +122,9 @@ async def test_send_raw_email_round_trip_with_every_parameter(fake_ses: FakeSes)
     assert seen.raw_message == MESSAGE
     assert seen.destinations == list(request.destinations)
     assert seen.params["Source"] == "Ops Team <ops@example.com>"
-    assert seen.params["FromArn"] == request.from_arn
-    assert seen.params["SourceArn"] == request.source_arn
-    assert seen.params["ReturnPathArn"] == request.return_path_arn
+    assert seen.params["FromArn"] == request.ses.from_arn
+    assert seen.params["SourceArn"] == request.ses.source_arn
+    assert seen.params["ReturnPathArn"] == request.ses.return_path_arn
     assert seen.params["ConfigurationSetName"] == "relay-set_1"
     assert seen.tags == [("app", "billing"), ("team", "a b=c&d/e+f%")]
     assert seen.unexpected_params() == []
@@ -131,7 +133,7 @@ async def test_send_raw_email_round_trip_with_every_parameter(fake_ses: FakeSes)
 
 async def test_minimal_request_sends_only_what_is_set(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses) as client:
-        result = await client.send_raw_email(SendRawEmailRequest(raw_message=MESSAGE))
+        result = await client.send(SendRequest(raw_message=MESSAGE))
     assert result.message_id
     [seen] = fake_ses.requests
     assert seen.signature_ok
@@ -143,7 +145,7 @@ async def test_large_message_round_trips_exactly(fake_ses: FakeSes) -> None:
     body = os.urandom(7_864_320 - 200)  # just under the relay's default size limit
     message = b"Subject: big\r\n\r\n" + body
     async with client_for(fake_ses) as client:
-        await client.send_raw_email(SendRawEmailRequest(raw_message=message), deadline=20)
+        await client.send(SendRequest(raw_message=message), deadline=20)
     [seen] = fake_ses.requests
     assert seen.signature_ok
     assert seen.raw_message == message
@@ -155,7 +157,7 @@ async def test_session_token_is_sent_and_signed(fake_ses: FakeSes) -> None:
         "ASIATEMPORARYKEY0001", "temporary-secret", "FwoGZXIvYXdzE//token+with/chars="
     )
     async with SesClient(config_for(fake_ses), StaticProvider(credentials)) as client:
-        await client.send_raw_email(simple_request())
+        await client.send(simple_request())
     [seen] = fake_ses.requests
     assert seen.signature_ok
     assert seen.headers["X-Amz-Security-Token"] == "FwoGZXIvYXdzE//token+with/chars="
@@ -164,7 +166,7 @@ async def test_session_token_is_sent_and_signed(fake_ses: FakeSes) -> None:
 async def test_get_send_quota_is_parsed(fake_ses: FakeSes) -> None:
     fake_ses.quota.update(max_24_hour_send=50000.0, max_send_rate=14.0, sent_last_24_hours=127.5)
     async with client_for(fake_ses) as client:
-        quota = await client.get_send_quota()
+        quota = await client.quota()
     assert quota == SendQuota(
         max_24_hour_send=50000.0, max_send_rate=14.0, sent_last_24_hours=127.5
     )
@@ -183,7 +185,7 @@ async def test_clock_is_used_for_signing(fake_ses: FakeSes) -> None:
     )
     async with skewed as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request())
+            await client.send(simple_request())
     assert caught.value.code == "SignatureDoesNotMatch"
     assert caught.value.disposition is D
     assert "expired" in caught.value.message
@@ -328,7 +330,7 @@ async def test_error_classes_and_smtp_replies(
     fake_ses.script(SesErrorReply(status, code, message, error_type, request_id="req-12345"))
     async with client_for(fake_ses, max_attempts=1) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=5)
+            await client.send(simple_request(), deadline=5)
     error = caught.value
     assert not isinstance(error, SesTransportError)
     assert error.code == code
@@ -347,7 +349,7 @@ async def test_permanent_reply_carries_ses_words(fake_ses: FakeSes) -> None:
     )
     async with client_for(fake_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request())
+            await client.send(simple_request())
     assert str(caught.value.smtp_reply).startswith("554 5.7.1 ")
     assert "Email address is not verified" in caught.value.smtp_reply.text
 
@@ -358,7 +360,7 @@ async def test_errors_shape_is_understood(fake_ses: FakeSes) -> None:
     )
     async with client_for(fake_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request())
+            await client.send(simple_request())
     assert caught.value.code == "MessageRejected"
     assert caught.value.disposition is P
     assert len(fake_ses.requests) == 1
@@ -370,7 +372,7 @@ async def test_errors_shape_is_understood(fake_ses: FakeSes) -> None:
 async def test_503_then_success_is_one_result_and_two_requests(fake_ses: FakeSes) -> None:
     fake_ses.script(SesErrorReply(503, "ServiceUnavailable", "Service unavailable", "Receiver"))
     async with client_for(fake_ses) as client:
-        result = await client.send_raw_email(simple_request(), deadline=5)
+        result = await client.send(simple_request(), deadline=5)
     assert result.message_id
     assert len(fake_ses.requests) == 2
     assert all(r.signature_ok for r in fake_ses.requests)
@@ -381,7 +383,7 @@ async def test_503_then_success_is_one_result_and_two_requests(fake_ses: FakeSes
 async def test_throttling_then_success(fake_ses: FakeSes) -> None:
     fake_ses.script(SesErrorReply(400, "Throttling", "Maximum sending rate exceeded."))
     async with client_for(fake_ses) as client:
-        assert (await client.send_raw_email(simple_request(), deadline=5)).message_id
+        assert (await client.send(simple_request(), deadline=5)).message_id
     assert len(fake_ses.requests) == 2
 
 
@@ -399,7 +401,7 @@ async def test_permanent_and_deferrable_errors_are_not_retried(
     fake_ses.script(SesErrorReply(400, code, message))
     async with client_for(fake_ses, max_attempts=5) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=5)
+            await client.send(simple_request(), deadline=5)
     assert caught.value.code == code
     assert len(fake_ses.requests) == 1
 
@@ -408,7 +410,7 @@ async def test_retries_are_bounded_by_max_attempts(fake_ses: FakeSes) -> None:
     fake_ses.script(*[SesErrorReply(503, "ServiceUnavailable", "busy", "Receiver")] * 10)
     async with client_for(fake_ses, max_attempts=3) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=10)
+            await client.send(simple_request(), deadline=10)
     assert caught.value.code == "ServiceUnavailable"
     assert caught.value.retryable
     assert len(fake_ses.requests) == 3
@@ -419,7 +421,7 @@ async def test_retries_are_bounded_by_the_deadline(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses, max_attempts=100, backoff_base=0.1, backoff_max=0.2) as client:
         started = time.monotonic()
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=0.6)
+            await client.send(simple_request(), deadline=0.6)
         elapsed = time.monotonic() - started
     assert caught.value.retryable
     assert elapsed < 0.6 + 1.0
@@ -431,7 +433,7 @@ async def test_deadline_bounds_a_hanging_answer(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses, request_timeout=30.0) as client:
         started = time.monotonic()
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(simple_request(), deadline=0.5)
+            await client.send(simple_request(), deadline=0.5)
         elapsed = time.monotonic() - started
     assert caught.value.code == "Timeout"
     assert caught.value.retryable
@@ -443,7 +445,7 @@ async def test_request_timeout_bounds_one_attempt(fake_ses: FakeSes) -> None:
     fake_ses.script(Delay())  # the first attempt hangs; the retry succeeds
     async with client_for(fake_ses, request_timeout=0.3) as client:
         started = time.monotonic()
-        result = await client.send_raw_email(simple_request(), deadline=5)
+        result = await client.send(simple_request(), deadline=5)
         elapsed = time.monotonic() - started
     assert result.message_id
     assert len(fake_ses.requests) == 2
@@ -460,7 +462,7 @@ async def test_bad_signature_invalidates_credentials_and_retries_with_new_ones(
         Credentials(fake_ses.access_key, "rotated-away-secret"), credentials_for(fake_ses)
     )
     async with SesClient(config_for(fake_ses), provider) as client:
-        result = await client.send_raw_email(simple_request(), deadline=5)
+        result = await client.send(simple_request(), deadline=5)
     assert result.message_id
     assert provider.invalidations == 1
     assert [r.auth_error for r in fake_ses.requests] == ["SignatureDoesNotMatch", None]
@@ -470,7 +472,7 @@ async def test_wrong_secret_ends_as_deferrable_without_hammering(fake_ses: FakeS
     provider = CountingProvider(Credentials(fake_ses.access_key, "wrong-secret"))
     async with SesClient(config_for(fake_ses, max_attempts=4), provider) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=5)
+            await client.send(simple_request(), deadline=5)
     assert caught.value.code == "SignatureDoesNotMatch"
     assert caught.value.disposition is D
     assert caught.value.refresh_credentials
@@ -482,7 +484,7 @@ async def test_unknown_key_is_a_credential_error(fake_ses: FakeSes) -> None:
     provider = CountingProvider(Credentials("AKIANOSUCHKEY0000000", "whatever"))
     async with SesClient(config_for(fake_ses), provider) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request(), deadline=5)
+            await client.send(simple_request(), deadline=5)
     assert caught.value.code == "InvalidClientTokenId"
     assert caught.value.disposition is D
     assert caught.value.refresh_credentials
@@ -495,7 +497,7 @@ async def test_scripted_expired_token_invalidates(fake_ses: FakeSes) -> None:
     )
     provider = CountingProvider(credentials_for(fake_ses))
     async with SesClient(config_for(fake_ses), provider) as client:
-        result = await client.send_raw_email(simple_request(), deadline=5)
+        result = await client.send(simple_request(), deadline=5)
     assert result.message_id
     assert provider.invalidations == 1
     assert provider.gets == 2
@@ -508,8 +510,8 @@ async def test_scripted_expired_token_invalidates(fake_ses: FakeSes) -> None:
 async def test_sequential_sends_reuse_one_connection(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses) as client:
         for _ in range(25):
-            await client.send_raw_email(simple_request(), deadline=5)
-        await client.get_send_quota()
+            await client.send(simple_request(), deadline=5)
+        await client.quota()
     assert len(fake_ses.requests) == 26
     assert fake_ses.connection_count == 1
 
@@ -518,10 +520,7 @@ async def test_concurrent_sends_are_not_serialised(fake_ses: FakeSes) -> None:
     release = asyncio.Event()
     fake_ses.script(*[Delay(release=release, timeout=5) for _ in range(8)])
     async with client_for(fake_ses) as client:
-        calls = [
-            asyncio.create_task(client.send_raw_email(simple_request(), deadline=10))
-            for _ in range(8)
-        ]
+        calls = [asyncio.create_task(client.send(simple_request(), deadline=10)) for _ in range(8)]
         await fake_ses.wait_for_requests(8, within=5)
         assert fake_ses.max_in_flight == 8
         release.set()
@@ -538,7 +537,7 @@ async def test_connection_refused_is_retryable_and_not_sent(fake_ses: FakeSes) -
     async with client:
         started = time.monotonic()
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(simple_request(), deadline=3)
+            await client.send(simple_request(), deadline=3)
     assert caught.value.code == "ConnectionError"
     assert caught.value.retryable
     assert caught.value.request_sent is False  # type: ignore[attr-defined]
@@ -548,7 +547,7 @@ async def test_connection_refused_is_retryable_and_not_sent(fake_ses: FakeSes) -
 async def test_untrusted_certificate_is_a_connection_error(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses, ca_bundle="", max_attempts=1) as client:
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(simple_request(), deadline=3)
+            await client.send(simple_request(), deadline=3)
     assert caught.value.code == "ConnectionError"
     assert caught.value.retryable
     assert fake_ses.requests == []
@@ -565,7 +564,7 @@ class NoCredentialsProvider:
 async def test_missing_credentials_defer_the_mail_without_calling_ses(fake_ses: FakeSes) -> None:
     async with SesClient(config_for(fake_ses), NoCredentialsProvider()) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(simple_request())
+            await client.send(simple_request())
     error = caught.value
     assert error.code == "NoCredentials"
     assert error.disposition is Disposition.DEFERRABLE

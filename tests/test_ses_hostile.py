@@ -17,7 +17,7 @@ from relay.config import SesConfig
 from relay.errors import SesError, SesTransportError
 from relay.ses.client import SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.query import SendRawEmailRequest
+from relay.ses.sender import SendRequest
 from relay.ses.sigv4 import Credentials
 from tests.fakeses import (
     GARBAGE_BODY,
@@ -38,7 +38,7 @@ from tests.fakeses import (
     xxe_body,
 )
 
-REQUEST = SendRawEmailRequest(
+REQUEST = SendRequest(
     raw_message=b"From: a@example.com\r\nTo: b@example.com\r\nSubject: t\r\n\r\nhi\r\n",
     destinations=("b@example.com",),
 )
@@ -68,7 +68,7 @@ async def failing_send(fake: FakeSes, deadline: float = 3.0, **overrides: object
     async with hostile_client(fake, **overrides) as client:
         started = time.monotonic()
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(REQUEST, deadline=deadline)
+            await client.send(REQUEST, deadline=deadline)
         elapsed = time.monotonic() - started
     assert elapsed < deadline + SLACK, f"took {elapsed:.2f}s"
     assert caught.value.retryable, repr(caught.value)
@@ -182,10 +182,10 @@ async def test_answer_exactly_at_the_size_limit_is_accepted(fake_ses: FakeSes) -
         RawReply(200, body + b" " * (limit + 1 - len(body))),
     )
     async with hostile_client(fake_ses, max_response_size=limit) as client:
-        result = await client.send_raw_email(REQUEST, deadline=3)
+        result = await client.send(REQUEST, deadline=3)
         assert result.message_id == "0100-at-the-limit"
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(REQUEST, deadline=3)
+            await client.send(REQUEST, deadline=3)
     assert caught.value.code == "ResponseTooLarge"
 
 
@@ -196,7 +196,7 @@ async def test_trickle_forever_is_bounded_by_the_request_timeout(fake_ses: FakeS
     async with hostile_client(fake_ses) as client:
         started = time.monotonic()
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(REQUEST, deadline=30.0)
+            await client.send(REQUEST, deadline=30.0)
         elapsed = time.monotonic() - started
     assert caught.value.code == "Timeout"
     assert caught.value.retryable
@@ -210,7 +210,7 @@ async def test_trickle_with_retries_is_bounded_by_the_deadline(fake_ses: FakeSes
     async with hostile_client(fake_ses, max_attempts=10) as client:
         started = time.monotonic()
         with pytest.raises(SesTransportError) as caught:
-            await client.send_raw_email(REQUEST, deadline=1.5)
+            await client.send(REQUEST, deadline=1.5)
         elapsed = time.monotonic() - started
     assert caught.value.code == "Timeout"
     assert elapsed < 1.5 + SLACK, f"took {elapsed:.2f}s"
@@ -233,7 +233,7 @@ async def test_connection_dropped_mid_answer(fake_ses: FakeSes, behaviour: Behav
 async def test_reset_then_success_is_retried(fake_ses: FakeSes) -> None:
     fake_ses.script(ResetMidBody())
     async with hostile_client(fake_ses, max_attempts=3) as client:
-        result = await client.send_raw_email(REQUEST, deadline=5)
+        result = await client.send(REQUEST, deadline=5)
     assert result.message_id
     assert len(fake_ses.requests) == 2
 
@@ -250,8 +250,8 @@ async def test_client_survives_hostile_answers_on_one_pool(fake_ses: FakeSes) ->
     async with hostile_client(fake_ses) as client:
         for _ in range(5):
             with pytest.raises(SesError):
-                await client.send_raw_email(REQUEST, deadline=3)
-        result = await client.send_raw_email(REQUEST, deadline=3)
+                await client.send(REQUEST, deadline=3)
+        result = await client.send(REQUEST, deadline=3)
     assert result.message_id
     assert len(fake_ses.requests) == 6
 
@@ -265,7 +265,7 @@ async def test_message_id_that_is_not_a_token_is_accepted_without_it(
     body = send_raw_email_body("0100-ok", "req-1").replace(b"0100-ok", b"0100-ok" + CRLF_FORGERY)
     fake_ses.script(RawReply(200, body))
     async with hostile_client(fake_ses) as client:
-        result = await client.send_raw_email(REQUEST)
+        result = await client.send(REQUEST)
     assert (result.message_id, result.request_id) == (None, "req-1")
     assert result.unusable_id == "0100-ok 250 forged"
     assert len(fake_ses.requests) == 1
@@ -284,7 +284,7 @@ async def test_request_id_that_is_not_a_token_is_dropped(
     body = send_raw_email_body("0100-ok", "REQ").replace(b"REQ", request_id)
     fake_ses.script(RawReply(200, body))
     async with hostile_client(fake_ses) as client:
-        result = await client.send_raw_email(REQUEST)
+        result = await client.send(REQUEST)
     assert (result.message_id, result.request_id) == ("0100-ok", None)
 
 
@@ -296,7 +296,7 @@ async def test_error_message_is_flattened_and_bounded(fake_ses: FakeSes) -> None
     fake_ses.script(RawReply(400, body))
     async with hostile_client(fake_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(REQUEST)
+            await client.send(REQUEST)
     error = caught.value
     assert error.message.startswith("Email address is not verified. 250 forged [31m xxx")
     assert len(error.message) == 500
@@ -327,5 +327,5 @@ async def test_quota_figures_must_be_finite(fake_ses: FakeSes, figure: str) -> N
     fake_ses.script(RawReply(200, body))
     async with hostile_client(fake_ses) as client:
         with pytest.raises(SesTransportError) as caught:
-            await client.get_send_quota()
+            await client.quota()
     assert caught.value.code == "MalformedResponse"

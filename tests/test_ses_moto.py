@@ -15,7 +15,7 @@ from relay.config import SesConfig
 from relay.errors import Disposition, SesError
 from relay.ses.client import SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.query import SendRawEmailRequest
+from relay.ses.sender import SendRequest, SesParameters
 from relay.ses.sigv4 import Credentials
 from tests.motoses import MotoSes
 
@@ -67,13 +67,13 @@ async def test_sent_message_reads_back_from_moto(moto_ses: MotoSes) -> None:
         "\r\n"
         "Hello + / = & % caf\u00e9\r\n"
     ).encode()
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=message,
         destinations=("alice@example.net", "bob@example.org", "hidden-bcc@example.com"),
         source=sender,
     )
     async with moto_client(moto_ses) as client:
-        result = await client.send_raw_email(request, deadline=15)
+        result = await client.send(request, deadline=15)
 
     stored = await asyncio.to_thread(moto_ses.raw_message, result.message_id)
     assert stored["raw_data"].encode() == message
@@ -90,23 +90,23 @@ async def test_verified_email_identity_with_every_parameter(moto_ses: MotoSes) -
     sender = f"ops@{unique_domain()}"
     await asyncio.to_thread(moto_ses.verify_email_identity, sender)
     message = f"From: {sender}\r\nTo: x@example.net\r\nSubject: tags\r\n\r\nbody\r\n".encode()
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=message,
         destinations=("x@example.net",),
         source=sender,
         # No spaces here: moto checks signatures over the form re-encoded with
         # urlencode (space as "+"), so a correct "%20" body fails there only.
-        tags=(("app", "relay"), ("run", "a.b_c-d~e")),
+        ses=SesParameters(tags=(("app", "relay"), ("run", "a.b_c-d~e"))),
     )
     async with moto_client(moto_ses) as client:
-        result = await client.send_raw_email(request, deadline=15)
+        result = await client.send(request, deadline=15)
     stored = await asyncio.to_thread(moto_ses.raw_message, result.message_id)
     assert stored["raw_data"].encode() == message
 
 
 async def test_get_send_quota_from_moto(moto_ses: MotoSes) -> None:
     async with moto_client(moto_ses) as client:
-        quota = await client.get_send_quota(deadline=15)
+        quota = await client.quota(deadline=15)
     assert quota.max_24_hour_send == 200.0
     assert quota.max_send_rate == 1.0
     assert quota.sent_last_24_hours >= 0
@@ -114,14 +114,14 @@ async def test_get_send_quota_from_moto(moto_ses: MotoSes) -> None:
 
 async def test_unverified_sender_is_permanent_message_rejected(moto_ses: MotoSes) -> None:
     sender = f"nobody@{unique_domain()}"
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=f"From: {sender}\r\nTo: x@example.net\r\n\r\nhi\r\n".encode(),
         destinations=("x@example.net",),
         source=sender,
     )
     async with moto_client(moto_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(request, deadline=15)
+            await client.send(request, deadline=15)
     error = caught.value
     assert error.code == "MessageRejected"
     assert error.disposition is Disposition.PERMANENT
@@ -133,14 +133,14 @@ async def test_unverified_sender_is_permanent_message_rejected(moto_ses: MotoSes
 async def test_too_many_recipients_is_permanent(moto_ses: MotoSes) -> None:
     domain = unique_domain()
     await asyncio.to_thread(moto_ses.verify_domain_identity, domain)
-    request = SendRawEmailRequest(
+    request = SendRequest(
         raw_message=f"From: a@{domain}\r\nSubject: many\r\n\r\nhi\r\n".encode(),
         destinations=tuple(f"r{i}@example.net" for i in range(51)),
         source=f"a@{domain}",
     )
     async with moto_client(moto_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(request, deadline=15)
+            await client.send(request, deadline=15)
     assert caught.value.code == "MessageRejected"
     assert caught.value.disposition is Disposition.PERMANENT
 
@@ -151,9 +151,7 @@ async def test_wrong_secret_is_a_deferrable_signature_error(moto_ses: MotoSes) -
     client = moto_client(moto_ses, wrong)
     async with client:
         with pytest.raises(SesError) as caught:
-            await client.send_raw_email(
-                SendRawEmailRequest(raw_message=b"Subject: x\r\n\r\nx\r\n"), deadline=15
-            )
+            await client.send(SendRequest(raw_message=b"Subject: x\r\n\r\nx\r\n"), deadline=15)
     error = caught.value
     assert error.code == "SignatureDoesNotMatch"
     assert error.http_status == 403
@@ -166,7 +164,7 @@ async def test_unknown_key_is_a_deferrable_credential_error(moto_ses: MotoSes) -
     client = moto_client(moto_ses, Credentials("AKIAUNKNOWNKEY000000", "nope"))
     async with client:
         with pytest.raises(SesError) as caught:
-            await client.get_send_quota(deadline=15)
+            await client.quota(deadline=15)
     assert caught.value.code == "InvalidClientTokenId"
     assert caught.value.disposition is Disposition.DEFERRABLE
     assert caught.value.refresh_credentials

@@ -32,7 +32,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import NoSuchEntry, SpoolError, SpoolLocked, UnreadableEntry
+from relay.errors import NoSuchEntry, SmtpReply, SpoolError, SpoolLocked, UnreadableEntry
+from relay.ses.classify import ses_error
+from relay.ses.sender import SesParameters
 from relay.spool import (
     AREAS,
     DEAD,
@@ -40,9 +42,11 @@ from relay.spool import (
     QUEUE,
     TMP,
     Batch,
+    BatchError,
     Census,
     Entry,
     Spool,
+    ses_json,
 )
 from tests import diskfull
 
@@ -65,7 +69,7 @@ def make_entry(entry_id: str = "ABC123", **changes: Any) -> Entry:
         source="app@example.com",
         recipients=recipients,
         batches=(Batch(recipients=recipients),),
-        ses={"ConfigurationSetName": "transactional", "Tags": [{"Name": "a", "Value": "b"}]},
+        ses=SesParameters(configuration_set="transactional", tags=(("a", "b"),)),
     )
     return replace(entry, **changes)
 
@@ -77,7 +81,14 @@ def message_of(entry_id: str) -> bytes:
 def progressed(entry: Entry) -> Entry:
     """The entry after one delivery attempt: a new envelope to write."""
     return replace(
-        entry.with_batch(0, replace(entry.batches[0], state="failed", error="Throttling: slow")),
+        entry.with_batch(
+            0,
+            replace(
+                entry.batches[0],
+                state="failed",
+                error=BatchError(SmtpReply(451, "4.4.5", "slow"), "Throttling", "slow"),
+            ),
+        ),
         attempts=entry.attempts + 1,
         next_attempt=entry.received + 300,
         history=(*entry.history, "Throttling: Maximum sending rate exceeded"),
@@ -145,7 +156,7 @@ def test_put_writes_the_documented_files(spool: Spool) -> None:
         "sender": "app@example.com",
         "source": "app@example.com",
         "recipients": ["a@example.com", "b@example.org"],
-        "ses": {"ConfigurationSetName": "transactional", "Tags": [{"Name": "a", "Value": "b"}]},
+        "ses": {"configuration_set": "transactional", "tags": [["a", "b"]]},
         "batches": [
             {
                 "recipients": ["a@example.com", "b@example.org"],
@@ -205,26 +216,26 @@ def test_put_survives_short_writes(spool: Spool, monkeypatch: pytest.MonkeyPatch
     assert spool.load("SHORT1") == make_entry("SHORT1")
 
 
-_json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-_json_values = st.recursive(
-    _json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 _finite = st.floats(allow_nan=False, allow_infinity=False)
 _batches = st.builds(
     Batch,
     recipients=st.lists(st.text(), max_size=5).map(tuple),
     state=st.sampled_from(["pending", "sent", "failed"]),
     message_id=st.none() | st.text(),
-    error=st.none() | st.text(),
+    error=st.none()
+    | st.builds(
+        BatchError,
+        reply=st.builds(
+            SmtpReply,
+            code=st.integers(400, 599),
+            enhanced=st.from_regex(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}", fullmatch=True),
+            text=st.text(),
+        ),
+        code=st.none() | st.text(),
+        message=st.none() | st.text(),
+    ),
 )
+_optional_text = st.none() | st.text()
 entries_strategy = st.builds(
     Entry,
     id=st.from_regex(r"[0-9A-Z]{6,32}", fullmatch=True),
@@ -234,7 +245,14 @@ entries_strategy = st.builds(
     source=st.text(),
     recipients=st.lists(st.text() | st.emails(), max_size=8).map(tuple),
     batches=st.lists(_batches, min_size=1, max_size=4).map(tuple),
-    ses=st.dictionaries(st.text(), _json_values, max_size=5),
+    ses=st.builds(
+        SesParameters,
+        configuration_set=_optional_text,
+        tags=st.lists(st.tuples(st.text(), st.text()), max_size=3).map(tuple),
+        source_arn=_optional_text,
+        from_arn=_optional_text,
+        return_path_arn=_optional_text,
+    ),
     user=st.none() | st.text(),
     attempts=st.integers(min_value=0),
     next_attempt=_finite,
@@ -250,7 +268,7 @@ def test_envelope_round_trips_and_is_plain_json(entry: Entry) -> None:
     document = json.loads(text)  # the standard library's parser, default settings
     assert document["id"] == entry.id
     assert document["recipients"] == list(entry.recipients)
-    assert document["ses"] == entry.ses
+    assert document["ses"] == ses_json(entry.ses)
     assert [b["state"] for b in document["batches"]] == [b.state for b in entry.batches]
     assert Entry.from_json(text) == entry
 
@@ -288,7 +306,7 @@ def test_put_load_update_round_trip_on_disk(entry: Entry, message: bytes) -> Non
         ({"batches": ()}, "no batches"),
         ({"received": math.nan}, "NaN"),
         ({"next_attempt": math.inf}, "infinity"),
-        ({"ses": {"Tags": {1, 2}}}, "not JSON"),
+        ({"ses": SesParameters(tags=(("a", 5),))}, "a tag that is not a string"),
     ],
 )
 def test_put_refuses_an_entry_that_would_not_read_back(
@@ -298,6 +316,75 @@ def test_put_refuses_an_entry_that_would_not_read_back(
         spool.put(make_entry(**changes), MESSAGE)
     for area in (TMP, QUEUE, DEAD, QUARANTINE):
         assert names(spool, area) == set(), why
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy-entry.json"
+"""An envelope as the version before typed SES parameters wrote it: ``ses``
+a plain object, each batch's ``error`` the SMTP reply as text."""
+LEGACY_ID = "0005F1AAAAAAAAAA00000E"
+IDENTITY = "arn:aws:ses:us-east-1:123456789012:identity/example.com"
+
+
+def test_an_entry_written_by_the_previous_version_loads_typed(spool: Spool) -> None:
+    shutil.copyfile(LEGACY, spool.dir(QUEUE) / f"{LEGACY_ID}.json")
+    (spool.dir(QUEUE) / f"{LEGACY_ID}.eml").write_bytes(MESSAGE)
+
+    [entry] = spool.entries()  # not quarantined
+    assert entry.ses == SesParameters(
+        configuration_set="transactional",
+        tags=(("team", "ops"), ("app", "billing")),
+        source_arn=IDENTITY,
+        from_arn=IDENTITY,
+        return_path_arn="arn:aws:ses:us-east-1:123456789012:identity/bounces.example.com",
+    )
+    assert [b.error for b in entry.batches] == [
+        None,
+        BatchError(
+            SmtpReply(554, "5.7.1", "message rejected by SES: Email address is not verified.")
+        ),
+        BatchError(SmtpReply(451, "4.4.5", "SES sending rate exceeded, try again later")),
+    ]
+    # Written again, it says the same in the same words: the previous version
+    # reads what this one writes.
+    spool.update(entry)
+    assert json.loads((spool.dir(QUEUE) / f"{LEGACY_ID}.json").read_bytes()) == json.loads(
+        LEGACY.read_bytes()
+    )
+
+
+def test_batch_errors_keep_ses_code_and_message(spool: Spool) -> None:
+    refused = ses_error("MessageRejected", "Email address is not verified.", 400, "r1")
+    failed = BatchError.of(refused)
+    entry = make_entry(batches=(Batch(("a@example.com",), "failed", None, failed),))
+    spool.put(entry, MESSAGE)
+
+    [batch] = json.loads((spool.dir(QUEUE) / f"{entry.id}.json").read_bytes())["batches"]
+    assert batch["error"] == "554 5.7.1 message rejected by SES: Email address is not verified."
+    assert (batch["error_code"], batch["error_message"]) == (
+        "MessageRejected",
+        "Email address is not verified.",
+    )
+    loaded = spool.load(entry.id).batches[0].error
+    assert loaded == failed
+    assert loaded is not None
+    assert (loaded.reply.code, loaded.reply.enhanced) == (554, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    ("state", "reply"),
+    [
+        ("failed", SmtpReply(554, "5.0.0", "slow down")),
+        ("pending", SmtpReply(451, "4.0.0", "slow down")),
+    ],
+)
+def test_an_error_that_is_not_a_reply_reads_with_a_generic_status(
+    spool: Spool, state: str, reply: SmtpReply
+) -> None:
+    document = json.loads(make_entry().to_json())
+    document["batches"][0] |= {"state": state, "error": "slow down"}
+    (spool.dir(QUEUE) / "ABC123.json").write_text(json.dumps(document))
+    (spool.dir(QUEUE) / "ABC123.eml").write_bytes(MESSAGE)
+    assert spool.load("ABC123").batches[0].error == BatchError(reply)
 
 
 def test_put_refuses_an_id_already_queued_and_keeps_the_first(spool: Spool) -> None:

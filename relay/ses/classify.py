@@ -26,12 +26,16 @@ class Rule:
     refresh_credentials: bool = False
     pause: float = 0.0
     """Seconds every delivery waits: the error is the account's, not the message's."""
+    throttled: bool = False
+    """The account's sending rate was exceeded: every delivery slows down."""
 
     def reply(self) -> SmtpReply:
         return SmtpReply(self.code, self.enhanced, self.text)
 
 
-RATE_EXCEEDED = Rule(RETRYABLE, 451, "4.4.5", "SES sending rate exceeded, try again later")
+RATE_EXCEEDED = Rule(
+    RETRYABLE, 451, "4.4.5", "SES sending rate exceeded, try again later", throttled=True
+)
 ACCOUNT_PAUSE = 900.0
 """Seconds delivery waits after the daily quota is spent or the account is paused."""
 CREDENTIALS_PAUSE = 60.0
@@ -159,6 +163,7 @@ def ses_error(code: str, message: str, http_status: int | None, request_id: str 
         smtp_reply=reply,
         refresh_credentials=rule.refresh_credentials,
         pause=rule.pause,
+        throttled=rule.throttled,
     )
 
 

@@ -36,19 +36,17 @@ from relay.ses.credentials import CredentialProvider
 from relay.ses.http import client_tls_context, new_session, request
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
-    SendRawEmailRequest,
     get_identity_verification_attributes_body,
     get_send_quota_body,
     send_raw_email_body,
 )
 from relay.ses.responses import (
-    SendQuota,
-    SendResult,
     error_from_answer,
     parse_identity_verification,
     parse_send_quota,
     parse_send_raw_email,
 )
+from relay.ses.sender import SendQuota, SendRequest, SendResult
 from relay.ses.sigv4 import payload_hash, sign_request
 
 __all__ = ["SendQuota", "SendResult", "SesClient", "backoff_delay", "endpoint_url"]
@@ -70,7 +68,8 @@ def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float
 
 
 class SesClient:
-    """Calls SES. Use as ``async with SesClient(config, credentials) as ses``."""
+    """Calls SES's v1 Query API; a ``relay.ses.sender.SesSender``. Use as
+    ``async with SesClient(config, credentials) as ses``."""
 
     def __init__(
         self,
@@ -130,10 +129,9 @@ class SesClient:
             await self._session.close()
             self._session = None
 
-    async def send_raw_email(
-        self, request: SendRawEmailRequest, *, deadline: float | None = None
-    ) -> SendResult:
-        """Send one message; ``deadline`` bounds the whole call, retries included."""
+    async def send(self, request: SendRequest, *, deadline: float | None = None) -> SendResult:
+        """SendRawEmail of one batch; ``deadline`` (seconds) bounds the whole
+        call, retries included."""
         body = send_raw_email_body(request)
         result = await self._call("SendRawEmail", body, parse_send_raw_email, deadline)
         if result.unusable_id is not None:
@@ -145,7 +143,8 @@ class SesClient:
             )
         return result
 
-    async def get_send_quota(self, *, deadline: float | None = None) -> SendQuota:
+    async def quota(self, *, deadline: float | None = None) -> SendQuota:
+        """GetSendQuota."""
         return await self._call("GetSendQuota", get_send_quota_body(), parse_send_quota, deadline)
 
     async def get_identity_verification_attributes(

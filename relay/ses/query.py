@@ -10,13 +10,13 @@ import base64
 import io
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from urllib.parse import quote
+
+from relay.ses.sender import SendRequest
 
 __all__ = [
     "API_VERSION",
     "FORM_CONTENT_TYPE",
-    "SendRawEmailRequest",
     "encode_form",
     "get_identity_verification_attributes_body",
     "get_send_quota_body",
@@ -49,24 +49,6 @@ def encode_form(params: Sequence[tuple[str, str]]) -> bytes:
     return "&".join(pairs).encode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
-class SendRawEmailRequest:
-    """The parameters of one SendRawEmail call; ``None`` and ``()`` are not sent.
-
-    ``raw_message`` is the complete MIME message (without ``Bcc:``).
-    ``destinations`` are the envelope recipients (at most 50, checked by the caller).
-    """
-
-    raw_message: bytes
-    destinations: tuple[str, ...] = ()
-    source: str | None = None
-    from_arn: str | None = None
-    source_arn: str | None = None
-    return_path_arn: str | None = None
-    configuration_set: str | None = None
-    tags: tuple[tuple[str, str], ...] = ()
-
-
 def _write_raw_message_data(out: io.BytesIO, raw_message: bytes) -> None:
     """Base64 of the message, form-escaped (the only non-bare base64 bytes are
     ``+/=``), written to ``out`` a chunk at a time."""
@@ -80,8 +62,8 @@ def _write_raw_message_data(out: io.BytesIO, raw_message: bytes) -> None:
         )
 
 
-def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
-    """The form body of a SendRawEmail call.
+def send_raw_email_body(request: SendRequest) -> bytes:
+    """The form body of a SendRawEmail call for one batch.
 
     Parameters follow the SES model's order, except ``RawMessage.Data``,
     which comes last. Unset (``None``) parameters are omitted; an empty
@@ -93,17 +75,18 @@ def send_raw_email_body(request: SendRawEmailRequest) -> bytes:
     params.extend(
         (f"Destinations.member.{i}", address) for i, address in enumerate(request.destinations, 1)
     )
-    if request.from_arn is not None:
-        params.append(("FromArn", request.from_arn))
-    if request.source_arn is not None:
-        params.append(("SourceArn", request.source_arn))
-    if request.return_path_arn is not None:
-        params.append(("ReturnPathArn", request.return_path_arn))
-    for i, (name, value) in enumerate(request.tags, 1):
+    ses = request.ses
+    if ses.from_arn is not None:
+        params.append(("FromArn", ses.from_arn))
+    if ses.source_arn is not None:
+        params.append(("SourceArn", ses.source_arn))
+    if ses.return_path_arn is not None:
+        params.append(("ReturnPathArn", ses.return_path_arn))
+    for i, (name, value) in enumerate(ses.tags, 1):
         params.append((f"Tags.member.{i}.Name", name))
         params.append((f"Tags.member.{i}.Value", value))
-    if request.configuration_set is not None:
-        params.append(("ConfigurationSetName", request.configuration_set))
+    if ses.configuration_set is not None:
+        params.append(("ConfigurationSetName", ses.configuration_set))
     head = _SEND_RAW_EMAIL + b"&" + encode_form(params) + b"&" if params else _SEND_RAW_EMAIL + b"&"
     # Built in a BytesIO: getvalue() hands over its buffer without a copy, so a
     # 10 MB message costs its encoded size once, not twice.

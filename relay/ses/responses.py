@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final
 
 from relay.errors import SesError
 from relay.oneline import one_line
 from relay.ses.awsxml import local_name, xml_fields, xml_root
 from relay.ses.classify import ses_error, transport_error
+from relay.ses.sender import SendQuota, SendResult
 
 TOKEN: Final = re.compile(r"[A-Za-z0-9-]{1,128}")
 """A MessageId or RequestId as SES writes them (``0100018c...-000000``, a UUID)."""
@@ -25,27 +25,6 @@ ERROR_CODE: Final = re.compile(r"[A-Za-z0-9.]{1,64}")
 """An AWS error code (``MessageRejected``, ``AWS.SimpleQueueService.NonExistentQueue``)."""
 MESSAGE_LIMIT: Final = 500
 """Characters kept of an error's Message (flattened to one line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """SES accepted a SendRawEmail call."""
-
-    message_id: str | None
-    """SES's MessageId; None when the answer's was not a token (see
-    ``parse_send_raw_email``)."""
-    request_id: str | None
-    unusable_id: str | None = None
-    """The MessageId that was not a token, flattened and cut short, for a log line."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendQuota:
-    """The account's sending limits (GetSendQuota)."""
-
-    max_24_hour_send: float
-    max_send_rate: float
-    sent_last_24_hours: float
 
 
 _ERROR_FIELDS = ("Code", "Message", "RequestId")
