@@ -21,7 +21,7 @@ import trustme
 from relay.auth import hash_password
 from relay.config import SECTIONS, Config, load_config
 from relay.reload import LIVE, SWITCHES, plan_reload
-from tests.daemon import Daemon, daemon_config, daemon_env, running_daemon
+from tests.daemon import REPO, Daemon, daemon_config, daemon_env, running_daemon
 from tests.fakeses import FakeSes
 
 SENDER = "app@example.com"
@@ -273,3 +273,15 @@ async def test_a_setting_that_needs_a_restart_is_named_and_the_old_one_stays(
         assert reply == {}
     assert not (tmp_path / "elsewhere").exists()
     assert [request.destinations for request in fake_ses.requests] == [["a@example.net"]]
+
+
+def test_the_readme_lists_what_a_reload_applies() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Reloading (SIGHUP)") :]
+    section = section[: section.index("\n## ")]
+    missing = [
+        key
+        for key in sorted(LIVE)
+        if f"{key.split('.')[1]}`" not in section and f"[{key}.NAME]`" not in section
+    ]
+    assert missing == []
