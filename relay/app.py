@@ -210,9 +210,9 @@ class Relay:
     def _use_current_tls(
         self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
     ) -> None:
-        """The first context's ``sni_callback``, run at each handshake (an
-        implicit-TLS listener's, whose context is fixed when it starts, and
-        STARTTLS alike): switch to the certificate loaded last."""
+        """Every server context's ``sni_callback``, run at each handshake (on
+        an implicit-TLS listener, whose context is fixed when it starts
+        listening, and at STARTTLS alike): switch to the one loaded last."""
         current = self._tls_context
         if current is not None and current is not context:
             connection.context = current
