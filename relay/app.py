@@ -1,16 +1,20 @@
 """The daemon: configuration → listeners, SES client, handler; start and stop.
 
 ``Relay`` is the running relay (used by ``serve`` and by the tests);
-``serve`` runs one in the foreground until SIGTERM or SIGINT.
+``serve`` runs one in the foreground until SIGTERM or SIGINT, reloads it on
+SIGHUP, and tells systemd how it is (``relay.sdnotify``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -19,17 +23,19 @@ import aiohttp
 
 from relay.auth import Authenticator, Users, load_users
 from relay.bouncecheck import check_bounce_sender
-from relay.config import Config, split_host_port
+from relay.config import Config, load_config, split_host_port
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer, Readiness
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
+from relay.reload import plan_reload
+from relay.sdnotify import Notifier, keep_alive, ready, reloading, stopping, watchdog_interval
 from relay.ses.client import SesClient
 from relay.ses.credentials import RefreshingProvider, default_chain
 from relay.ses.http import client_tls_context, new_session
-from relay.smtp import ConnectionLimiter, smtp_factory
+from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
 from relay.spool import Census, Spool
 
 SHUTDOWN_GRACE = 30.0
@@ -111,6 +117,11 @@ class Relay:
         """Set by ``end_grace``: ``stop`` waits no longer."""
         self.delivery: Delivery | None = None
         self._authenticator: Authenticator | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        """The certificate loaded last: every new TLS handshake uses it."""
+        self._factories: list[Callable[[], RelaySMTP]] = []
+        """Sessions of each listener (``smtp.listen``, then ``smtp.tls_listen``),
+        made from the configuration in force; ``reload`` replaces them."""
         self.limiter = ConnectionLimiter(
             config.smtp.max_connections, config.smtp.max_connections_per_client
         )
@@ -153,19 +164,19 @@ class Relay:
             self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
             await self.delivery.start()
             self._in_background(self._check_bounce_sender(ses))
-            handler = RelayHandler(config, self.delivery, metrics=self.metrics)
             if resources.users is not None:
                 self._authenticator = Authenticator(
                     resources.users, config.auth, observe=self.metrics.auth_attempt
                 )
+            self._use(config, resources)
             loop = asyncio.get_running_loop()
             for address in config.smtp.listen:
                 self.smtp_addresses.append(
-                    await self._listen(loop, address, handler, resources, implicit_tls=False)
+                    await self._listen(loop, address, resources, implicit_tls=False)
                 )
             for address in config.smtp.tls_listen:
                 self.tls_addresses.append(
-                    await self._listen(loop, address, handler, resources, implicit_tls=True)
+                    await self._listen(loop, address, resources, implicit_tls=True)
                 )
             self._http_server = HttpServer(self.metrics, self._readiness)
             self.metrics_address = await self._http_server.start(config.metrics.listen)
@@ -174,27 +185,58 @@ class Relay:
             await self.stop(grace=0)
             raise
 
+    def _use(self, config: Config, resources: Resources) -> None:
+        """Make ``config`` and ``resources`` what new connections get."""
+        assert self.delivery is not None
+        self.config = config
+        self.limiter.max_connections = config.smtp.max_connections
+        self.limiter.max_per_client = config.smtp.max_connections_per_client
+        if self._authenticator is not None and resources.users is not None:
+            self._authenticator.users = resources.users
+        if resources.tls_context is not None:
+            resources.tls_context.sni_callback = self._use_current_tls
+        self._tls_context = resources.tls_context
+        handler = RelayHandler(config, self.delivery, metrics=self.metrics)
+        kinds = [False] * len(config.smtp.listen) + [True] * len(config.smtp.tls_listen)
+        self._factories = [
+            smtp_factory(
+                config.smtp,
+                handler,
+                tls_context=resources.tls_context,
+                limiter=self.limiter,
+                implicit_tls=implicit_tls,
+                authenticator=self._authenticator,
+            )
+            for implicit_tls in kinds
+        ]
+
+    def _use_current_tls(
+        self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        """Every server context's ``sni_callback``, run at each handshake (on
+        an implicit-TLS listener, whose context is fixed when it starts
+        listening, and at STARTTLS alike): switch to the one loaded last."""
+        current = self._tls_context
+        if current is not None and current is not context:
+            connection.context = current
+
+    def _new_session(self, listener: int) -> RelaySMTP:
+        """A session for a connection to ``listener``, as the configuration in force says."""
+        return self._factories[listener]()
+
     async def _listen(
         self,
         loop: asyncio.AbstractEventLoop,
         address: str,
-        handler: RelayHandler,
         resources: Resources,
         *,
         implicit_tls: bool,
     ) -> tuple[str, int]:
         host, port = split_host_port(address)
-        factory = smtp_factory(
-            self.config.smtp,
-            handler,
-            tls_context=resources.tls_context,
-            limiter=self.limiter,
-            implicit_tls=implicit_tls,
-            authenticator=self._authenticator,
-        )
+        listener = len(self._servers)
         try:
             server = await loop.create_server(
-                factory,
+                functools.partial(self._new_session, listener),
                 host,
                 port,
                 ssl=resources.tls_context if implicit_tls else None,
@@ -205,12 +247,65 @@ class Relay:
         self._servers.append(server)
         bound_host, bound_port = server.sockets[0].getsockname()[:2]
         smtp_log.info(
-            "listening on %s:%d%s",
-            f"[{bound_host}]" if ":" in bound_host else bound_host,
-            bound_port,
+            "listening on %s%s",
+            shown(bound_host, bound_port),
             " (implicit TLS)" if implicit_tls else "",
         )
         return bound_host, bound_port
+
+    async def reload(self) -> str:
+        """Read the configuration file again, and the files it names (TLS
+        certificate and key, users file). New sessions get what changed;
+        sessions in flight keep what they started with; settings built once
+        at start keep their old values and are named in the log. An invalid
+        configuration changes nothing. Returns a summary for systemd."""
+        source = self.config.source
+        try:
+            new = await asyncio.to_thread(
+                load_config, None if source == "defaults" else source, self._env
+            )
+            resources = await asyncio.to_thread(load_resources, new)
+            change = plan_reload(self.config, new)
+            if change.config != new:
+                resources = await asyncio.to_thread(load_resources, change.config)
+        except ConfigError as exc:
+            smtp_log.error(
+                "reload refused, the configuration in force is unchanged: %s",
+                "; ".join(exc.problems),
+            )
+            return "reload refused (see the log)"
+        self._use(change.config, resources)
+        files = [
+            name
+            for name, loaded in (
+                ("the TLS certificate and key", resources.tls_context),
+                ("the users file", resources.users),
+            )
+            if loaded is not None
+        ]
+        smtp_log.info(
+            "reloaded %s: new sessions get %s%s",
+            source,
+            ", ".join(change.applied) or "the same settings",
+            f"; read again: {', '.join(files)}" if files else "",
+        )
+        if change.need_restart:
+            smtp_log.warning(
+                "reload: %s changed but need a restart; the old values stay in force until then",
+                ", ".join(change.need_restart),
+            )
+        return (
+            f"reloaded: {len(change.applied)} changed, "
+            f"{len(change.need_restart)} waiting for a restart"
+        )
+
+    def summary(self) -> str:
+        """Where the relay listens, for ``systemctl status``."""
+        places = [f"SMTP on {shown(*address)}" for address in self.smtp_addresses]
+        places += [f"SMTPS on {shown(*address)}" for address in self.tls_addresses]
+        if self.metrics_address is not None:
+            places.append(f"metrics on {shown(*self.metrics_address)}")
+        return ", ".join(places)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop: new connections and idle sessions get 421; transactions and SES
@@ -347,40 +442,80 @@ class Relay:
         await self.stop()
 
 
+def shown(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 REPEATED_SIGNAL = 1.0
 """Seconds after the first SIGTERM/SIGINT before another one ends the grace."""
 
 
-def _reload_not_supported() -> None:
-    smtp_log.warning("SIGHUP: reloading the configuration is not supported yet; restart to apply")
-
-
 async def serve(config: Config, env: Mapping[str, str]) -> int:
-    """Run until SIGTERM or SIGINT; then stop gracefully and return 0."""
+    """Run until SIGTERM or SIGINT; then stop gracefully and return 0.
+
+    SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
+    it says READY=1 once the spool is open and every listener accepts,
+    RELOADING=1 and READY=1 around each reload, STOPPING=1 when it begins to
+    stop, and WATCHDOG=1 from the event loop when ``WatchdogSec=`` asks.
+    """
     stop = asyncio.Event()
+    reload_wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     relay = Relay(config, env)
+    notifier = Notifier.from_env(env)
     # Before the spool lock is taken: `ses-relay queue retry` signals whoever holds it.
     loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
-    # SIGHUP would end the process (log rotation scripts send it): not yet a reload.
-    loop.add_signal_handler(signal.SIGHUP, _reload_not_supported)
-    async with relay:
-        smtp_log.info("ses-relay ready")
-        await stop.wait()
-        first = loop.time()
+    # One that comes while the relay starts is done once it is ready.
+    loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
+    interval = watchdog_interval(env, os.getpid())
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        async with relay:
+            smtp_log.info("ses-relay ready")
+            notifier.send(ready(relay.summary()))
+            if interval is not None:  # until the relay has stopped
+                watchdog = asyncio.create_task(keep_alive(notifier, interval))
+            reloads = asyncio.create_task(_reloads(relay, reload_wanted, notifier))
+            try:
+                await stop.wait()
+            finally:
+                await _cancel(reloads)
+            first = loop.time()
 
-        def second_signal() -> None:
-            # One ^C can arrive twice (a wrapper forwards what the terminal
-            # already sent to the whole process group): only a later one counts.
-            if loop.time() - first >= REPEATED_SIGNAL:
-                relay.end_grace()
+            def second_signal() -> None:
+                # One ^C can arrive twice (a wrapper forwards what the terminal
+                # already sent to the whole process group): only a later one counts.
+                if loop.time() - first >= REPEATED_SIGNAL:
+                    relay.end_grace()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, second_signal)
-        smtp_log.info(
-            "stopping: 421 to new and idle sessions; transactions in flight may finish "
-            "(a second SIGTERM or SIGINT stops at once)"
-        )
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, second_signal)
+            smtp_log.info(
+                "stopping: 421 to new and idle sessions; transactions in flight may finish "
+                "(a second SIGTERM or SIGINT stops at once)"
+            )
+            notifier.send(stopping("stopping: transactions in flight may finish"))
+    finally:
+        if watchdog is not None:
+            await _cancel(watchdog)
     return 0
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it; what it raised before is raised."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _reloads(relay: Relay, wanted: asyncio.Event, notifier: Notifier) -> None:
+    """Reload on each SIGHUP; those that come during a reload make one more."""
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        notifier.send(reloading(time.monotonic_ns() // 1000, "reloading"))
+        outcome = await relay.reload()
+        notifier.send(ready(f"{outcome}; {relay.summary()}"))

@@ -417,6 +417,11 @@ class Authenticator:
     def users(self) -> Users:
         return self._users
 
+    @users.setter
+    def users(self, users: Users) -> None:
+        """Check the next attempts against ``users`` (a reload); failure counts stay."""
+        self._users = users
+
     @property
     def checks(self) -> int:
         """Password checks running or waiting for a hash thread now."""

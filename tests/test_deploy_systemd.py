@@ -114,3 +114,19 @@ def test_the_stop_timeout_covers_the_shutdown_grace() -> None:
     found = re.search(r"^TimeoutStopSec=(\d+)s$", UNIT.read_text(), re.MULTILINE)
     assert found is not None
     assert int(found[1]) >= SHUTDOWN_GRACE + 10
+
+
+def directives(name: str) -> list[str]:
+    return re.findall(rf"^{name}=(.*)$", UNIT.read_text(), re.MULTILINE)
+
+
+def test_systemd_knows_when_the_relay_is_ready_stuck_or_reloading() -> None:
+    """What relay/sdnotify.py and relay.app.serve speak (tests/test_sdnotify.py
+    and tests/test_reload.py run the daemon as these lines do)."""
+    assert directives("Type") == ["notify"]
+    assert directives("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    [watchdog] = directives("WatchdogSec")
+    assert re.fullmatch(r"\d+s", watchdog)
+    assert int(watchdog[:-1]) >= 10  # pings every half of it, with room for a busy loop
+    assert "AF_UNIX" in directives("RestrictAddressFamilies")[0].split()  # $NOTIFY_SOCKET
+    assert directives("NotifyAccess") in ([], ["main"])

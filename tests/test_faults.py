@@ -1127,7 +1127,7 @@ async def test_sighup_is_not_fatal(tmp_path: Path, fake_ses: FakeSes, model: Ses
     config, _ = setup(tmp_path, fake_ses)
     async with running_daemon(config, daemon_env(fake_ses)) as daemon:
         daemon.signal(signal.SIGHUP)
-        await daemon.wait_for_log("SIGHUP: reloading the configuration is not supported yet")
+        await daemon.wait_for_log("reloaded .*: new sessions get the same settings")
         reply = await send(daemon, recipients("hup"), message("hup"))
         assert reply.code == 250, reply
         assert daemon.returncode is None
