@@ -16,9 +16,10 @@ from relay.config import Config, load_config, read_config, unknown_variables
 from relay.errors import ConfigError, RelayError
 from relay.queuecmd import add_arguments as add_queue_arguments
 from relay.queuecmd import queue_command as run_queue_command
+from relay.reloadcmd import run_reload
 
 # The daemon and the SES client (aiohttp) are imported by the commands that
-# use them: `ses-relay queue` runs often, from scripts, and needs neither.
+# use them: `ses-relay queue` and `reload` run often, from scripts, and need neither.
 if TYPE_CHECKING:
     from relay.bouncecheck import BounceSenderCheck
     from relay.ses.client import SendQuota, SesClient
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("serve", "Run the relay in the foreground until SIGTERM or SIGINT.")
     command("check-config", "Check a configuration file and report every problem.")
     command("quota", "Print the SES account's sending quota.")
+    command(
+        "reload",
+        "Check the configuration, have the running relay reload it (SIGHUP) and print "
+        "what it applied.",
+    )
     add_queue_arguments(
         command(
             "queue",
@@ -90,7 +96,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def load_checked(path: str | None, env: Mapping[str, str]) -> Config:
     """The configuration, and the files it names loaded: ``ConfigError`` lists
     every problem of both in one pass."""
-    from relay.app import load_resources
+    from relay.resources import load_resources
 
     config, problems = read_config(path, env)
     try:
@@ -135,10 +141,15 @@ def quota_command(config: Config, env: Mapping[str, str]) -> int:
     return 0
 
 
+def reload_command(config: Config, env: Mapping[str, str]) -> int:
+    return run_reload(config)
+
+
 COMMANDS: dict[str, Callable[[Config, Mapping[str, str]], int]] = {
     "serve": serve_command,
     "check-config": check_config_command,
     "quota": quota_command,
+    "reload": reload_command,
 }
 
 
@@ -193,7 +204,7 @@ async def with_ses(
     config: Config, env: Mapping[str, str], call: Callable[[SesClient], Awaitable[T]]
 ) -> T:
     """``call`` with an SES client for ``config``, closed after."""
-    from relay.app import load_resources
+    from relay.resources import load_resources
     from relay.ses.client import SesClient
     from relay.ses.credentials import default_chain
     from relay.ses.http import new_session

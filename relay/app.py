@@ -15,13 +15,13 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 import aiohttp
 
-from relay.auth import Authenticator, Users, load_users
+from relay import reloadrecord
+from relay.auth import Authenticator
 from relay.bouncecheck import check_bounce_sender
 from relay.config import Config, load_config, split_host_port
 from relay.delivery import Delivery
@@ -30,76 +30,17 @@ from relay.handler import RelayHandler
 from relay.httpserver import HttpServer, Readiness
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
-from relay.reload import plan_reload
+from relay.reload import Outcome, plan_reload
+from relay.resources import Resources, load_resources
 from relay.sdnotify import Notifier, keep_alive, ready, reloading, stopping, watchdog_interval
 from relay.ses.client import SesClient
 from relay.ses.credentials import RefreshingProvider, default_chain
-from relay.ses.http import client_tls_context, new_session
+from relay.ses.http import new_session
 from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
 from relay.spool import Census, Spool
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
-
-
-@dataclass(frozen=True, slots=True)
-class Resources:
-    """What the configuration points at, loaded and checked."""
-
-    tls_context: ssl.SSLContext | None
-    users: Users | None
-    ses_tls: ssl.SSLContext
-    """TLS for the calls to AWS (``ses.ca_bundle`` or the system's CAs)."""
-
-
-def load_resources(config: Config) -> Resources:
-    """Load the certificates and the users file; ``ConfigError`` lists every problem."""
-    smtp, source = config.smtp, config.source
-    problems: list[str] = []
-    try:
-        ses_tls = client_tls_context(config.ses.ca_bundle)
-    except (OSError, ssl.SSLError) as exc:
-        problems.append(f"{source}: [ses] ca_bundle: cannot load {config.ses.ca_bundle}: {exc}")
-    tls_context = None
-    if bool(smtp.tls_cert) != bool(smtp.tls_key):
-        problems.append(f"{source}: [smtp] tls_cert, tls_key: set both or neither")
-    elif smtp.tls_cert:
-        try:
-            tls_context = server_tls_context(smtp.tls_cert, smtp.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            problems.append(
-                f"{source}: [smtp] tls_cert, tls_key: cannot load the certificate and key "
-                f"({smtp.tls_cert}, {smtp.tls_key}): {exc}"
-            )
-    if smtp.tls_listen and not (smtp.tls_cert and smtp.tls_key):
-        problems.append(f"{source}: [smtp] tls_listen: needs tls_cert and tls_key")
-    if smtp.tls_listen and smtp.proxy_protocol:
-        problems.append(
-            f"{source}: [smtp] proxy_protocol: not supported with tls_listen "
-            "(the PROXY header would come before the TLS handshake); "
-            "terminate TLS at the load balancer or use STARTTLS on listen"
-        )
-    users = None
-    if config.auth.users_file:
-        try:
-            users = load_users(config.auth.users_file)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        if not (smtp.tls_cert and smtp.tls_key):
-            problems.append(
-                f"{source}: [auth] users_file: AUTH is offered only under TLS: "
-                "set [smtp] tls_cert and tls_key"
-            )
-    if problems:
-        raise ConfigError(problems)
-    return Resources(tls_context=tls_context, users=users, ses_tls=ses_tls)
-
-
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
 
 
 class Relay:
@@ -253,12 +194,12 @@ class Relay:
         )
         return bound_host, bound_port
 
-    async def reload(self) -> str:
+    async def reload(self) -> Outcome:
         """Read the configuration file again, and the files it names (TLS
         certificate and key, users file). New sessions get what changed;
         sessions in flight keep what they started with; settings built once
         at start keep their old values and are named in the log. An invalid
-        configuration changes nothing. Returns a summary for systemd."""
+        configuration changes nothing."""
         source = self.config.source
         try:
             new = await asyncio.to_thread(
@@ -273,7 +214,7 @@ class Relay:
                 "reload refused, the configuration in force is unchanged: %s",
                 "; ".join(exc.problems),
             )
-            return "reload refused (see the log)"
+            return Outcome(source, problems=tuple(exc.problems))
         self._use(change.config, resources)
         files = [
             name
@@ -294,10 +235,7 @@ class Relay:
                 "reload: %s changed but need a restart; the old values stay in force until then",
                 ", ".join(change.need_restart),
             )
-        return (
-            f"reloaded: {len(change.applied)} changed, "
-            f"{len(change.need_restart)} waiting for a restart"
-        )
+        return Outcome(source, change.applied, change.need_restart, tuple(files))
 
     def summary(self) -> str:
         """Where the relay listens, for ``systemctl status``."""
@@ -516,6 +454,11 @@ async def _reloads(relay: Relay, wanted: asyncio.Event, notifier: Notifier) -> N
     while True:
         await wanted.wait()
         wanted.clear()
-        notifier.send(reloading(time.monotonic_ns() // 1000, "reloading"))
+        began = time.monotonic_ns()
+        notifier.send(reloading(began // 1000, "reloading"))
         outcome = await relay.reload()
-        notifier.send(ready(f"{outcome}; {relay.summary()}"))
+        relay.metrics.config_reload(refused=outcome.refused)
+        if relay.spool is not None:  # for `ses-relay reload`
+            record = reloadrecord.Record(os.getpid(), began, outcome)
+            await asyncio.to_thread(reloadrecord.write, relay.spool.path, record)
+        notifier.send(ready(f"{outcome.status()}; {relay.summary()}"))

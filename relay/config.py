@@ -6,7 +6,7 @@ everything in one pass: a ``ConfigError`` lists every problem with its key
 and where the value came from, and a misspelt key or section is told the
 closest right one. ``read_config`` gives the configuration and its problems
 without raising, so that the files it names can be checked in the same pass
-(``relay.app.load_resources``). ``unknown_variables`` names the
+(``relay.resources.load_resources``). ``unknown_variables`` names the
 ``SES_RELAY_*`` variables that set nothing. Nothing else in the relay reads
 the file or the environment for settings.
 """

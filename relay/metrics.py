@@ -1,13 +1,14 @@
 """Prometheus metrics of one relay: what is counted, and what is read at scrape.
 
 Counters and histograms are updated as things happen (``RelayMetrics``'s
-``message``, ``ses_call``, ``auth_attempt``, ``send_rate_wait``); gauges of
-state (the spool's contents, a pause of all delivery, the credentials'
-expiry) and the counts the connection limiter keeps (connections, sessions
-by outcome) are read when Prometheus scrapes, by ``StateCollector``,
-which runs in a thread (``exposition``), never on the event loop. Names
-follow Prometheus conventions: ``ses_relay_`` prefix, base units, ``_total``
-counters. Each relay has its own registry (tests run several in one process).
+``message``, ``ses_call``, ``auth_attempt``, ``send_rate_wait``,
+``config_reload``); gauges of state (the spool's contents, a pause of all
+delivery, the credentials' expiry) and the counts the connection limiter
+keeps (connections, sessions by outcome) are read when Prometheus scrapes,
+by ``StateCollector``, which runs in a thread (``exposition``), never on
+the event loop. Names follow Prometheus conventions: ``ses_relay_`` prefix,
+base units, ``_total`` counters. Each relay has its own registry (tests run
+several in one process).
 """
 
 from __future__ import annotations
@@ -128,6 +129,21 @@ class RelayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._reloads = Counter(
+            "ses_relay_config_reloads",
+            "Reloads of the configuration (SIGHUP, ses-relay reload), by outcome: applied "
+            "(new sessions get it; keys that need a restart keep their old values), refused "
+            "(invalid: the configuration in force is unchanged).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._last_reload_ok = Gauge(
+            "ses_relay_config_last_reload_successful",
+            "0 when the last reload was refused (the configuration file is not what runs), "
+            "else 1 (also before any reload).",
+            registry=self.registry,
+        )
+        self._last_reload_ok.set(1)
         for outcome in ("sent", "queued", "deferred", "rejected"):
             self._messages.labels(outcome)  # present at 0 from the start
         for outcome in ("sent", "failed", "deferred"):
@@ -136,6 +152,8 @@ class RelayMetrics:
             self._bounces.labels(outcome)
         for outcome in AUTH_OUTCOMES:
             self._auth_attempts.labels(outcome)
+        for outcome in ("applied", "refused"):
+            self._reloads.labels(outcome)
 
     def message(self, answer: DataReply, *, size: int, recipients: int) -> None:
         """One DATA reply, for a message of ``size`` bytes to ``recipients``."""
@@ -162,6 +180,11 @@ class RelayMetrics:
     def auth_attempt(self, outcome: AuthAttempt) -> None:
         """One AUTH attempt's outcome (``relay.auth.Authenticator``)."""
         self._auth_attempts.labels(outcome).inc()
+
+    def config_reload(self, *, refused: bool) -> None:
+        """A reload of the configuration was applied, or refused."""
+        self._reloads.labels("refused" if refused else "applied").inc()
+        self._last_reload_ok.set(0 if refused else 1)
 
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""

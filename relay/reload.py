@@ -92,3 +92,30 @@ def is_live(key: str, was: object, now: object) -> bool:
     if key in SWITCHES:
         return bool(was) and bool(now)
     return key in LIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one reload did: what the daemon tells systemd and counts, and
+    what ``ses-relay reload`` prints."""
+
+    source: str
+    """The configuration file read again (``defaults``: none)."""
+    applied: tuple[str, ...] = ()
+    need_restart: tuple[str, ...] = ()
+    read_again: tuple[str, ...] = ()
+    """The files it names that were read again ("the users file", ...)."""
+    problems: tuple[str, ...] = ()
+    """Why the reload was refused; empty when it was applied."""
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.problems)
+
+    def status(self) -> str:
+        """One line for systemd's ``STATUS=``."""
+        if self.refused:
+            return "reload refused (see the log)"
+        return (
+            f"reloaded: {len(self.applied)} changed, {len(self.need_restart)} waiting for a restart"
+        )

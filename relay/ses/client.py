@@ -33,7 +33,7 @@ from relay.errors import CredentialsError, HttpTransportError, SesError
 from relay.log import ses_log
 from relay.ses.classify import no_credentials, transport_error, unanswered
 from relay.ses.credentials import CredentialProvider
-from relay.ses.http import client_tls_context, new_session, request
+from relay.ses.http import new_session, request
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
     get_identity_verification_attributes_body,
@@ -48,6 +48,7 @@ from relay.ses.responses import (
 )
 from relay.ses.sender import SendQuota, SendRequest, SendResult
 from relay.ses.sigv4 import payload_hash, sign_request
+from relay.tls import client_tls_context
 
 __all__ = ["SendQuota", "SendResult", "SesClient", "backoff_delay", "endpoint_url"]
 

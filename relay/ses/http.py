@@ -17,14 +17,9 @@ from yarl import URL
 
 from relay import __version__
 from relay.errors import HttpTransportError
+from relay.tls import client_tls_context
 
 USER_AGENT = f"ses-relay/{__version__}"
-
-
-def client_tls_context(ca_bundle: str = "") -> ssl.SSLContext:
-    """TLS for AWS calls: the system's CAs, or instead those in ``ca_bundle``
-    (a PEM file); ``OSError`` or ``ssl.SSLError`` when it cannot be loaded."""
-    return ssl.create_default_context(cafile=ca_bundle or None)
 
 
 def new_session(
