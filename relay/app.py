@@ -28,6 +28,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer, Readiness
+from relay.log import configure as configure_logging
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
 from relay.reload import plan_reload
@@ -454,11 +455,13 @@ REPEATED_SIGNAL = 1.0
 async def serve(config: Config, env: Mapping[str, str]) -> int:
     """Run until SIGTERM or SIGINT; then stop gracefully and return 0.
 
-    SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
+    Logs to stderr as ``config.log`` says, and as the new configuration says
+    after each reload. SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
     it says READY=1 once the spool is open and every listener accepts,
     RELOADING=1 and READY=1 around each reload, STOPPING=1 when it begins to
     stop, and WATCHDOG=1 from the event loop when ``WatchdogSec=`` asks.
     """
+    configure_logging(config.log.format, config.log.level)
     stop = asyncio.Event()
     reload_wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -501,6 +504,7 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     finally:
         if watchdog is not None:
             await _cancel(watchdog)
+    smtp_log.info("ses-relay stopped", extra={"event": "stopped"})
     return 0
 
 
@@ -518,4 +522,5 @@ async def _reloads(relay: Relay, wanted: asyncio.Event, notifier: Notifier) -> N
         wanted.clear()
         notifier.send(reloading(time.monotonic_ns() // 1000, "reloading"))
         outcome = await relay.reload()
+        configure_logging(relay.config.log.format, relay.config.log.level)
         notifier.send(ready(f"{outcome}; {relay.summary()}"))
