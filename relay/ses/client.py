@@ -284,10 +284,9 @@ def _log_retries(action: str, queue_id: str, failures: Sequence[SesError], outco
     attempts that were retried, ``outcome`` how the last one ended."""
     codes = ", ".join(error.code for error in failures)
     ses_log.info(
-        "%sSES %s retried %d times (%s), then %s",
+        "%sSES %s retried after %s; %s",
         f"{queue_id}: " if queue_id else "",
         action,
-        len(failures),
         codes,
         outcome,
         extra={
