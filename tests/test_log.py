@@ -23,10 +23,12 @@ import aiosmtplib
 import pytest
 import trustme
 
+from relay.config import load_config
+from relay.errors import ConfigError
 from relay.log import FIELDS, JsonFormatter, TextFormatter, configure
 from relay.ses.sigv4 import shorten_key_id
 from relay.smtp import refusal_logged, shown_argument
-from tests.daemon import daemon_config, daemon_env, running_daemon
+from tests.daemon import REPO, daemon_config, daemon_env, running_daemon
 from tests.fakeses import FakeSes, SesErrorReply, Succeed
 from tests.relayd import running_relay
 from tests.test_bounce_sender import mentions, relay_log
@@ -359,3 +361,25 @@ async def test_the_daemon_log_keeps_every_secret_out_and_ends_with_a_stopped_lin
         assert f"{queue_id}: SES SendRawEmail retried after Throttling; succeeded" in log
         assert f"{queue_id}: to=<bob@example.net> status=sent (ses id 0100-daemon)" in log
         assert "NOQUEUE: reject: MAIL from client=127.0.0.1 user=alice: 553 5.7.1 " in log
+
+
+# --------------------------------------------------------------------------- configuration, README
+
+
+def test_a_wrong_format_or_level_is_named_with_its_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[log]\nformat = "xml"\nlevel = "loud"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert list(caught.value.problems) == [
+        f"{path}: [log] format: must be one of 'text', 'json'",
+        f"{path}: [log] level: must be one of 'debug', 'info', 'warning', 'error'",
+    ]
+    assert load_config(None, {"SES_RELAY_LOG_FORMAT": "json"}).log.format == "json"
+
+
+def test_the_readme_lists_every_json_field() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Logs") :]
+    section = section[: section.index("\n## ")]
+    assert [key for key in FIELDS if f"| `{key}` |" not in section] == []
