@@ -110,9 +110,7 @@ def load_checked(path: str | None, env: Mapping[str, str]) -> Config:
 
 def serve_command(config: Config, env: Mapping[str, str]) -> int:
     from relay.app import serve
-    from relay.log import configure as configure_logging
 
-    configure_logging()
     return asyncio.run(serve(config, env))
 
 

@@ -28,6 +28,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
 from relay.handler import RelayHandler
 from relay.httpserver import HttpServer, Readiness
+from relay.log import configure as configure_logging
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
 from relay.reload import Outcome, plan_reload
@@ -392,11 +393,13 @@ REPEATED_SIGNAL = 1.0
 async def serve(config: Config, env: Mapping[str, str]) -> int:
     """Run until SIGTERM or SIGINT; then stop gracefully and return 0.
 
-    SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
+    Logs to stderr as ``config.log`` says, and as the new configuration says
+    after each reload. SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
     it says READY=1 once the spool is open and every listener accepts,
     RELOADING=1 and READY=1 around each reload, STOPPING=1 when it begins to
     stop, and WATCHDOG=1 from the event loop when ``WatchdogSec=`` asks.
     """
+    configure_logging(config.log.format, config.log.level)
     stop = asyncio.Event()
     reload_wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -439,6 +442,7 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     finally:
         if watchdog is not None:
             await _cancel(watchdog)
+    smtp_log.info("ses-relay stopped", extra={"event": "stopped"})
     return 0
 
 
@@ -461,4 +465,5 @@ async def _reloads(relay: Relay, wanted: asyncio.Event, notifier: Notifier) -> N
         if relay.spool is not None:  # for `ses-relay reload`
             record = reloadrecord.Record(os.getpid(), began, outcome)
             await asyncio.to_thread(reloadrecord.write, relay.spool.path, record)
+        configure_logging(relay.config.log.format, relay.config.log.level)
         notifier.send(ready(f"{outcome.status()}; {relay.summary()}"))

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import concurrent.futures
 import ipaddress
+import logging
 import re
 import secrets
 import time
@@ -60,6 +61,8 @@ AUTH_OUTCOMES: Final[tuple[AuthAttempt, ...]] = get_args(AuthAttempt)
 BCRYPT_MAX_PASSWORD_BYTES: Final = 72
 """bcrypt reads only this many bytes of a password; every implementation truncates."""
 DEFAULT_BCRYPT_ROUNDS: Final = 12
+USER_LOG_LIMIT: Final = 64
+"""Characters of a client-chosen user name in a log line."""
 MAX_CLIENTS: Final = 10_000
 """Clients whose failures are remembered at once; the oldest are forgotten first."""
 
@@ -443,13 +446,43 @@ class Authenticator:
         failures = self._failures.failures(key, self._clock())
         return failures + self._pending[key] >= self.config.max_failures
 
-    def refuses(self, client_ip: str) -> bool:
+    def refuses(self, client_ip: str, *, via: str | None = None) -> bool:
         """``locked_out``, asked before the exchange so that a locked-out client
         never sends its password: True counts as a "locked_out" attempt."""
         if not self.locked_out(client_ip):
             return False
+        self._log(logging.WARNING, "refused (locked out)", client_ip, via, None)
         self._observe("locked_out")
         return True
+
+    def _log(
+        self,
+        level: int,
+        status: str,
+        client_ip: str,
+        via: str | None,
+        username: str | None,
+        *args: object,
+    ) -> None:
+        """``auth: client=... user=... status=STATUS``: one line per AUTH
+        attempt that got an answer; ``args`` fill ``status``'s ``%`` fields."""
+        key = client_key(client_ip)
+        shown = key if via is None else f"{key} via={via}"
+        user = None if username is None else username[:USER_LOG_LIMIT]
+        fields = {"client": key, "user": user} | ({} if via is None else {"via": via})
+        smtp_log.log(
+            level,
+            "auth: client=%s user=%s status=" + status,
+            shown,
+            "-" if username is None else _shown(username),
+            *args,
+            extra={
+                "event": "auth",
+                "command": "AUTH",
+                "status": status.split(maxsplit=1)[0],
+                **fields,
+            },
+        )
 
     async def authenticate(
         self, username: str, password: str | bytes, client_ip: str, *, via: str | None = None
@@ -461,21 +494,20 @@ class Authenticator:
         balancer that vouched for ``client_ip`` in a PROXY header, for the log.
         """
         key = client_key(client_ip)
-        shown = key if via is None else f"{key} via={via}"
         if self.locked_out(client_ip):
-            smtp_log.warning(
-                "auth: client=%s user=%s status=refused (locked out)", shown, _shown(username)
-            )
+            self._log(logging.WARNING, "refused (locked out)", client_ip, via, username)
             self._observe("locked_out")
             return AuthOutcome(success=False, username=None, locked_out=True)
         secret = (
             password if isinstance(password, bytes) else password.encode("utf-8", "surrogateescape")
         )
         if self.checks >= self._max_checks:
-            smtp_log.warning(
-                "auth: client=%s user=%s status=unavailable (%d checks running or waiting)",
-                shown,
-                _shown(username),
+            self._log(
+                logging.WARNING,
+                "unavailable (%d checks running or waiting)",
+                client_ip,
+                via,
+                username,
                 self.checks,
             )
             self._observe("unavailable")
@@ -491,9 +523,7 @@ class Authenticator:
             if not self._closed:
                 raise
             # The hash threads are shut down: the relay is stopping.
-            smtp_log.warning(
-                "auth: client=%s user=%s status=unavailable (stopping)", shown, _shown(username)
-            )
+            self._log(logging.WARNING, "unavailable (stopping)", client_ip, via, username)
             self._observe("unavailable")
             return AuthOutcome(success=False, username=None, unavailable=True)
         finally:
@@ -502,15 +532,17 @@ class Authenticator:
             if self._pending[key] <= 0:
                 del self._pending[key]
         if matched and known:
-            smtp_log.info("auth: client=%s user=%s status=ok", shown, _shown(username))
+            self._log(logging.INFO, "ok", client_ip, via, username)
             self._observe("ok")
             return AuthOutcome(success=True, username=username)
         failures = self._failures.record(key, self._clock())
         locked = failures >= self.config.max_failures
-        smtp_log.warning(
-            "auth: client=%s user=%s status=failed failures=%d/%d%s",
-            shown,
-            _shown(username),
+        self._log(
+            logging.WARNING,
+            "failed failures=%d/%d%s",
+            client_ip,
+            via,
+            username,
             failures,
             self.config.max_failures,
             " (locked out)" if locked else "",
@@ -523,4 +555,4 @@ class Authenticator:
 
 def _shown(username: str) -> str:
     """A client-chosen name, safe for one log line."""
-    return repr(username[:64] + ("…" if len(username) > 64 else ""))
+    return repr(username[:USER_LOG_LIMIT] + ("…" if len(username) > USER_LOG_LIMIT else ""))

@@ -91,7 +91,18 @@ class Bouncer:
         except SpoolError as exc:
             delivery_log.error("%s: cannot queue the bounce: %s", entry.id, exc)
             return None
-        delivery_log.info("%s: bounce queued as %s to <%s>", entry.id, dsn_id, entry.sender)
+        delivery_log.info(
+            "%s: bounce queued as %s to <%s>",
+            entry.id,
+            dsn_id,
+            entry.sender,
+            extra={
+                "event": "bounce_queued",
+                "queue_id": entry.id,
+                "bounce_id": dsn_id,
+                "to": [entry.sender],
+            },
+        )
         self._metrics.bounce("queued")
         return entry
 

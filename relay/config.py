@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from relay.errors import ConfigError
+from relay.log import FORMATS, LEVELS
 
 Check = Callable[[Any], str | None]
 """A field check: the problem with a value, or None when it is fine."""
@@ -258,6 +259,16 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """The ``[log]`` section."""
+
+    format: str = checked("text", one_of(*FORMATS))
+    """"text": ``TIME LEVEL LOGGER: MESSAGE``; "json": one object per line
+    (``relay.log.FIELDS``)."""
+    level: str = checked("info", one_of(*LEVELS))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -267,6 +278,7 @@ class Config:
     spool: SpoolConfig
     metrics: MetricsConfig
     delivery: DeliveryConfig
+    log: LogConfig = LogConfig()
     source: str = "defaults"
     """The file it came from, or "defaults"."""
 
@@ -278,6 +290,7 @@ SECTIONS: dict[str, type[Any]] = {
     "spool": SpoolConfig,
     "metrics": MetricsConfig,
     "delivery": DeliveryConfig,
+    "log": LogConfig,
 }
 
 ENV_PREFIX = "SES_RELAY_"

@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from relay import msglog
 from relay.account import Account
 from relay.bouncer import Bouncer
 from relay.clock import Clock, SystemClock, wait_for
@@ -71,7 +72,7 @@ STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again l
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
-    return SendRequest(message, batch.recipients, entry.source, entry.ses)
+    return SendRequest(message, batch.recipients, entry.source, entry.ses, queue_id=entry.id)
 
 
 def sent_reply(entry: Entry) -> DataReply:
@@ -282,6 +283,7 @@ class Delivery:
                 self.account.answered()
                 self._metrics.batch("sent")
                 new = replace(batch, state="sent", message_id=result.message_id, error=None)
+                msglog.sent(entry, new)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
                 if all(b.state == "sent" for b in attempt.entry.batches):
@@ -310,7 +312,7 @@ class Delivery:
                 await self._forget(entry)
                 if inline:
                     return sent_reply(entry)  # the handler logs the outcome with the reply
-                self._log(entry, "sent")
+                self._log(entry, "sent", "removed")
                 if entry.bounce_of is not None:
                     self._bouncer.sent()
             case Refuse(reply):
@@ -323,12 +325,19 @@ class Delivery:
                 # a pause of all delivery) is not a failed attempt.
                 self._schedule(entry.id, at)
                 delivery_log.debug("%s: waiting for the SES sending rate", entry.id)
-            case Retry(retried, reason):
+            case Retry(retried, why):
                 await self._save(retried)
                 self._schedule(entry.id, retried.next_attempt)
                 self._metrics.retry()
-                self._log(retried, f"deferred ({reason})")
+                _log_failures(attempt)
+                for index in retried.pending():
+                    error = attempt.errors.get(index)
+                    reason = msglog.NOT_TRIED if attempt.starved else why
+                    if error is not None:
+                        reason = msglog.error_text(error)
+                    msglog.deferred(retried, retried.batches[index], reason)
             case GiveUp(failed):
+                _log_failures(attempt)
                 await self._give_up(entry, attempt.message, failed)
         return queued_reply(entry)
 
@@ -366,7 +375,7 @@ class Delivery:
         if entry.bounce_of is not None:
             self._bouncer.failed(entry, failed)
             return
-        self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)")
+        self._log(entry, f"bounced ({sum(len(b.recipients) for b in failed)} recipients)", "dead")
 
     def _later(self) -> float:
         """When to try again after a fault of ours (wall time)."""
@@ -425,7 +434,9 @@ class Delivery:
             raise
         return entry, message
 
-    def _log(self, entry: Entry, status: str) -> None:
+    def _log(self, entry: Entry, status: str, event: str) -> None:
+        """The line of a message that left the queue (``event``: "removed",
+        every batch sent; "dead", moved to the dead-letter area)."""
         delivery_log.info(
             "%s: from=<%s> rcpts=%d attempts=%d status=%s",
             entry.id,
@@ -433,6 +444,14 @@ class Delivery:
             len(entry.recipients),
             entry.attempts,
             status,
+            extra={
+                "event": event,
+                "queue_id": entry.id,
+                "from": entry.sender,
+                "recipients": len(entry.recipients),
+                "attempts": entry.attempts,
+                "bounce_id": entry.bounce,
+            },
         )
 
     def _done(self, entry_id: str) -> None:
@@ -490,12 +509,22 @@ class Delivery:
         entry = self._recall(entry)
         if expired(entry.received, self._clock.wall(), self._config.delivery.max_age):
             # Given up on: what is still pending fails, and is bounced.
+            pending = entry.pending()
             entry = expire(entry)
+            for index in pending:
+                msglog.expired(entry, entry.batches[index])
             await self._save(entry)
             await self._settle(_Attempt(entry, message, {}))
             return
         budget = self._config.ses.request_timeout * self._config.ses.max_attempts
         await self._settle(await self._attempt(entry, message, budget))
+
+
+def _log_failures(attempt: _Attempt) -> None:
+    """A line for each batch SES refused for good in ``attempt``."""
+    for index, error in attempt.errors.items():
+        if error.disposition is Disposition.PERMANENT:
+            msglog.bounced(attempt.entry, attempt.entry.batches[index], error)
 
 
 def _log_orphan_failure(task: asyncio.Task[DataReply]) -> None:

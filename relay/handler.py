@@ -25,7 +25,7 @@ from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
 from relay.queueid import new_id
 from relay.ses.sender import SesParameters
 from relay.session import authenticated_user as session_user
-from relay.session import client_address, client_label
+from relay.session import client_address, client_label, session_fields
 from relay.spool import Batch, Entry
 
 NULL_SENDER = ("", "<>")
@@ -86,15 +86,27 @@ class RelayHandler:
         except MessageRefused as refused:
             answer = DataReply.refused(refused.reply)
         self._metrics.message(answer, size=size, recipients=len(envelope.rcpt_tos))
+        delay = time.monotonic() - started
         smtp_log.info(
-            "%s: client=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
+            "%s: client=%s user=%s from=<%s> rcpts=%d size=%d status=%s delay=%.3f",
             queue_id,
             client_label(session),
+            session_user(session) or "-",
             envelope.mail_from,
             len(envelope.rcpt_tos),
             size,
             answer.reply,
-            time.monotonic() - started,
+            delay,
+            extra={
+                "event": "received",
+                "queue_id": queue_id,
+                **session_fields(session),
+                "from": envelope.mail_from,
+                "recipients": len(envelope.rcpt_tos),
+                "size": size,
+                "reply": str(answer.reply),
+                "delay": round(delay, 3),
+            },
         )
         return str(answer.reply)
 

@@ -44,6 +44,9 @@ LIVE = frozenset(
         "smtp.max_connections_per_client",
         # The users AUTH checks against.
         "auth.users_file",
+        # The log's handler (``relay.app.serve`` sets it again after a reload).
+        "log.format",
+        "log.level",
     }
 )
 SWITCHES = frozenset({"smtp.tls_cert", "smtp.tls_key", "auth.users_file"})

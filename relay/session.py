@@ -66,6 +66,16 @@ def client_label(session: Any) -> str:
     return client if via is None else f"{client} via={via}"
 
 
+def session_fields(session: Any) -> dict[str, str | None]:
+    """The client of a session as the JSON log names it (``relay.log.FIELDS``):
+    ``client``, ``via`` when a load balancer vouched for it, and ``user``."""
+    fields = {"client": client_address(session), "user": authenticated_user(session)}
+    via = vouching_peer(session)
+    if via is not None:
+        fields["via"] = via
+    return fields
+
+
 def _shown(address: Address) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)

@@ -76,8 +76,15 @@ from relay.errors import MessageRefused
 from relay.limiter import REPLY_SHUTTING_DOWN, SessionOutcome
 from relay.limiter import ConnectionLimiter as ConnectionLimiter  # noqa: PLC0414 (relay.app)
 from relay.log import smtp_log
+from relay.oneline import one_line
 from relay.policy import Network, in_networks, networks
-from relay.session import client_label, find_client_address, peer_address
+from relay.session import (
+    authenticated_user,
+    client_label,
+    find_client_address,
+    peer_address,
+    session_fields,
+)
 from relay.smtpauth import AuthMixin
 from relay.smtpsyntax import (
     REPLY_TOO_BIG,
@@ -235,6 +242,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._in_hook = False
         self._busy = False
         """A command is running (its reply is not sent yet)."""
+        self._command: tuple[str, str] | None = None
+        """The command running and what the log may show of its argument."""
         self._drain_reply: str | None = None
         self._expired = False
         self._deadline: float | None = None
@@ -413,6 +422,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
     # -- the session -----------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        if self._command is not None:
+            self._log_refusal(*self._command, status)
         # Replies are ASCII (no SMTPUTF8); a non-ASCII character in a handler's
         # text is escaped rather than failing the reply.
         data = status if isinstance(status, bytes) else status.encode("ascii", "backslashreplace")
@@ -430,6 +441,29 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 raise
             self._drop(f"a reply waited {self.settings.write_timeout:g}s: it does not read")
             raise ConnectionAbortedError("the client does not read its replies") from None
+
+    def _log_refusal(self, command: str, arg: str, status: str | bytes) -> None:
+        """One line for a refusal before DATA (``refusal_logged``)."""
+        reply = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if not refusal_logged(command, reply):
+            return
+        session = self.session
+        user = authenticated_user(session)
+        smtp_log.warning(
+            "NOQUEUE: reject: %s from client=%s user=%s: %s; arg=%s",
+            command,
+            client_label(session),
+            user or "-",
+            reply,
+            arg,
+            extra={
+                "event": "refused",
+                **session_fields(session),
+                "command": command,
+                "arg": arg,
+                "reply": reply,
+            },
+        )
 
     async def challenge_auth(
         self,
@@ -576,14 +610,16 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 )
                 await self._refuse(f"421 4.7.0 {command} sent too many times", "refused")
                 return
-            if not self.tls_handshake_okay and command != "QUIT":
-                await self.push(REPLY_INSECURE)
-                continue
             self._busy = True
+            self._command = (command, shown_argument(command, arg))
             try:
+                if not self.tls_handshake_okay and command != "QUIT":
+                    await self.push(REPLY_INSECURE)
+                    continue
                 await self._run(command, method, arg)
             finally:
                 self._busy = False
+                self._command = None
             if self._closing:
                 return
             if self._expired:
@@ -796,6 +832,33 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         finally:
             self.reset_envelope()
         await self.push("250 2.0.0 OK" if status is MISSING else status)
+
+
+REFUSALS_NOT_LOGGED: Final = frozenset({500, 501, 502, 503, 504})
+"""Syntax and sequence errors: a client's bug, not a refusal worth a log line."""
+ARG_LOG_LIMIT: Final = 200
+"""Characters of a refused command's argument in its log line."""
+
+
+def refusal_logged(command: str, reply: str) -> bool:
+    """Whether ``reply`` to ``command`` gets a log line of its own: every
+    ``4xx`` or ``5xx`` to MAIL or RCPT but a syntax or sequence error
+    (``530``, ``550``, ``552``, ``553``, ``554``, ``452``, ...), and AUTH's
+    ``538`` (no TLS). The outcome of an AUTH exchange and a locked-out
+    client are logged by ``relay.auth``. Pure."""
+    code = int(reply[:3]) if reply[:3].isdigit() else 0
+    if command == "AUTH":
+        return code == 538
+    return command in ("MAIL", "RCPT") and code >= 400 and code not in REFUSALS_NOT_LOGGED
+
+
+def shown_argument(command: str, arg: str | None) -> str:
+    """What a log line may show of ``arg``: for AUTH the mechanism alone
+    (the rest is a credential), else the text flattened and bounded."""
+    text = arg or ""
+    if command == "AUTH":
+        text = text.split(" ", 1)[0]
+    return one_line(text, ARG_LOG_LIMIT)
 
 
 def quiet_aiosmtpd_logs() -> None:

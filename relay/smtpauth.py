@@ -120,7 +120,7 @@ class AuthMixin(AiosmtpdAuth):
             return
         authenticator = self.relay_authenticator
         assert authenticator is not None
-        if authenticator.refuses(self.auth_client_ip()):
+        if authenticator.refuses(self.auth_client_ip(), via=vouching_peer(self.session)):
             await self._auth_lock_out()
             return
         status = await self.call_auth_hook(args)

@@ -481,7 +481,7 @@ async def test_log_names_the_client_and_the_proxy_that_vouched_for_it(
     [request] = fake_ses.requests
     assert request.destinations == ["bob@example.net"]
     [line] = [r.getMessage() for r in caplog.records if " from=<" in r.getMessage()]
-    assert f"client=198.51.100.7 via=127.0.0.1 from=<{SENDER}> rcpts=1 " in line
+    assert f"client=198.51.100.7 via=127.0.0.1 user=- from=<{SENDER}> rcpts=1 " in line
 
 
 CRLF_FORGERY = b"&#13;&#10;250 forged&#13;&#10;"

@@ -134,7 +134,9 @@ class SesClient:
         """SendRawEmail of one batch; ``deadline`` (seconds) bounds the whole
         call, retries included."""
         body = send_raw_email_body(request)
-        result = await self._call("SendRawEmail", body, parse_send_raw_email, deadline)
+        result = await self._call(
+            "SendRawEmail", body, parse_send_raw_email, deadline, queue_id=request.queue_id
+        )
         if result.unusable_id is not None:
             ses_log.warning(
                 "SES accepted a message (request %s) with a MessageId that is not a token, "
@@ -159,8 +161,36 @@ class SesClient:
         )
 
     async def _call(
-        self, action: str, body: bytes, parse: Callable[[bytes], T], deadline: float | None
+        self,
+        action: str,
+        body: bytes,
+        parse: Callable[[bytes], T],
+        deadline: float | None,
+        *,
+        queue_id: str = "",
     ) -> T:
+        """``action`` with its retries; a call that was retried is one log
+        line when it ends (``queue_id``: the message it is for)."""
+        failures: list[SesError] = []
+        try:
+            result = await self._retried(action, body, parse, deadline, failures)
+        except SesError as error:
+            if failures[:-1]:
+                _log_retries(action, queue_id, failures[:-1], f"failed with {error.code}")
+            raise
+        if failures:
+            _log_retries(action, queue_id, failures, "succeeded")
+        return result
+
+    async def _retried(
+        self,
+        action: str,
+        body: bytes,
+        parse: Callable[[bytes], T],
+        deadline: float | None,
+        failures: list[SesError],
+    ) -> T:
+        """``action``, retried quickly; each failed attempt is added to ``failures``."""
         config = self._config
         budget = deadline if deadline is not None else config.request_timeout * config.max_attempts
         ends = self._monotonic() + budget
@@ -171,10 +201,12 @@ class SesClient:
             attempt += 1
             remaining = ends - self._monotonic()
             if remaining <= 0:
-                raise transport_error("Timeout", "deadline passed before SES answered")
+                failures.append(transport_error("Timeout", "deadline passed before SES answered"))
+                raise failures[-1]
             try:
                 return await self._observed(action, body, body_sha256, parse, remaining)
             except SesError as error:
+                failures.append(error)
                 if error.refresh_credentials and not refreshed:
                     # Rotated or expired credentials: fetch new ones and try once more.
                     self._credentials.invalidate()
@@ -188,9 +220,6 @@ class SesClient:
                 )
                 if self._monotonic() + delay >= ends:
                     raise
-                ses_log.info(
-                    "retrying SES call in %.2fs after %s (attempt %d)", delay, error.code, attempt
-                )
                 await self._sleep(delay)
 
     async def _observed(
@@ -249,3 +278,23 @@ class SesClient:
         if 200 <= status < 300:
             return parse(answer)
         raise error_from_answer(status, answer)
+
+
+def _log_retries(action: str, queue_id: str, failures: Sequence[SesError], outcome: str) -> None:
+    """One line for a call retried inside the client: ``failures`` are the
+    attempts that were retried, ``outcome`` how the last one ended."""
+    codes = ", ".join(error.code for error in failures)
+    ses_log.info(
+        "%sSES %s retried after %s; %s",
+        f"{queue_id}: " if queue_id else "",
+        action,
+        codes,
+        outcome,
+        extra={
+            "event": "retried",
+            "action": action,
+            "retries": len(failures),
+            "reason": codes,
+            **({"queue_id": queue_id} if queue_id else {}),
+        },
+    )

@@ -14,7 +14,7 @@ writes its JSON form), and sent with every batch of the message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -49,6 +49,8 @@ class SendRequest:
     source: str | None = None
     """The envelope sender SES uses (v1 ``Source``, v2 ``FromEmailAddress``)."""
     ses: SesParameters = NO_PARAMETERS
+    queue_id: str = field(default="", compare=False)
+    """The message's queue id, for log lines only (never sent; not compared)."""
 
 
 @dataclass(frozen=True, slots=True)

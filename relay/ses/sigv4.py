@@ -34,6 +34,17 @@ class Credentials:
     session_token: str | None = field(default=None, repr=False)
     expiration: datetime | None = None
 
+    @property
+    def key_shown(self) -> str:
+        """The access key id as log lines show it: ``AKIA…WXYZ``, enough to
+        tell keys apart."""
+        return shorten_key_id(self.access_key_id)
+
+
+def shorten_key_id(key_id: str) -> str:
+    """``AKIAIOSFODNN7EXAMPLE`` → ``AKIA…MPLE``; a short one is hidden entirely."""
+    return f"{key_id[:4]}…{key_id[-4:]}" if len(key_id) >= 12 else "…"
+
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 

@@ -292,7 +292,7 @@ class _Chain:
                 continue
             except CredentialsError as exc:
                 raise CredentialsError(f"{label} is configured but failed: {exc}") from None
-            ses_log.info("AWS credentials from %s (access key %s)", label, creds.access_key_id)
+            ses_log.info("AWS credentials from %s (access key %s)", label, creds.key_shown)
             return fetch, creds
         raise CredentialsError(
             "no AWS credentials found; tried, in order:\n  " + "\n  ".join(skipped)

@@ -235,7 +235,7 @@ class RefreshingProvider:
             ses_log.info(
                 "%s: credentials %s valid until %s",
                 self._name,
-                creds.access_key_id,
+                creds.key_shown,
                 creds.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             )
         return creds
