@@ -178,10 +178,15 @@ def start_postfix(children: Children, base: Path, postfix: str, sink: str) -> Se
     (base / "etc" / "master.cf").write_text(MASTER_CF.format(port=port))
     argv = [postfix, "-c", str(base / "etc"), "start-fg"]
     child, fsyncs = launch(children, "postfix", argv, base / "postfix.log", os.environ)
+    downstream = PostfixDownstream(base)
     try:
         master = _master_pid(base, child)
+        # Registered at once: the master runs in its own session, so only
+        # the server's stop() reaches it.
+        server = children.add(
+            Server(child, port, ProcessTree(master), fsyncs, downstream, base / "maillog", PROBLEM)
+        )
         wait_for_port(child, port, READY_TIMEOUT)
     except ChildFailed as failure:
-        raise ChildFailed(f"{failure}\nits maillog:\n{PostfixDownstream(base).log()}") from None
-    downstream = PostfixDownstream(base)
-    return Server(child, port, ProcessTree(master), fsyncs, downstream, base / "maillog", PROBLEM)
+        raise ChildFailed(f"{failure}\nits maillog:\n{downstream.log()}") from None
+    return server

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT = 10.0
@@ -126,12 +127,13 @@ class Child:
             raise self.failed(f"did not finish within {timeout:g}s") from None
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL; always reaped. Never raises."""
+        """SIGTERM, then SIGKILL, to its process group (with ``perf stat``,
+        the server under it too); always reaped. Never raises."""
         for signum in (signal.SIGTERM, signal.SIGKILL):
             if self.process.poll() is not None:
                 return
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
+                os.killpg(self.pid, signum)  # its own session: the group is its pid
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(STOP_TIMEOUT)
 
@@ -212,17 +214,26 @@ class ProcessTree:
         return total_kb / 1024
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None:
+        """Stop it, whatever its state; never raises."""
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
 class Children:
-    """Every child started through it is stopped when the ``with`` block ends."""
+    """Every child started through it is stopped when the ``with`` block ends
+    (a server started under ``perf stat`` or by Postfix's master, first)."""
 
     def __init__(self) -> None:
-        self._children: list[Child] = []
+        self._children: list[Stoppable] = []
 
-    def add(self, child: Child) -> Child:
+    def add(self, child: S) -> S:
         self._children.append(child)
         return child
 
-    def stop(self, child: Child) -> None:
+    def stop(self, child: Stoppable) -> None:
         child.stop()
         with contextlib.suppress(ValueError):
             self._children.remove(child)

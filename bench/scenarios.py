@@ -112,7 +112,8 @@ def measure(
     peak_rss = server.tree.peak_rss_mb()
     if server.fsyncs is not None:
         server.fsyncs.disable()
-    fsyncs = server.stop(children)
+    children.stop(server)
+    fsyncs = server.fsyncs_counted()
     cpu = user_after + system_after - user_before - system_before
     summary = {
         "msgs_per_s": result["msgs_per_s"],

@@ -90,17 +90,21 @@ class Server:
         lines = [line for line in text.splitlines() if self.problem.search(line)]
         return len(lines), lines[:keep]
 
-    def stop(self, children: Children) -> int | None:
+    def stop(self) -> None:
         """SIGTERM to the server itself (``perf stat`` then sees it exit and
-        writes its count), then to the command; the fsyncs counted."""
+        writes its count), then to the command. Never raises."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.tree.root, signal.SIGTERM)
         with contextlib.suppress(ChildFailed):
             self.child.wait_exit(STOP_TIMEOUT)
-        children.stop(self.child)
+        self.child.stop()
+        if self.fsyncs is not None:
+            self.fsyncs.close()
+
+    def fsyncs_counted(self) -> int | None:
+        """Once stopped: the fsyncs counted while enabled (None without perf)."""
         if self.fsyncs is None:
             return None
-        self.fsyncs.close()
         try:
             return self.fsyncs.count()
         except (OSError, ValueError):
@@ -148,7 +152,7 @@ def start_ceiling(children: Children, directory: Path) -> Server:
     argv = [sys.executable, "-m", "bench.ceiling"]
     child, fsyncs = launch(children, "ceiling", argv, directory / "ceiling.log", python_env())
     port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
-    return Server(child, port, server_root(child, fsyncs), fsyncs)
+    return children.add(Server(child, port, server_root(child, fsyncs), fsyncs))
 
 
 def _toml(value: Any) -> str:
@@ -204,7 +208,8 @@ def start_relay(children: Children, directory: Path, ses: FakeSes) -> Server:
     port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
     child.wait_for_line(r"ses-relay ready", READY_TIMEOUT)
     spool = directory / "spool"
-    return Server(child, port, server_root(child, fsyncs), fsyncs, RelayDownstream(spool, ses))
+    server = Server(child, port, server_root(child, fsyncs), fsyncs, RelayDownstream(spool, ses))
+    return children.add(server)
 
 
 @dataclass
