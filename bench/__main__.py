@@ -1,9 +1,15 @@
-"""``python -m bench``: the relay against a do-nothing SMTP server, same load.
+"""``python -m bench``: the relay against a do-nothing SMTP server and
+Postfix, same load.
 
 Run from the repository root. Each scenario starts its own processes (the
-do-nothing server, then a fake SES and the relay, and a load generator for
-each) in a temporary directory, and stops them all and removes the directory
-at the end, also on ^C, SIGTERM or an error.
+do-nothing server; a fake SES and the relay; smtp-sink and a private
+Postfix; and the load for each) in a temporary directory, and stops them
+all and removes the directory at the end, also on ^C, SIGTERM or an error.
+
+The load is Postfix's ``smtp-source`` when it is installed (it leaves the
+cores to the server measured), else the aiosmtplib generator; Postfix is a
+target when it is installed and the benchmark runs as root. fsyncs are
+counted with ``perf`` when it is installed and allowed.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import machine, report
+from bench import fsyncs, machine, postfix, report, smtpsource
 from bench.procs import ChildFailed, terminate_as_interrupt
-from bench.scenarios import SCENARIOS, Settings, run_scenario
+from bench.scenarios import LOADS, SCENARIOS, TARGETS, Settings, run_scenario
+
+FORMAT = 2
+"""The JSON's shape: 2 added per-target summaries (``postfix``), ``ratios``,
+``load_generator``, fsyncs and TLS handshakes per 1000; what 1 had is kept."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         choices=sorted(SCENARIOS),
         help="run this scenario (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--load",
+        choices=("auto", *LOADS),
+        default="auto",
+        help="the load generator (default: smtp-source when installed, else aiosmtplib)",
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        choices=TARGETS,
+        help="load this target (repeatable; default: all; postfix only when installed)",
     )
     parser.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
@@ -60,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1")
     if args.duration <= 0 or args.warmup < 0 or args.ses_delay_ms < 0:
         parser.error("--duration must be positive, --warmup and --ses-delay-ms not negative")
+    args.smtp_source = smtpsource.command()
+    if args.load == "auto":
+        args.load = "aiosmtplib" if args.smtp_source is None else "smtp-source"
+    elif args.load == "smtp-source" and args.smtp_source is None:
+        parser.error("--load smtp-source: smtp-source is not installed (Debian: postfix)")
+    if args.load == "aiosmtplib":
+        args.smtp_source = None
     return args
 
 
@@ -71,10 +100,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         count=args.count,
         ses_delay_ms=args.ses_delay_ms,
         drain_timeout=args.drain_timeout,
+        load=args.load,
+        smtp_source=args.smtp_source,
+        targets=tuple(args.target or TARGETS),
     )
     document: dict[str, Any] = {
+        "format": FORMAT,
         "machine": machine.describe(workdir),
         "settings": vars(settings),
+        "fsyncs_counted": fsyncs.perf() is not None,
+        "postfix": postfix.commands() is not None,
         "scenarios": [],
     }
     for name in args.scenario or list(SCENARIOS):
@@ -91,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tmp_dir is not None:
         args.tmp_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ses-relay-bench-", dir=args.tmp_dir))
+    workdir.chmod(0o755)  # Postfix's daemons, as the postfix user, must reach their directories
     try:
         with terminate_as_interrupt():
             document = run(args, workdir)
@@ -109,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{machine_info['cpus']} CPUs, Python {machine_info['python']}, "
         f"spool on {machine_info['spool_file_system']}, "
-        f"load average at start {machine_info['load_average_at_start'][0]:.2f}"
+        f"load average at start {machine_info['load_average_at_start'][0]:.2f}, "
+        f"load from {args.load}"
     )
     print(report.table(document["scenarios"]))
+    print()
+    print(report.ratio_table(document["scenarios"]))
     for note in report.notes(document["scenarios"]):
         print(f"note: {note}")
     if args.json is not None:

@@ -9,7 +9,10 @@ per-message``: connect, EHLO, MAIL, RCPT, DATA, QUIT).
 Replies that arrive during the ``--warmup`` seconds are not measured; then
 either ``--duration`` seconds or the first ``--count`` replies are. At the
 end of the window no session starts another message; messages in flight
-finish (they count in ``total_accepted`` but not in the rate).
+finish (they count in ``total_accepted`` but not in the rate). SIGTERM
+ends the window at once, the same way (the driver's latency probe runs so,
+beside ``smtp-source``). ``--pace S`` makes each session start a message
+at most every S seconds.
 
 Latency is taken around aiosmtplib's ``data()``: from the DATA command to
 the final reply to the message. It includes the DATA/354 round trip (a
@@ -32,6 +35,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +64,7 @@ class Options:
     count: int | None
     timeout: float
     max_seconds: float
+    pace: float = 0.0
 
 
 class SessionEnded(Exception):
@@ -106,6 +111,10 @@ class Recorder:
     errors: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
 
+    def stop(self) -> None:
+        """End the window now."""
+        self.ends = min(self.ends, time.perf_counter())
+
     def finished(self) -> bool:
         return time.perf_counter() >= self.ends
 
@@ -148,6 +157,12 @@ async def send_one(smtp: aiosmtplib.SMTP, message: bytes, recorder: Recorder) ->
     recorder.accepted(sent, time.perf_counter(), response.message)
 
 
+async def paced(options: Options, started: float) -> None:
+    """With ``--pace``, wait out the rest of this message's interval."""
+    if options.pace > 0:
+        await asyncio.sleep(max(0.0, started + options.pace - time.perf_counter()))
+
+
 async def persistent_session(options: Options, messages: Messages, recorder: Recorder) -> None:
     while not recorder.finished():
         smtp = client(options)
@@ -155,6 +170,7 @@ async def persistent_session(options: Options, messages: Messages, recorder: Rec
         try:
             await smtp.connect()
             while not recorder.finished():
+                started = time.perf_counter()
                 try:
                     await send_one(smtp, messages.next(), recorder)
                 except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPServerDisconnected) as error:
@@ -165,6 +181,7 @@ async def persistent_session(options: Options, messages: Messages, recorder: Rec
                         raise SessionEnded from error
                     raise
                 sent += 1
+                await paced(options, started)
             await _quit(smtp)
         except SessionEnded:
             recorder.reconnects += 1
@@ -178,10 +195,12 @@ async def persistent_session(options: Options, messages: Messages, recorder: Rec
 async def per_message_session(options: Options, messages: Messages, recorder: Recorder) -> None:
     while not recorder.finished():
         smtp = client(options)
+        started = time.perf_counter()
         try:
             await smtp.connect()
             await send_one(smtp, messages.next(), recorder)
             await _quit(smtp)
+            await paced(options, started)
         except (aiosmtplib.SMTPException, OSError) as error:
             recorder.error(error)
             await asyncio.sleep(ERROR_PAUSE)
@@ -212,6 +231,8 @@ async def run(options: Options) -> dict[str, Any]:
     window = options.duration if options.count is None else options.max_seconds
     recorder = Recorder(measure_from=measure_from, ends=measure_from + window, count=options.count)
     session = persistent_session if options.mode == "persistent" else per_message_session
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, recorder.stop)
+    print(f"sending to {options.host}:{options.port}", flush=True)
     cpu_before = time.process_time()
     tasks = [
         asyncio.create_task(session(options, messages, recorder)) for _ in range(options.sessions)
@@ -231,6 +252,7 @@ async def run(options: Options) -> dict[str, Any]:
     measured = min(recorder.ends, start + wall) - measure_from
     latencies = sorted(recorder.latencies)
     return {
+        "generator": "aiosmtplib",
         "mode": options.mode,
         "sessions": options.sessions,
         "message_size": len(messages.next()),
@@ -276,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         default=120.0,
         help="with --count: give up measuring after this long",
     )
+    parser.add_argument(
+        "--pace", type=float, default=0.0, help="each session starts a message at most every S s"
+    )
     args = parser.parse_args(argv)
     options = Options(
         host=args.host,
@@ -288,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         count=args.count,
         timeout=args.timeout,
         max_seconds=args.max_seconds,
+        pace=args.pace,
     )
     return options, args.out
 

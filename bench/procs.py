@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT = 10.0
@@ -52,7 +53,12 @@ class Child:
     """One child process whose stdout and stderr go to ``log_path``."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str],
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -65,6 +71,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=pass_fds,
                 # The driver has no other threads when it starts a child.
                 preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
@@ -120,44 +127,113 @@ class Child:
             raise self.failed(f"did not finish within {timeout:g}s") from None
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL; always reaped. Never raises."""
+        """SIGTERM, then SIGKILL, to its process group (with ``perf stat``,
+        the server under it too); always reaped. Never raises."""
         for signum in (signal.SIGTERM, signal.SIGKILL):
             if self.process.poll() is not None:
                 return
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
+                os.killpg(self.pid, signum)  # its own session: the group is its pid
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(STOP_TIMEOUT)
 
-    def cpu_times(self) -> tuple[float, float]:
-        """User and system CPU seconds so far (``/proc/PID/stat`` fields 14, 15)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds so far."""
-        return sum(self.cpu_times())
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/PID/stat`` from field 3 (state) on: the name may hold spaces."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def only_child(pid: int, timeout: float = 10.0) -> int:
+    """The one child of ``pid`` (e.g. the server ``perf stat`` runs)."""
+    deadline = time.monotonic() + timeout
+    while not (children := _children_by_parent().get(pid)):
+        if time.monotonic() >= deadline:
+            raise ChildFailed(f"process {pid} started no child within {timeout:g}s")
+        time.sleep(_POLL)
+    return children[0]
+
+
+class ProcessTree:
+    """A server's processes: ``root`` and everything it started (Postfix's
+    master and its daemons; the relay or the ceiling alone), read from
+    ``/proc`` when asked."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+
+    def pids(self) -> list[int]:
+        tree = _children_by_parent()
+        found, pending = [], [self.root]
+        while pending:
+            pid = pending.pop()
+            found.append(pid)
+            pending.extend(tree.get(pid, []))
+        return found
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds so far of the live processes (fields
+        14, 15) and of the children they reaped (16, 17): a daemon that exits
+        moves its time into its parent's, so the sum only grows."""
+        user = system = 0
+        for pid in self.pids():
+            try:
+                fields = _stat_fields(pid)
+            except OSError:
+                continue  # exited meanwhile: counted in its parent's from now on
+            user += int(fields[11]) + int(fields[13])
+            system += int(fields[12]) + int(fields[14])
+        return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
     def peak_rss_mb(self) -> float:
-        """Peak resident set size so far (``VmHWM``), in MiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise self.failed("no VmHWM in /proc/PID/status")
+        """The sum of the live processes' peak resident set sizes (``VmHWM``),
+        in MiB: for one process its peak; for several an upper bound of their
+        peak together (shared pages count once per process)."""
+        total_kb = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total_kb += sum(
+                int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
+            )
+        return total_kb / 1024
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None:
+        """Stop it, whatever its state; never raises."""
+
+
+S = TypeVar("S", bound=Stoppable)
 
 
 class Children:
-    """Every child started through it is stopped when the ``with`` block ends."""
+    """Every child started through it is stopped when the ``with`` block ends
+    (a server started under ``perf stat`` or by Postfix's master, first)."""
 
     def __init__(self) -> None:
-        self._children: list[Child] = []
+        self._children: list[Stoppable] = []
 
-    def add(self, child: Child) -> Child:
+    def add(self, child: S) -> S:
         self._children.append(child)
         return child
 
-    def stop(self, child: Child) -> None:
+    def stop(self, child: Stoppable) -> None:
         child.stop()
         with contextlib.suppress(ValueError):
             self._children.remove(child)

@@ -1,24 +1,32 @@
-"""The results as a table (stdout) and as JSON (``--json FILE``)."""
+"""The results as tables (stdout) and as JSON (``--json FILE``)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.scenarios import TARGETS
+
 COLUMNS = (
     "scenario",
-    "ceiling msg/s",
-    "relay msg/s",
-    "relay/ceiling",
-    "ceiling p50/p99 ms",
-    "relay p50/p99 ms",
-    "relay CPU s/1000",
-    "relay peak RSS MB",
+    "target",
+    "msg/s",
+    "p50/p99 ms",
+    "CPU s/1000",
+    "peak RSS MB",
+    "fsyncs/1000",
+    "TLS hs/1000",
     "delivered/accepted",
-    "SES TLS hs/conn",
-    "errors c/r",
+    "errors",
+)
+RATIOS = (
+    "relay/ceiling msg/s",
+    "relay/postfix msg/s",
+    "postfix/ceiling msg/s",
+    "relay/ceiling CPU per msg",
+    "relay/postfix CPU per msg",
 )
 
 
@@ -26,38 +34,55 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _errors(summary: dict[str, Any]) -> int:
-    return sum(summary["errors"].values())
+def _targets(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for name in TARGETS:
+        if result.get(name) is not None:
+            yield name, result[name]
 
 
-def row(result: dict[str, Any]) -> list[str]:
-    ceiling, relay, ses = result["ceiling"], result["relay"], result["ses"]
+def _name(result: dict[str, Any]) -> str:
     delay = f" (SES +{result['ses_delay_ms']:g} ms)" if result["ses_delay_ms"] else ""
-    drained = "" if relay["drained"] else " (not drained)"
+    return f"{result['scenario']}{delay}"
+
+
+def row(result: dict[str, Any], target: str, summary: dict[str, Any]) -> list[str]:
+    drained = "" if summary["drained"] else " (not drained)"
+    delivered = "-" if summary["delivered"] is None else str(summary["delivered"])
     return [
-        result["scenario"] + delay,
-        _num(ceiling["msgs_per_s"]),
-        _num(relay["msgs_per_s"]),
-        _num(result["ratio"], 2),
-        f"{_num(ceiling['p50_ms'])} / {_num(ceiling['p99_ms'])}",
-        f"{_num(relay['p50_ms'])} / {_num(relay['p99_ms'])}",
-        _num(relay["cpu_s_per_1000"], 2),
-        _num(relay["peak_rss_mb"]),
-        f"{relay['delivered']}/{relay['accepted_total']}{drained}",
-        f"{ses['tls_handshakes']}/{ses['connections']}",
-        f"{_errors(ceiling)}/{_errors(relay)}",
+        _name(result),
+        target,
+        _num(summary["msgs_per_s"]),
+        f"{_num(summary['p50_ms'])} / {_num(summary['p99_ms'])}",
+        _num(summary["cpu_s_per_1000"], 2),
+        _num(summary["peak_rss_mb"]),
+        _num(summary.get("fsyncs_per_1000")),
+        _num(summary.get("tls_handshakes_per_1000"), 2),
+        f"{delivered}/{summary['accepted_total']}{drained}",
+        str(sum(summary["errors"].values())),
     ]
 
 
-def table(results: Sequence[dict[str, Any]]) -> str:
-    rows = [list(COLUMNS), *(row(r) for r in results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+def _markdown(header: Sequence[str], rows: Sequence[list[str]]) -> str:
+    everything = [list(header), *rows]
+    widths = [max(len(r[i]) for r in everything) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    return "\n".join([line(everything[0]), rule, *(line(r) for r in everything[1:])])
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per scenario and target."""
+    return _markdown(COLUMNS, [row(r, t, s) for r in results for t, s in _targets(r)])
+
+
+def ratio_table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per scenario: each target's throughput and CPU per message
+    over another's."""
+    rows = [[_name(r), *(_num(r.get("ratios", {}).get(k), 2) for k in RATIOS)] for r in results]
+    return _markdown(("scenario", *RATIOS), rows)
 
 
 def notes(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -66,8 +91,7 @@ def notes(results: Sequence[dict[str, Any]]) -> list[str]:
     found: list[str] = []
     for result in results:
         name = result["scenario"]
-        for side in ("ceiling", "relay"):
-            summary = result[side]
+        for side, summary in _targets(result):
             if summary["errors"]:
                 examples = result["load"][side]["error_examples"]
                 found.append(f"{name}: {side} errors {summary['errors']}, e.g. {examples}")
@@ -77,24 +101,25 @@ def notes(results: Sequence[dict[str, Any]]) -> list[str]:
                     f"{summary['loadgen_cpu_util']:.0%} against the {side}: "
                     "it may have been the limit"
                 )
-        relay = result["relay"]
-        if not relay["drained"]:
-            found.append(f"{name}: the relay's queue had not drained after {relay['drain_s']} s")
-        if relay["reconnects"]:
-            found.append(
-                f"{name}: the relay ended {relay['reconnects']} persistent sessions "
-                "(smtp.max_messages_per_session); the sessions reconnected"
-            )
-        if relay["queued_replies"]:
-            found.append(
-                f"{name}: {relay['queued_replies']} replies were '250 queued' "
-                "(SES not reached inline)"
-            )
-        if relay["log_warnings_errors"]:
-            found.append(
-                f"{name}: the relay logged {relay['log_warnings_errors']} "
-                f"warnings/errors, e.g. {relay['log_examples'][:2]}"
-            )
+            if not summary["drained"]:
+                found.append(
+                    f"{name}: the {side}'s queue had not drained after {summary['drain_s']} s"
+                )
+            if summary["reconnects"]:
+                found.append(
+                    f"{name}: the {side} ended {summary['reconnects']} persistent sessions "
+                    "(e.g. smtp.max_messages_per_session); the sessions reconnected"
+                )
+            if side == "relay" and summary["queued_replies"]:
+                found.append(
+                    f"{name}: {summary['queued_replies']} of the relay's replies were "
+                    "'250 queued' (SES not reached inline)"
+                )
+            if summary["log_warnings_errors"]:
+                found.append(
+                    f"{name}: the {side} logged {summary['log_warnings_errors']} "
+                    f"warnings/errors, e.g. {summary['log_examples'][:2]}"
+                )
     return found
 
 

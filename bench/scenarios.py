@@ -1,27 +1,45 @@
 """The scenarios, and what running one measures.
 
-One scenario runs the same load twice, one server at a time so they never
-share the two cores: first against the do-nothing aiosmtpd server (the
-ceiling), then against the relay delivering to the fake SES. For the relay
-it also reads, from ``/proc``, the CPU time it used from just before the
-load until its queue had drained (per 1000 accepted messages) and its peak
-RSS, and from the fake SES what was delivered and over how many TLS
-connections.
+One scenario runs the same load against each target in turn, one at a time
+so they never share the two cores: the do-nothing aiosmtpd server (the
+ceiling), the relay delivering to the fake SES, and Postfix relaying to
+``smtp-sink`` (when installed; see ``bench/postfix.py``). For each target
+it reads, from just before the load until its queue has drained:
+
+* CPU seconds of the target's processes (``/proc``; Postfix's master and
+  every daemon it ran), per 1000 accepted messages;
+* peak RSS (``VmHWM``; for Postfix the sum over its processes);
+* fsync and fdatasync calls per 1000 accepted messages (``perf stat``, see
+  ``bench/fsyncs.py``; None without perf);
+* TLS handshakes at the fake SES per 1000 accepted messages (the relay);
+* what was delivered downstream, and whether the queue drained.
+
+The ratios compare throughput and CPU per message between the targets.
 """
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Child, Children
-from bench.services import FakeSes, run_load, start_ceiling, start_fake_ses, start_relay
+from bench import postfix
+from bench.procs import Children
+from bench.services import (
+    Downstream,
+    Server,
+    run_load,
+    start_ceiling,
+    start_fake_ses,
+    start_relay,
+)
+from bench.smtpsource import run_smtp_source
 
 DRAIN_POLL = 0.1
-_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+TARGETS = ("ceiling", "relay", "postfix")
+LOADS = ("smtp-source", "aiosmtplib")
 
 
 @dataclass(frozen=True)
@@ -50,106 +68,144 @@ class Settings:
     count: int | None
     ses_delay_ms: float
     drain_timeout: float
+    load: str = "aiosmtplib"
+    """``smtp-source`` or ``aiosmtplib``."""
+    smtp_source: str | None = None
+    targets: tuple[str, ...] = ("ceiling", "relay")
 
 
-def _queued_entries(spool: Path) -> int:
-    try:
-        return sum(1 for _ in (spool / "queue").glob("*.json"))
-    except OSError:
-        return -1
-
-
-def wait_drained(
-    spool: Path, ses: FakeSes, accepted: int, timeout: float
-) -> tuple[bool, float, dict[str, int]]:
-    """Wait until the relay's queue is empty and the fake SES has had at least
-    ``accepted`` SendRawEmail calls: (drained, seconds waited, last stats)."""
+def wait_drained(downstream: Downstream, accepted: int, timeout: float) -> tuple[bool, float, int]:
+    """Wait until the target's queue is empty and at least ``accepted``
+    messages were delivered: (drained, seconds waited, delivered)."""
     start = time.monotonic()
     while True:
-        stats = ses.stats()
-        drained = _queued_entries(spool) == 0 and stats["send_raw_email"] >= accepted
+        delivered = downstream.delivered()
+        drained = downstream.queue_empty() and delivered >= accepted
         waited = time.monotonic() - start
         if drained or waited >= timeout:
-            return drained, round(waited, 2), stats
+            return drained, round(waited, 2), delivered
         time.sleep(DRAIN_POLL)
 
 
-def _per_1000(cpu: float, messages: int) -> float | None:
-    return round(cpu / messages * 1000, 3) if messages else None
+def _per_1000(value: float | None, messages: int) -> float | None:
+    return round(value / messages * 1000, 3) if messages and value is not None else None
 
 
-def _log_problems(child: Child, keep: int = 5) -> tuple[int, list[str]]:
-    lines = [line for line in child.log().splitlines() if _PROBLEM.search(line)]
-    return len(lines), lines[:keep]
+Load = Callable[[Children, str, int], dict[str, Any]]
 
 
-def _summary(load: dict[str, Any], cpu: float) -> dict[str, Any]:
-    return {
-        "msgs_per_s": load["msgs_per_s"],
-        "p50_ms": load["latency_ms"]["p50"],
-        "p99_ms": load["latency_ms"]["p99"],
-        "accepted_total": load["total_accepted"],
-        "errors": load["errors"],
-        "cpu_s_per_1000": _per_1000(cpu, load["total_accepted"]),
-        "cpu_util_during_load": round(cpu / load["wall_s"], 3) if load["wall_s"] else None,
-        "loadgen_cpu_util": load["loadgen_cpu_util"],
+def measure(
+    children: Children, server: Server, name: str, load: Load, drain_timeout: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``server``, wait for its queue to drain, stop it: (summary, load)."""
+    user_before, system_before = server.tree.cpu_times()
+    if server.fsyncs is not None:
+        server.fsyncs.enable()
+    result = load(children, name, server.port)
+    during_load = sum(server.tree.cpu_times()) - user_before - system_before
+    accepted = result["total_accepted"]
+    drained, drain_s, delivered = True, 0.0, None
+    if server.downstream is not None:
+        drained, drain_s, delivered = wait_drained(server.downstream, accepted, drain_timeout)
+    user_after, system_after = server.tree.cpu_times()
+    problems = server.problems()
+    peak_rss = server.tree.peak_rss_mb()
+    if server.fsyncs is not None:
+        server.fsyncs.disable()
+    children.stop(server)
+    fsyncs = server.fsyncs_counted()
+    cpu = user_after + system_after - user_before - system_before
+    summary = {
+        "msgs_per_s": result["msgs_per_s"],
+        "p50_ms": result["latency_ms"]["p50"],
+        "p99_ms": result["latency_ms"]["p99"],
+        "accepted_total": accepted,
+        "errors": result["errors"],
+        "cpu_s_per_1000": _per_1000(cpu, accepted),
+        "cpu_util_during_load": (
+            round(during_load / result["wall_s"], 3) if result["wall_s"] else None
+        ),
+        "cpu_system_share": round((system_after - system_before) / cpu, 3) if cpu else None,
+        "loadgen_cpu_util": result["loadgen_cpu_util"],
+        "peak_rss_mb": round(peak_rss, 1),
+        "fsyncs_per_1000": _per_1000(fsyncs, accepted),
+        "tls_handshakes_per_1000": None,
+        "queued_replies": result["queued_replies"],
+        "reconnects": result["reconnects"],
+        "delivered": delivered,
+        "drained": drained,
+        "drain_s": drain_s,
     }
+    summary["log_warnings_errors"], summary["log_examples"] = problems
+    return summary, result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(targets: dict[str, dict[str, Any] | None]) -> dict[str, float | None]:
+    """Throughput and CPU per message of one target over another's."""
+    found: dict[str, float | None] = {}
+    for a, b in (("relay", "ceiling"), ("relay", "postfix"), ("postfix", "ceiling")):
+        first, second = targets.get(a), targets.get(b)
+        if first is None or second is None:
+            continue
+        found[f"{a}/{b} msg/s"] = _ratio(first["msgs_per_s"], second["msgs_per_s"])
+        found[f"{a}/{b} CPU per msg"] = _ratio(first["cpu_s_per_1000"], second["cpu_s_per_1000"])
+    return found
 
 
 def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[str, Any]:
     def load(children: Children, name: str, port: int) -> dict[str, Any]:
-        return run_load(
-            children,
-            workdir,
-            name,
-            port,
-            mode=scenario.mode,
-            sessions=settings.sessions,
-            size=scenario.size,
-            warmup=settings.warmup,
-            duration=settings.duration,
-            count=settings.count,
-        )
-
-    with Children() as children:
-        ceiling = start_ceiling(children, workdir / "ceiling")
-        before = ceiling.child.cpu_seconds()
-        ceiling_load = load(children, "ceiling", ceiling.port)
-        ceiling_summary = _summary(ceiling_load, ceiling.child.cpu_seconds() - before)
-        children.stop(ceiling.child)
-
-        ses = start_fake_ses(children, workdir / "ses", settings.ses_delay_ms)
-        relay = start_relay(children, workdir / "relay", ses)
-        user_before, system_before = relay.child.cpu_times()
-        before = user_before + system_before
-        relay_load = load(children, "relay", relay.port)
-        during_load = relay.child.cpu_seconds() - before
-        drained, drain_s, ses_stats = wait_drained(
-            workdir / "relay" / "spool", ses, relay_load["total_accepted"], settings.drain_timeout
-        )
-        user_after, system_after = relay.child.cpu_times()
-        relay_cpu = user_after + system_after - before
-        relay_summary = _summary(relay_load, during_load)
-        relay_summary["cpu_s_per_1000"] = _per_1000(relay_cpu, relay_load["total_accepted"])
-        problems, examples = _log_problems(relay.child)
-        relay_summary |= {
-            "cpu_system_share": (
-                round((system_after - system_before) / relay_cpu, 3) if relay_cpu else None
-            ),
-            "peak_rss_mb": round(relay.child.peak_rss_mb(), 1),
-            "queued_replies": relay_load["queued_replies"],
-            "reconnects": relay_load["reconnects"],
-            "delivered": ses_stats["send_raw_email"],
-            "recipients_delivered": ses_stats["recipients"],
-            "drained": drained,
-            "drain_s": drain_s,
-            "log_warnings_errors": problems,
-            "log_examples": examples,
+        directory = workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        common: dict[str, Any] = {
+            "mode": scenario.mode,
+            "sessions": settings.sessions,
+            "size": scenario.size,
+            "warmup": settings.warmup,
+            "duration": settings.duration,
+            "count": settings.count,
         }
+        if settings.smtp_source is not None:
+            return run_smtp_source(children, settings.smtp_source, directory, name, port, **common)
+        return run_load(children, directory, name, port, **common)
 
-    ratio = None
-    if ceiling_summary["msgs_per_s"] and relay_summary["msgs_per_s"] is not None:
-        ratio = round(relay_summary["msgs_per_s"] / ceiling_summary["msgs_per_s"], 3)
+    targets: dict[str, dict[str, Any] | None] = dict.fromkeys(TARGETS)
+    loads: dict[str, dict[str, Any]] = {}
+    ses_stats: dict[str, int] | None = None
+    with Children() as children:
+        if "ceiling" in settings.targets:
+            ceiling = start_ceiling(children, workdir / "ceiling")
+            targets["ceiling"], loads["ceiling"] = measure(
+                children, ceiling, "ceiling", load, settings.drain_timeout
+            )
+        if "relay" in settings.targets:
+            ses = start_fake_ses(children, workdir / "ses", settings.ses_delay_ms)
+            relay = start_relay(children, workdir / "relay", ses)
+            summary, loads["relay"] = measure(
+                children, relay, "relay", load, settings.drain_timeout
+            )
+            ses_stats = ses.stats()
+            tls = _per_1000(ses_stats["tls_handshakes"], summary["accepted_total"])
+            summary |= {
+                "tls_handshakes_per_1000": tls,
+                "recipients_delivered": ses_stats["recipients"],
+            }
+            targets["relay"] = summary
+            children.stop(ses.child)
+        commands = postfix.commands()
+        if "postfix" in settings.targets and commands is not None:
+            # Short: Postfix's Unix sockets live under it.
+            base = workdir.parent / f"postfix-{scenario.mode}"
+            server = postfix.start_postfix(children, base, *commands)
+            targets["postfix"], loads["postfix"] = measure(
+                children, server, "postfix", load, settings.drain_timeout
+            )
+
+    relay_load = loads.get("relay") or next(iter(loads.values()))
+    ratio_table = ratios(targets)
     return {
         "scenario": scenario.name,
         "mode": scenario.mode,
@@ -157,9 +213,10 @@ def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[
         "message_size": relay_load["message_size"],
         "recipients": scenario.recipients,
         "ses_delay_ms": settings.ses_delay_ms,
-        "ceiling": ceiling_summary,
-        "relay": relay_summary,
-        "ratio": ratio,
+        "load_generator": settings.load,
+        **targets,
+        "ratio": ratio_table.get("relay/ceiling msg/s"),
+        "ratios": ratio_table,
         "ses": ses_stats,
-        "load": {"ceiling": ceiling_load, "relay": relay_load},
+        "load": loads,
     }

@@ -8,15 +8,32 @@ reach it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import sys
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from bench.procs import Child, Children, python_env
+from bench.fsyncs import FsyncCounter
+from bench.fsyncs import counter as fsyncs_counter
+from bench.procs import (
+    STOP_TIMEOUT,
+    Child,
+    ChildFailed,
+    Children,
+    ProcessTree,
+    only_child,
+    python_env,
+)
 
+PYTHON_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+"""A warning or error in the relay's (or the ceiling's) log."""
 READY_TIMEOUT = 30.0
 """Seconds any process may take to say it is ready."""
 _ADDRESS = r"on 127\.0\.0\.1:(\d+)"
@@ -39,12 +56,76 @@ class FakeSes:
         return stats
 
 
+class Downstream(Protocol):
+    """Where a target delivers, as far as the driver needs to know."""
+
+    def delivered(self) -> int:
+        """Messages delivered so far."""
+
+    def queue_empty(self) -> bool:
+        """Nothing left in the target's queue."""
+
+
 @dataclass
 class Server:
-    """An SMTP server under load: the ceiling or the relay."""
+    """A target under load: the command started (the server, or ``perf
+    stat`` around it), its SMTP port, its processes, its fsync counter (None
+    without ``perf``), where it delivers, and the log whose lines matching
+    ``problem`` are warnings or errors."""
 
     child: Child
     port: int
+    tree: ProcessTree
+    fsyncs: FsyncCounter | None
+    downstream: Downstream | None = None
+    log: Path | None = None
+    problem: re.Pattern[str] = PYTHON_PROBLEM
+
+    def problems(self, keep: int = 5) -> tuple[int, list[str]]:
+        """How many warnings or errors it logged, and the first few."""
+        try:
+            text = (self.log or self.child.log_path).read_text(errors="replace")
+        except OSError:
+            return 0, []
+        lines = [line for line in text.splitlines() if self.problem.search(line)]
+        return len(lines), lines[:keep]
+
+    def stop(self) -> None:
+        """SIGTERM to the server itself (``perf stat`` then sees it exit and
+        writes its count), then to the command. Never raises."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.tree.root, signal.SIGTERM)
+        with contextlib.suppress(ChildFailed):
+            self.child.wait_exit(STOP_TIMEOUT)
+        self.child.stop()
+        if self.fsyncs is not None:
+            self.fsyncs.close()
+
+    def fsyncs_counted(self) -> int | None:
+        """Once stopped: the fsyncs counted while enabled (None without perf)."""
+        if self.fsyncs is None:
+            return None
+        try:
+            return self.fsyncs.count()
+        except (OSError, ValueError):
+            return None
+
+
+def launch(
+    children: Children, name: str, argv: Sequence[str], log: Path, env: Mapping[str, str]
+) -> tuple[Child, FsyncCounter | None]:
+    """Start ``argv`` under ``perf stat`` when it can count fsyncs, else as is."""
+    fsyncs = fsyncs_counter(log.with_suffix(".fsyncs.csv"))
+    if fsyncs is None:
+        return children.add(Child(name, argv, log, env)), None
+    child = children.add(Child(name, fsyncs.wrap(argv), log, env, fsyncs.pass_fds))
+    fsyncs.started()
+    return child, fsyncs
+
+
+def server_root(child: Child, fsyncs: FsyncCounter | None) -> ProcessTree:
+    """The server's own process: the child, or perf stat's only child."""
+    return ProcessTree(child.pid if fsyncs is None else only_child(child.pid))
 
 
 def start_fake_ses(children: Children, directory: Path, delay_ms: float) -> FakeSes:
@@ -68,11 +149,10 @@ def start_fake_ses(children: Children, directory: Path, delay_ms: float) -> Fake
 
 def start_ceiling(children: Children, directory: Path) -> Server:
     directory.mkdir(parents=True, exist_ok=True)
-    child = children.add(
-        Child.python("ceiling", ["-m", "bench.ceiling"], directory / "ceiling.log")
-    )
+    argv = [sys.executable, "-m", "bench.ceiling"]
+    child, fsyncs = launch(children, "ceiling", argv, directory / "ceiling.log", python_env())
     port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
-    return Server(child, port)
+    return children.add(Server(child, port, server_root(child, fsyncs), fsyncs))
 
 
 def _toml(value: Any) -> str:
@@ -123,17 +203,35 @@ def start_relay(children: Children, directory: Path, ses: FakeSes) -> Server:
     and ``ses-relay ready``."""
     directory.mkdir(parents=True, exist_ok=True)
     config = relay_config(directory, ses)
-    child = children.add(
-        Child.python(
-            "relay",
-            ["-m", "relay", "serve", "-c", str(config)],
-            directory / "relay.log",
-            relay_env(),
-        )
-    )
+    argv = [sys.executable, "-m", "relay", "serve", "-c", str(config)]
+    child, fsyncs = launch(children, "relay", argv, directory / "relay.log", relay_env())
     port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
     child.wait_for_line(r"ses-relay ready", READY_TIMEOUT)
-    return Server(child, port)
+    spool = directory / "spool"
+    server = Server(child, port, server_root(child, fsyncs), fsyncs, RelayDownstream(spool, ses))
+    return children.add(server)
+
+
+@dataclass
+class RelayDownstream:
+    """The relay delivers to the fake SES; its queue is the spool's."""
+
+    spool: Path
+    ses: FakeSes
+
+    def delivered(self) -> int:
+        return self.ses.stats()["send_raw_email"]
+
+    def queue_empty(self) -> bool:
+        try:
+            return not any((self.spool / "queue").glob("*.json"))
+        except OSError:
+            return False
+
+
+def run_limit(warmup: float, duration: float, count: int | None) -> float:
+    """Seconds a load generator's run may take: it bounds itself, this bounds it."""
+    return warmup + (duration if count is None else 120.0) + 90.0
 
 
 def run_load(
@@ -165,10 +263,8 @@ def run_load(
     args = ["-m", "bench.load", *(s for pair in options.items() for s in map(str, pair))]
     log = directory / f"load-{name}.log"
     child = children.add(Child.python(f"load generator ({name})", args, log))
-    # The generator bounds itself; this is the bound on the generator.
-    limit = warmup + (duration if count is None else 120.0) + 90.0
     try:
-        status = child.wait_exit(limit)
+        status = child.wait_exit(run_limit(warmup, duration, count))
     finally:
         children.stop(child)
     if status != 0 or not out.exists():
