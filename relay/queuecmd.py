@@ -350,11 +350,11 @@ def open_spool(config: Config) -> Spool:
     """The configured spool, without the daemon's lock. A missing spool is
     an error (a wrong ``-c`` or ``$STATE_DIRECTORY`` would otherwise show an
     empty queue)."""
-    path = Path(config.spool.path)
+    path = Path(config.spool.path).absolute()
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
         raise SpoolError(f"spool {path} {problem} ({spool_origin(config)})")
-    spool = Spool(path.absolute())
+    spool = Spool(path)
     spool.open(lock=False)
     return spool
 
