@@ -41,6 +41,7 @@ from relay.ses.sender import (
     SesSender,
 )
 from relay.ses.sigv4 import Credentials
+from relay.space import FreeSpace, floor_for
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from tests.fakeclock import FakeClock
 from tests.fakeses import ACTION, PARAMS, FakeSes, SesErrorReply
@@ -145,6 +146,7 @@ async def delivering(
                 config,
                 spool,
                 sender or ses,
+                space=FreeSpace(spool.free_bytes, floor_for(config.smtp.max_message_size), clock),
                 clock=clock,
                 jitter=lambda: 0.0,
                 metrics=metrics,
