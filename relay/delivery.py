@@ -39,7 +39,7 @@ from relay.account import Account
 from relay.bouncer import Bouncer
 from relay.clock import Clock, SystemClock
 from relay.config import Config
-from relay.errors import Disposition, NoSuchEntry, SesError, SpoolError, UnreadableEntry
+from relay.errors import NoSuchEntry, SesError, SpoolError, UnreadableEntry
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.outcome import (
@@ -50,6 +50,8 @@ from relay.outcome import (
     Retry,
     Wait,
     after_attempt,
+    batch_refused,
+    batch_sent,
     expire,
     queued_reply,
     sent_reply,
@@ -59,11 +61,8 @@ from relay.record import Record
 from relay.schedule import expired
 from relay.ses.sender import SendRequest, SesSender
 from relay.space import STORAGE_FULL, FreeSpace
-from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
+from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from relay.workers import Workers
-
-PAUSE_SLACK = 0.05
-"""Seconds of a pause short enough to wait for in the sending-rate queue."""
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
@@ -203,7 +202,7 @@ class Delivery:
             self._workers.schedule(entry_id, self._later())
 
     async def _attempt_queued(self, entry_id: str) -> None:
-        if self.account.pause_left() > PAUSE_SLACK:  # all delivery paused: not an attempt
+        if self.account.paused():  # all delivery paused: not an attempt
             self._workers.schedule(entry_id, self.account.resume_at())
             return
         try:
@@ -249,15 +248,12 @@ class Delivery:
             except SesError as error:
                 self.account.react(error)
                 attempt.errors[index] = error
-                permanent = error.disposition is Disposition.PERMANENT
-                self._metrics.batch("failed" if permanent else "deferred")
-                new = replace(
-                    batch, state="failed" if permanent else "pending", error=BatchError.of(error)
-                )
+                new = batch_refused(batch, error)
+                self._metrics.batch("failed" if new.state == "failed" else "deferred")
             else:
                 self.account.answered()
                 self._metrics.batch("sent")
-                new = replace(batch, state="sent", message_id=result.message_id, error=None)
+                new = batch_sent(batch, result.message_id)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
                 if all(b.state == "sent" for b in attempt.entry.batches):

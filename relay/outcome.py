@@ -17,6 +17,8 @@ and does it:
 - ``GiveUp``: nothing is pending and some batch failed for good: bounce its
   recipients and move the entry to the dead-letter area.
 
+``batch_sent`` and ``batch_refused`` are a batch's state after SES's answer.
+
 ``DataReply`` is what an attempt made while the client waits
 (``Delivery.accept``) comes to: the reply to DATA and what became of the
 message, which the handler logs and metrics count as they are;
@@ -35,10 +37,10 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from relay.config import DeliveryConfig
-from relay.errors import SesError, SmtpReply
+from relay.errors import Disposition, SesError, SmtpReply
 from relay.oneline import one_line
 from relay.schedule import next_attempt_at
-from relay.spool import MAX_HISTORY, Batch, BatchError, Entry
+from relay.spool import MAX_HISTORY, Batch, BatchError, BatchState, Entry
 
 MAX_IDS_IN_REPLY = 5
 """SES message ids named in the reply to DATA."""
@@ -100,6 +102,18 @@ class DataReply:
     def refused(cls, reply: SmtpReply) -> DataReply:
         """The message is not taken: deferred (``4xx``) or rejected (``5xx``)."""
         return cls(reply, "deferred" if reply.code // 100 == 4 else "rejected")
+
+
+def batch_sent(batch: Batch, message_id: str | None) -> Batch:
+    """``batch`` after SES took it as ``message_id``."""
+    return replace(batch, state="sent", message_id=message_id, error=None)
+
+
+def batch_refused(batch: Batch, error: SesError) -> Batch:
+    """``batch`` after SES refused it: failed for good when the error is
+    permanent, pending otherwise; the error kept either way."""
+    state: BatchState = "failed" if error.disposition is Disposition.PERMANENT else "pending"
+    return replace(batch, state=state, error=BatchError.of(error))
 
 
 def sent_reply(entry: Entry) -> DataReply:

@@ -18,6 +18,8 @@ from relay.outcome import (
     Retry,
     Wait,
     after_attempt,
+    batch_refused,
+    batch_sent,
     expire,
     queued_reply,
     sent_reply,
@@ -260,3 +262,25 @@ def test_the_reply_to_data_names_what_ses_sent_it_as(
     assert queued_reply(entry(*batches)) == DataReply(
         SmtpReply(250, "2.0.0", "Ok: queued as 0006A1B2C3D4E5F60000AA"), "queued"
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [(REJECTED, "failed"), (ILLEGAL, "failed"), (UNAVAILABLE, "pending"), (TIMEOUT, "pending")],
+    ids=["rejected", "illegal address", "unavailable", "no answer"],
+)
+def test_a_batch_refused_fails_for_good_only_when_the_error_is_permanent(
+    error: SesError, state: str
+) -> None:
+    refused = batch_refused(PENDING, error)
+    assert (refused.recipients, refused.state, refused.message_id) == (
+        PENDING.recipients,
+        state,
+        None,
+    )
+    assert refused.error == BatchError.of(error)
+
+
+def test_a_batch_sent_keeps_its_message_id_and_no_error() -> None:
+    retried = batch_refused(PENDING, UNAVAILABLE)
+    assert batch_sent(retried, "0100-b") == Batch(PENDING.recipients, "sent", "0100-b", None)
