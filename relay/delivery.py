@@ -106,6 +106,7 @@ class Delivery:
         self._record = Record(spool)
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
+        """Following the account's quota (``ses.max_send_rate = 0``)."""
         self._accepting: set[asyncio.Task[DataReply]] = set()
         """Commits and inline attempts: they outlive a client that hangs up."""
 
