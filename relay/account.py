@@ -24,6 +24,8 @@ from relay.outage import Outage
 from relay.ratelimit import SendRate
 from relay.ses.sender import SendQuota, SesSender
 
+PAUSE_SLACK = 0.05
+"""Seconds of a pause short enough to wait for in the sending-rate queue."""
 PAUSE_LOG_SLACK = 1.0
 """Seconds by which a pause must outlast the current one to be logged again."""
 
@@ -56,6 +58,11 @@ class Account:
         when there is none."""
         paused_until = self.rate.paused_until
         return 0.0 if paused_until is None else max(0.0, paused_until - self._clock.monotonic())
+
+    def paused(self) -> bool:
+        """Whether all delivery is paused for longer than a batch waits for
+        its sending-rate tokens (an attempt now would send nothing)."""
+        return self.pause_left() > PAUSE_SLACK
 
     def resume_at(self) -> float:
         """When sending may go on (wall time): now, or the end of a pause."""

@@ -23,6 +23,7 @@ import aiohttp
 from relay import reloadrecord
 from relay.auth import Authenticator
 from relay.bouncecheck import check_bounce_sender
+from relay.clock import SystemClock
 from relay.config import Config, load_config, split_host_port
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError, SpoolLocked
@@ -38,6 +39,7 @@ from relay.ses.client import SesClient
 from relay.ses.credentials import RefreshingProvider, default_chain
 from relay.ses.http import new_session
 from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
+from relay.space import FreeSpace, floor_for
 from relay.spool import Census, Spool
 
 SHUTDOWN_GRACE = 30.0
@@ -58,6 +60,8 @@ class Relay:
         self._grace_over = asyncio.Event()
         """Set by ``end_grace``: ``stop`` waits no longer."""
         self.delivery: Delivery | None = None
+        self.space: FreeSpace | None = None
+        """The spool's free space against its floor (set with the spool)."""
         self._authenticator: Authenticator | None = None
         self._tls_context: ssl.SSLContext | None = None
         """The certificate loaded last: every new TLS handshake uses it."""
@@ -103,7 +107,13 @@ class Relay:
             ses = SesClient(
                 config.ses, self._credentials, session=self._http, observe=self.metrics.ses_call
             )
-            self.delivery = Delivery(config, self.spool, ses, metrics=self.metrics)
+            self.space = FreeSpace(
+                self.spool.free_bytes, floor_for(config.smtp.max_message_size), SystemClock()
+            )
+            await self.space.refresh()
+            self.delivery = Delivery(
+                config, self.spool, ses, space=self.space, metrics=self.metrics
+            )
             await self.delivery.start()
             self._in_background(self._check_bounce_sender(ses))
             if resources.users is not None:
@@ -138,7 +148,8 @@ class Relay:
         if resources.tls_context is not None:
             resources.tls_context.sni_callback = self._use_current_tls
         self._tls_context = resources.tls_context
-        handler = RelayHandler(config, self.delivery, metrics=self.metrics)
+        assert self.space is not None
+        handler = RelayHandler(config, self.delivery, self.space, metrics=self.metrics)
         kinds = [False] * len(config.smtp.listen) + [True] * len(config.smtp.tls_listen)
         self._factories = [
             smtp_factory(
@@ -271,6 +282,7 @@ class Relay:
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+            self.space = None
         if self._authenticator is not None:
             self._authenticator.close()
             self._authenticator = None
@@ -317,7 +329,7 @@ class Relay:
         spool = "ok"
         if delivery is None:
             spool = "not open"
-        elif not delivery.space_ok():
+        elif self.space is not None and not self.space.ok():
             spool = "no room: free space is below 1.5 x smtp.max_message_size"
         pause = delivery.account.pause_left() if delivery is not None else 0.0
         ses = "ok" if pause <= 0 else f"all delivery paused for {pause:.0f}s more (see the log)"

@@ -14,9 +14,13 @@ and carries out what its parts decide. The parts, each with one job:
 
 - ``relay.outcome``: what follows an attempt (forget, retry at a time, give
   up and bounce, refuse before ``250``), a pure function;
-- ``relay.duequeue``: which queued message is due when;
+- ``relay.workers``: which queued message is attempted when (the due-time
+  queue, ``relay.duequeue``), by ``delivery.concurrency`` workers;
 - ``relay.account``: the SES account's sending rate, outage, pauses and quota;
+- ``relay.record``: each entry's delivery state in the spool, and in memory
+  where it could not be written;
 - ``relay.bouncer``: the delivery status notifications;
+- ``relay.space``: whether the spool has room for another message;
 - ``relay.clock``: the one clock all of them read and sleep on.
 
 SES is "a sender" (``relay.ses.sender.SesSender``): send one batch, read the
@@ -34,17 +38,9 @@ from dataclasses import dataclass, replace
 from relay import msglog
 from relay.account import Account
 from relay.bouncer import Bouncer
-from relay.clock import Clock, SystemClock, wait_for
+from relay.clock import Clock, SystemClock
 from relay.config import Config
-from relay.duequeue import DueQueue
-from relay.errors import (
-    Disposition,
-    NoSuchEntry,
-    SesError,
-    SmtpReply,
-    SpoolError,
-    UnreadableEntry,
-)
+from relay.errors import Disposition, NoSuchEntry, SesError, SpoolError, UnreadableEntry
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.outcome import (
@@ -55,35 +51,23 @@ from relay.outcome import (
     Retry,
     Wait,
     after_attempt,
+    batch_refused,
+    batch_sent,
     expire,
+    queued_reply,
+    sent_reply,
 )
 from relay.queueid import new_id
+from relay.record import Record
 from relay.schedule import expired
 from relay.ses.sender import SendRequest, SesSender
-from relay.spool import DEAD, QUEUE, Batch, BatchError, Entry, Spool
-
-MAX_IDS_IN_REPLY = 5
-PAUSE_SLACK = 0.05
-"""Seconds of a pause short enough to wait for in the sending-rate queue."""
-SPACE_CHECK_INTERVAL = 1.0
-SPACE_RECHECK_INTERVAL = 0.1
-"""Seconds between fresh readings before a MAIL is refused for lack of space."""
-STORAGE_FULL = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
+from relay.space import STORAGE_FULL, FreeSpace
+from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.workers import Workers
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
     return SendRequest(message, batch.recipients, entry.source, entry.ses, queue_id=entry.id)
-
-
-def sent_reply(entry: Entry) -> DataReply:
-    ids = [b.message_id for b in entry.batches if b.message_id]
-    shown = " ".join(ids[:MAX_IDS_IN_REPLY]) or "(SES gave no usable message id)"
-    more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
-    return DataReply(SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}"), "sent")
-
-
-def queued_reply(entry: Entry) -> DataReply:
-    return DataReply(SmtpReply(250, "2.0.0", f"Ok: queued as {entry.id}"), "queued")
 
 
 @dataclass(slots=True)
@@ -106,45 +90,33 @@ class Delivery:
         spool: Spool,
         sender: SesSender,
         *,
+        space: FreeSpace,
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
         metrics: RelayMetrics,
     ) -> None:
         self._config = config
         self._spool = spool
+        self._space = space
         self._metrics = metrics
         self._sender = sender
         self._clock = clock = clock or SystemClock()
         self._jitter = jitter
         self.account = Account(config, clock, sender, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
-        self._due = DueQueue()
-        self._in_flight: set[str] = set()
-        self._idle = asyncio.Event()
-        """Set when the last attempt in flight ends."""
-        self._work: asyncio.Queue[str] = asyncio.Queue()
-        self._wake = asyncio.Event()
+        self._record = Record(spool)
+        self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
-        self._checks: set[asyncio.Task[None]] = set()
+        """Following the account's quota (``ses.max_send_rate = 0``)."""
         self._accepting: set[asyncio.Task[DataReply]] = set()
         """Commits and inline attempts: they outlive a client that hangs up."""
-        self._unsaved: dict[str, Entry] = {}
-        """Entries whose latest batch outcomes could not be written (full
-        disk): what SES accepted is remembered here until a write succeeds."""
-        self._free_bytes: int | None = None
-        self._free_checked = -SPACE_CHECK_INTERVAL
-        self._free_read = -SPACE_RECHECK_INTERVAL
-        self._space_floor = int(config.smtp.max_message_size * 1.5)
 
     # -- life cycle
 
     async def start(self) -> None:
         """Resume every queued entry, then start the scheduler and workers."""
         await self.rescan()
-        await self._refresh_free_space()
-        self._tasks.append(asyncio.create_task(self._scheduler(), name="relay-scheduler"))
-        for number in range(self._config.delivery.concurrency):
-            self._tasks.append(asyncio.create_task(self._worker(), name=f"relay-worker-{number}"))
+        self._workers.start(self._config.delivery.concurrency)
         if self._config.ses.max_send_rate <= 0:
             follow = self.account.follow_quota(self._config.delivery.quota_refresh)
             self._tasks.append(asyncio.create_task(follow, name="relay-quota"))
@@ -152,11 +124,7 @@ class Delivery:
     async def quiesce(self) -> None:
         """Start no new attempt; return when the attempts in flight are done
         (the caller bounds the wait, then calls ``stop``)."""
-        if self._tasks:
-            self._tasks[0].cancel()  # the scheduler: no new attempts
-        if self._in_flight:
-            self._idle.clear()
-            await self._idle.wait()
+        await self._workers.quiesce()
 
     async def stop(self) -> None:
         """Cancel whatever still runs; what is not done stays queued."""
@@ -165,6 +133,7 @@ class Delivery:
         tasks = [*self._tasks, *self._accepting]
         for task in tasks:
             task.cancel()
+        await self._workers.stop()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -184,39 +153,11 @@ class Delivery:
         for entry in entries:
             if entry.bounce_of in queued:
                 continue  # scheduled when the message it reports on leaves the queue
-            self._schedule(entry.id, entry.next_attempt)
+            self._workers.schedule(entry.id, entry.next_attempt)
         if entries:
             delivery_log.info("queue: %d messages to deliver", len(entries))
 
     # -- the DATA path
-
-    def space_ok(self) -> bool:
-        """Whether the spool has room for another message (checked about once a
-        second, off the event loop); below the floor MAIL gets 452."""
-        now = self._clock.monotonic()
-        if now - self._free_checked >= SPACE_CHECK_INTERVAL:
-            self._free_checked = now
-            task = asyncio.create_task(self._refresh_free_space())
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
-        return self._free_bytes is None or self._free_bytes >= self._space_floor
-
-    async def has_space(self) -> bool:
-        """``space_ok``, but a refusal is confirmed by a fresh reading (at most
-        every ``SPACE_RECHECK_INTERVAL``): space that came back (the queue
-        drained, an operator cleaned up) is seen at once."""
-        if self.space_ok():
-            return True
-        if self._clock.monotonic() - self._free_read >= SPACE_RECHECK_INTERVAL:
-            await self._refresh_free_space()
-        return self._free_bytes is None or self._free_bytes >= self._space_floor
-
-    async def _refresh_free_space(self) -> None:
-        try:
-            self._free_bytes = await asyncio.to_thread(self._spool.free_bytes)
-        except (OSError, SpoolError) as exc:
-            delivery_log.warning("cannot read free space of the spool: %s", exc)
-        self._free_read = self._clock.monotonic()
 
     async def accept(self, entry: Entry, message: bytes) -> DataReply:
         """Commit, then try SES inline; the reply for the client's DATA.
@@ -238,19 +179,57 @@ class Delivery:
             await asyncio.to_thread(self._spool.put, entry, message)
         except SpoolError as exc:
             delivery_log.error("%s: not accepted: %s", entry.id, exc)
-            self._free_checked = -SPACE_CHECK_INTERVAL
+            self._space.look_again()
             return DataReply.refused(STORAGE_FULL)
-        self._in_flight.add(entry.id)
+        self._workers.claim(entry.id)
         try:
             attempt = await self._attempt(entry, message, self._config.delivery.inline_timeout)
             return await self._settle(attempt, inline=True)
         except Exception:
             # Committed: the background keeps the promise, so 250 is the truth.
             delivery_log.exception("%s: inline delivery failed unexpectedly", entry.id)
-            self._schedule(entry.id, self._later())
+            self._workers.schedule(entry.id, self._later())
             return queued_reply(entry)
         finally:
-            self._done(entry.id)
+            self._workers.release(entry.id)
+
+    # -- the background
+
+    async def _deliver_queued(self, entry_id: str) -> None:
+        """A worker's attempt of a queued entry that is due."""
+        try:
+            await self._attempt_queued(entry_id)
+        except Exception:
+            delivery_log.exception("%s: delivery failed unexpectedly", entry_id)
+            self._workers.schedule(entry_id, self._later())
+
+    async def _attempt_queued(self, entry_id: str) -> None:
+        if self.account.paused():  # all delivery paused: not an attempt
+            self._workers.schedule(entry_id, self.account.resume_at())
+            return
+        try:
+            entry, message = await self._record.load(entry_id)
+        except NoSuchEntry:
+            return  # delivered or deleted meanwhile
+        except UnreadableEntry as exc:
+            # Garbled while queued: set aside for a person, as at start-up.
+            await asyncio.to_thread(self._spool.quarantine, entry_id, QUEUE, reason=str(exc))
+            return
+        except SpoolError as exc:
+            delivery_log.error("%s: cannot load: %s", entry_id, exc)
+            self._workers.schedule(entry_id, self._later())
+            return
+        if expired(entry.received, self._clock.wall(), self._config.delivery.max_age):
+            # Given up on: what is still pending fails, and is bounced.
+            pending = entry.pending()
+            entry = expire(entry)
+            for index in pending:
+                msglog.expired(entry, entry.batches[index])
+            await self._record.save(entry)
+            await self._settle(_Attempt(entry, message, {}))
+            return
+        budget = self._config.ses.request_timeout * self._config.ses.max_attempts
+        await self._settle(await self._attempt(entry, message, budget))
 
     # -- attempts
 
@@ -274,21 +253,18 @@ class Delivery:
             except SesError as error:
                 self.account.react(error)
                 attempt.errors[index] = error
-                permanent = error.disposition is Disposition.PERMANENT
-                self._metrics.batch("failed" if permanent else "deferred")
-                new = replace(
-                    batch, state="failed" if permanent else "pending", error=BatchError.of(error)
-                )
+                new = batch_refused(batch, error)
+                self._metrics.batch("failed" if new.state == "failed" else "deferred")
             else:
                 self.account.answered()
                 self._metrics.batch("sent")
-                new = replace(batch, state="sent", message_id=result.message_id, error=None)
+                new = batch_sent(batch, result.message_id)
                 msglog.sent(entry, new)
             async with lock:
                 attempt.entry = attempt.entry.with_batch(index, new)
                 if all(b.state == "sent" for b in attempt.entry.batches):
                     return  # removed next: the same crash window, one fsync fewer
-                await self._save(attempt.entry)
+                await self._record.save(attempt.entry)
 
         await asyncio.gather(*(send(i) for i in entry.pending()))
         return attempt
@@ -309,7 +285,7 @@ class Delivery:
         )
         match decision:
             case Forget():
-                await self._forget(entry)
+                await self._record.remove(entry)
                 if inline:
                     return sent_reply(entry)  # the handler logs the outcome with the reply
                 self._log(entry, "sent", "removed")
@@ -318,16 +294,16 @@ class Delivery:
             case Refuse(reply):
                 # SES took none of it: the client gets SES's refusal and keeps
                 # the message; nothing of ours remains.
-                await self._forget(entry)
+                await self._record.remove(entry)
                 return DataReply.refused(reply)
             case Wait(at):
                 # Nothing was sent: waiting for the sending rate (or the end of
                 # a pause of all delivery) is not a failed attempt.
-                self._schedule(entry.id, at)
+                self._workers.schedule(entry.id, at)
                 delivery_log.debug("%s: waiting for the SES sending rate", entry.id)
             case Retry(retried, why):
-                await self._save(retried)
-                self._schedule(entry.id, retried.next_attempt)
+                await self._record.save(retried)
+                self._workers.schedule(entry.id, retried.next_attempt)
                 self._metrics.retry()
                 _log_failures(attempt)
                 for index in retried.pending():
@@ -353,12 +329,12 @@ class Delivery:
         if self._bouncer.wanted(entry):
             if entry.bounce is None:
                 entry = replace(entry, bounce=new_id())
-                if not await self._save(entry):
-                    self._schedule(entry.id, self._later())
+                if not await self._record.save(entry):
+                    self._workers.schedule(entry.id, self._later())
                     return
             queued = await self._bouncer.queue(entry, message, failed)
             if queued is None:
-                self._schedule(entry.id, self._later())
+                self._workers.schedule(entry.id, self._later())
                 return
             entry = queued
         try:
@@ -367,11 +343,11 @@ class Delivery:
             delivery_log.warning("%s: deleted while being delivered", entry.id)
         except SpoolError as exc:
             delivery_log.error("%s: cannot move to the dead-letter area: %s", entry.id, exc)
-            self._schedule(entry.id, self._later())
+            self._workers.schedule(entry.id, self._later())
             return
-        self._unsaved.pop(entry.id, None)
+        self._record.left(entry.id)
         if entry.bounce is not None:
-            self._schedule(entry.bounce, 0.0)
+            self._workers.schedule(entry.bounce, 0.0)
         if entry.bounce_of is not None:
             self._bouncer.failed(entry, failed)
             return
@@ -380,59 +356,6 @@ class Delivery:
     def _later(self) -> float:
         """When to try again after a fault of ours (wall time)."""
         return self._clock.wall() + self._config.delivery.retry_min
-
-    # -- the spool
-
-    async def _save(self, entry: Entry) -> bool:
-        """Write ``entry``'s state; True when it is on disk."""
-        try:
-            await asyncio.to_thread(self._spool.update, entry)
-        except NoSuchEntry:
-            self._unsaved.pop(entry.id, None)
-            delivery_log.warning("%s: deleted while being delivered", entry.id)
-            return False
-        except SpoolError as exc:
-            # The outcome is known but not on disk: kept in memory so that this
-            # process does not resend the batch; a restart before a write
-            # succeeds may.
-            self._unsaved[entry.id] = entry
-            delivery_log.error("%s: cannot record delivery state: %s", entry.id, exc)
-            return False
-        self._unsaved.pop(entry.id, None)
-        return True
-
-    def _recall(self, entry: Entry) -> Entry:
-        """``entry`` as loaded, with the batch outcomes that could not be written."""
-        known = self._unsaved.get(entry.id)
-        if known is None:
-            return entry
-        for index, (on_disk, remembered) in enumerate(
-            zip(entry.batches, known.batches, strict=False)
-        ):
-            if (
-                on_disk.state == "pending"
-                and remembered.state != "pending"
-                and on_disk.recipients == remembered.recipients
-            ):
-                entry = entry.with_batch(index, remembered)
-        return entry
-
-    async def _forget(self, entry: Entry) -> None:
-        self._unsaved.pop(entry.id, None)
-        try:
-            await asyncio.to_thread(self._spool.remove, entry.id)
-        except SpoolError as exc:
-            delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
-
-    def _load(self, entry_id: str) -> tuple[Entry, bytes]:
-        entry = self._spool.load(entry_id)
-        try:
-            message = self._spool.message(entry_id)
-        except NoSuchEntry:
-            if self._spool.find(entry_id) == QUEUE:  # the envelope is still there
-                raise UnreadableEntry("its message file is missing") from None
-            raise
-        return entry, message
 
     def _log(self, entry: Entry, status: str, event: str) -> None:
         """The line of a message that left the queue (``event``: "removed",
@@ -453,71 +376,6 @@ class Delivery:
                 "bounce_id": entry.bounce,
             },
         )
-
-    def _done(self, entry_id: str) -> None:
-        self._in_flight.discard(entry_id)
-        if not self._in_flight:
-            self._idle.set()
-
-    # -- background
-
-    def _schedule(self, entry_id: str, when: float) -> None:
-        if self._due.schedule(entry_id, when):
-            self._wake.set()
-
-    async def _scheduler(self) -> None:
-        """Hand due entries to the workers; sleep until the next one is due."""
-        while True:
-            now = self._clock.wall()
-            for entry_id in self._due.pop_due(now):
-                if entry_id in self._in_flight:
-                    continue  # the attempt in flight settles it
-                self._in_flight.add(entry_id)
-                self._work.put_nowait(entry_id)
-            self._wake.clear()
-            due = self._due.next_due()
-            with contextlib.suppress(TimeoutError):
-                await wait_for(self._clock, self._wake.wait(), None if due is None else due - now)
-
-    async def _worker(self) -> None:
-        while True:
-            entry_id = await self._work.get()
-            try:
-                await self._deliver_queued(entry_id)
-            except Exception:
-                delivery_log.exception("%s: delivery failed unexpectedly", entry_id)
-                self._schedule(entry_id, self._later())
-            finally:
-                self._done(entry_id)
-
-    async def _deliver_queued(self, entry_id: str) -> None:
-        if self.account.pause_left() > PAUSE_SLACK:  # all delivery paused: not an attempt
-            self._schedule(entry_id, self.account.resume_at())
-            return
-        try:
-            entry, message = await asyncio.to_thread(self._load, entry_id)
-        except NoSuchEntry:
-            return  # delivered or deleted meanwhile
-        except UnreadableEntry as exc:
-            # Garbled while queued: set aside for a person, as at start-up.
-            await asyncio.to_thread(self._spool.quarantine, entry_id, QUEUE, reason=str(exc))
-            return
-        except SpoolError as exc:
-            delivery_log.error("%s: cannot load: %s", entry_id, exc)
-            self._schedule(entry_id, self._later())
-            return
-        entry = self._recall(entry)
-        if expired(entry.received, self._clock.wall(), self._config.delivery.max_age):
-            # Given up on: what is still pending fails, and is bounced.
-            pending = entry.pending()
-            entry = expire(entry)
-            for index in pending:
-                msglog.expired(entry, entry.batches[index])
-            await self._save(entry)
-            await self._settle(_Attempt(entry, message, {}))
-            return
-        budget = self._config.ses.request_timeout * self._config.ses.max_attempts
-        await self._settle(await self._attempt(entry, message, budget))
 
 
 def _log_failures(attempt: _Attempt) -> None:

@@ -1,8 +1,8 @@
 """The aiosmtpd handler: hooks that turn policy decisions into SMTP replies.
 
 Each hook is a thin adapter: the decisions live in ``relay.policy``,
-``relay.message`` and ``relay.delivery``, which raise ``MessageRefused``
-with the reply to give.
+``relay.space``, ``relay.message`` and ``relay.delivery``, which raise
+``MessageRefused`` with the reply to give.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from relay.addresses import ascii_address
 from relay.config import Config
-from relay.delivery import STORAGE_FULL, Delivery
+from relay.delivery import Delivery
 from relay.errors import MessageRefused
 from relay.log import smtp_log
 from relay.message import plan_batches, prepare
@@ -26,6 +26,7 @@ from relay.queueid import new_id
 from relay.ses.sender import SesParameters
 from relay.session import authenticated_user as session_user
 from relay.session import client_address, client_label, session_fields
+from relay.space import STORAGE_FULL, FreeSpace
 from relay.spool import Batch, Entry
 
 NULL_SENDER = ("", "<>")
@@ -38,6 +39,7 @@ class RelayHandler:
         self,
         config: Config,
         delivery: Delivery,
+        space: FreeSpace,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         queue_id: Callable[[], str] = new_id,
@@ -45,6 +47,7 @@ class RelayHandler:
     ) -> None:
         self._config = config
         self._delivery = delivery
+        self._space = space
         self._metrics = metrics
         self._policy = AccessPolicy.from_config(config.smtp, config.auth)
         self._defaults = SesParameters(configuration_set=config.ses.configuration_set or None)
@@ -57,7 +60,7 @@ class RelayHandler:
         client, user = client_address(session), session_user(session)
         if not self._policy.may_relay(client, user):
             return str(AUTH_REQUIRED)
-        if not await self._delivery.has_space():
+        if not await self._space.has_room():
             return str(STORAGE_FULL)
         if address not in NULL_SENDER:
             try:

@@ -17,9 +17,12 @@ and does it:
 - ``GiveUp``: nothing is pending and some batch failed for good: bounce its
   recipients and move the entry to the dead-letter area.
 
+``batch_sent`` and ``batch_refused`` are a batch's state after SES's answer.
+
 ``DataReply`` is what an attempt made while the client waits
 (``Delivery.accept``) comes to: the reply to DATA and what became of the
-message, which the handler logs and metrics count as they are.
+message, which the handler logs and metrics count as they are;
+``sent_reply`` and ``queued_reply`` are its two ``250`` forms.
 
 ``expire`` is the decision before an attempt on a message older than
 ``delivery.max_age``: what is pending fails, and ``after_attempt`` then gives
@@ -34,11 +37,13 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from relay.config import DeliveryConfig
-from relay.errors import SesError, SmtpReply
+from relay.errors import Disposition, SesError, SmtpReply
 from relay.oneline import one_line
 from relay.schedule import next_attempt_at
-from relay.spool import MAX_HISTORY, Batch, BatchError, Entry
+from relay.spool import MAX_HISTORY, Batch, BatchError, BatchState, Entry
 
+MAX_IDS_IN_REPLY = 5
+"""SES message ids named in the reply to DATA."""
 ERROR_TEXT_LIMIT = 200
 """Characters of one error's text kept in the entry's history."""
 NO_ANSWER = "no answer in time"
@@ -97,6 +102,31 @@ class DataReply:
     def refused(cls, reply: SmtpReply) -> DataReply:
         """The message is not taken: deferred (``4xx``) or rejected (``5xx``)."""
         return cls(reply, "deferred" if reply.code // 100 == 4 else "rejected")
+
+
+def batch_sent(batch: Batch, message_id: str | None) -> Batch:
+    """``batch`` after SES took it as ``message_id``."""
+    return replace(batch, state="sent", message_id=message_id, error=None)
+
+
+def batch_refused(batch: Batch, error: SesError) -> Batch:
+    """``batch`` after SES refused it: failed for good when the error is
+    permanent, pending otherwise; the error kept either way."""
+    state: BatchState = "failed" if error.disposition is Disposition.PERMANENT else "pending"
+    return replace(batch, state=state, error=BatchError.of(error))
+
+
+def sent_reply(entry: Entry) -> DataReply:
+    """SES took every batch while the client waited: the ids it gave them."""
+    ids = [b.message_id for b in entry.batches if b.message_id]
+    shown = " ".join(ids[:MAX_IDS_IN_REPLY]) or "(SES gave no usable message id)"
+    more = f" and {len(ids) - MAX_IDS_IN_REPLY} more" if len(ids) > MAX_IDS_IN_REPLY else ""
+    return DataReply(SmtpReply(250, "2.0.0", f"Ok: {entry.id} sent as {shown}{more}"), "sent")
+
+
+def queued_reply(entry: Entry) -> DataReply:
+    """The message is ours; delivery goes on in the background."""
+    return DataReply(SmtpReply(250, "2.0.0", f"Ok: queued as {entry.id}"), "queued")
 
 
 def after_attempt(

@@ -41,6 +41,7 @@ from relay.ses.sender import (
     SesSender,
 )
 from relay.ses.sigv4 import Credentials
+from relay.space import FreeSpace, floor_for
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from tests.fakeclock import FakeClock
 from tests.fakeses import ACTION, PARAMS, FakeSes, SesErrorReply
@@ -145,6 +146,7 @@ async def delivering(
                 config,
                 spool,
                 sender or ses,
+                space=FreeSpace(spool.free_bytes, floor_for(config.smtp.max_message_size), clock),
                 clock=clock,
                 jitter=lambda: 0.0,
                 metrics=metrics,
@@ -242,25 +244,28 @@ async def test_an_entry_is_given_up_at_max_age_and_its_sender_gets_one_bounce(
 
 
 @pytest.mark.parametrize(
-    ("answer", "failures", "logged", "pause"),
+    ("answer", "failures", "logged", "pause", "tried_for"),
     [
         (
             SesErrorReply(400, "Throttling", "Daily message quota exceeded."),
             1,
             "pausing all delivery for 900s: Throttling: Daily message quota exceeded.",
             900.0,
+            "Throttling: Daily message quota exceeded.",
         ),
         (
             SesErrorReply(400, "MessageRejected", "Sending paused for this account."),
             1,
             "pausing all delivery for 900s: MessageRejected: Sending paused for this account.",
             900.0,
+            "MessageRejected: Sending paused for this account.",
         ),
         (
             SesErrorReply(403, "InvalidClientTokenId", "The security token is invalid."),
             1,
             "pausing all delivery for 60s: InvalidClientTokenId: The security token is invalid.",
             60.0,
+            "InvalidClientTokenId: The security token is invalid.",
         ),
         (
             UNAVAILABLE,
@@ -268,6 +273,7 @@ async def test_an_entry_is_given_up_at_max_age_and_its_sender_gets_one_bounce(
             "SES unreachable (10 calls in a row failed, the last with ServiceUnavailable: "
             "down): pausing all delivery for 60s",
             60.0,
+            "ServiceUnavailable: down",
         ),
     ],
     ids=["daily quota", "account sending paused", "credentials refused", "outage"],
@@ -280,6 +286,7 @@ async def test_a_pause_of_all_delivery_queues_at_once_and_ends_on_time(
     failures: int,
     logged: str,
     pause: float,
+    tried_for: str,
 ) -> None:
     fake_ses.script(*[answer] * failures)
     async with delivering(tmp_path, fake_ses, delivery={"retry_min": 60.0}) as relay:
@@ -293,6 +300,9 @@ async def test_a_pause_of_all_delivery_queues_at_once_and_ends_on_time(
         assert len(relay.calls()) == failures
         entry = await relay.load(waiting)
         assert (entry.attempts, entry.history) == (0, ())  # waiting is not a failed attempt
+        tried = await relay.load(failed[-1][1])
+        assert tried.attempts == 1
+        assert [line.split(" ", 1)[1] for line in tried.history] == [tried_for]
 
         # Retries fall due inside the pause: no call, they wait for its end.
         if pause > 60:

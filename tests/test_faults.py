@@ -658,12 +658,15 @@ async def test_throttling_storm_converges_without_loss_duplicates_or_spin(
     assert cpu_idle < 0.1, cpu_idle
 
 
-async def test_daily_quota_pauses_delivery_without_calls_or_spin(
+async def test_daily_quota_pauses_delivery_until_queue_retry(
     tmp_path: Path, fake_ses: FakeSes, model: SesModel
 ) -> None:
     """ "Daily message quota exceeded": the mail stays queued and the relay
-    stops calling SES (no retry every ``retry_min``), idle meanwhile; waiting
-    for the pause is not a failed attempt; ``queue retry`` ends the pause."""
+    stops calling SES; waiting for the pause is not a failed attempt;
+    ``queue retry`` (SIGUSR1) ends the pause. (That no retry falling due
+    inside the pause makes a call, and that the relay sleeps until the
+    pause's end with nothing to do before it, is shown on a fake clock in
+    ``tests/test_delivery.py``.)"""
     model.quota_exhausted = True
     config, spool = setup(tmp_path, fake_ses, delivery={"inline_timeout": 5.0, "retry_min": 0.2})
     async with running_daemon(config, daemon_env(fake_ses)) as daemon:
@@ -676,11 +679,7 @@ async def test_daily_quota_pauses_delivery_without_calls_or_spin(
         second = await send(daemon, recipients("quota2"), message("quota2"))
         assert second.queued, second
         assert time.monotonic() - started < 2.5, "the inline attempt waited for the pause"
-        calls = len(model.arrivals)
-        cpu = daemon.cpu_seconds()
-        await asyncio.sleep(1.0)  # five retry_min periods
-        assert len(model.arrivals) == calls == 1
-        assert daemon.cpu_seconds() - cpu < 0.1
+        assert len(model.arrivals) == 1
         assert sorted(queued(spool)) == sorted([first.queue_id, second.queue_id])
         tried = entry(spool, first.queue_id)
         assert tried.attempts == 1

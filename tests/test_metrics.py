@@ -202,6 +202,28 @@ async def test_a_pause_of_all_delivery_keeps_the_relay_ready_and_says_so(
                 await asyncio.sleep(0.02)
 
 
+async def test_below_the_free_space_floor_the_relay_is_not_ready_and_mail_gets_452(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    """No file system holds 1.5 x 1 PB: the spool is below its floor from the start."""
+    async with running_relay(tmp_path, fake_ses, smtp={"max_message_size": 10**15}) as relay:
+        status, body = await get_json(relay, "/readyz")
+        assert (status, body["ready"], body["checks"]) == (
+            503,
+            False,
+            {"smtp": "ok", "spool": "no room: free space is below 1.5 x smtp.max_message_size"},
+        )
+        host, port = relay.smtp_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=10) as smtp:
+            with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+                await smtp.mail("app@example.com")
+    assert (refused.value.code, refused.value.message) == (
+        452,
+        "4.3.1 Insufficient system storage, try again later",
+    )
+    assert fake_ses.requests == []
+
+
 async def test_readiness_says_stopping_while_a_transaction_finishes(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:

@@ -9,7 +9,21 @@ import pytest
 
 from relay.config import DeliveryConfig
 from relay.errors import SesError, SmtpReply
-from relay.outcome import Decision, Forget, GiveUp, Refuse, Retry, Wait, after_attempt, expire
+from relay.outcome import (
+    DataReply,
+    Decision,
+    Forget,
+    GiveUp,
+    Refuse,
+    Retry,
+    Wait,
+    after_attempt,
+    batch_refused,
+    batch_sent,
+    expire,
+    queued_reply,
+    sent_reply,
+)
 from relay.ses.classify import ses_error, transport_error
 from relay.spool import MAX_HISTORY, Batch, BatchError, Entry
 
@@ -226,3 +240,47 @@ def test_expire_fails_what_is_pending_with_the_last_error(
     reply = BatchError(SmtpReply(554, "5.4.7", f"message expired in queue; last error: {reason}"))
     assert expired.batches == (SENT, replace(PENDING, state="failed", error=reply), FAILED)
     assert decide(expired, {}) == GiveUp(expired.batches[1:])
+
+
+@pytest.mark.parametrize(
+    ("message_ids", "text"),
+    [
+        (["0100-a"], "Ok: 0006A1B2C3D4E5F60000AA sent as 0100-a"),
+        ([None], "Ok: 0006A1B2C3D4E5F60000AA sent as (SES gave no usable message id)"),
+        (
+            [f"0100-{n}" for n in range(7)],
+            "Ok: 0006A1B2C3D4E5F60000AA sent as 0100-0 0100-1 0100-2 0100-3 0100-4 and 2 more",
+        ),
+    ],
+    ids=["one", "no usable id", "more than five"],
+)
+def test_the_reply_to_data_names_what_ses_sent_it_as(
+    message_ids: list[str | None], text: str
+) -> None:
+    batches = [Batch((f"r{n}@example.net",), "sent", mid) for n, mid in enumerate(message_ids)]
+    assert sent_reply(entry(*batches)) == DataReply(SmtpReply(250, "2.0.0", text), "sent")
+    assert queued_reply(entry(*batches)) == DataReply(
+        SmtpReply(250, "2.0.0", "Ok: queued as 0006A1B2C3D4E5F60000AA"), "queued"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [(REJECTED, "failed"), (ILLEGAL, "failed"), (UNAVAILABLE, "pending"), (TIMEOUT, "pending")],
+    ids=["rejected", "illegal address", "unavailable", "no answer"],
+)
+def test_a_batch_refused_fails_for_good_only_when_the_error_is_permanent(
+    error: SesError, state: str
+) -> None:
+    refused = batch_refused(PENDING, error)
+    assert (refused.recipients, refused.state, refused.message_id) == (
+        PENDING.recipients,
+        state,
+        None,
+    )
+    assert refused.error == BatchError.of(error)
+
+
+def test_a_batch_sent_keeps_its_message_id_and_no_error() -> None:
+    retried = batch_refused(PENDING, UNAVAILABLE)
+    assert batch_sent(retried, "0100-b") == Batch(PENDING.recipients, "sent", "0100-b", None)

@@ -1,0 +1,90 @@
+"""Each queued entry's delivery state, written to the spool as SES answers,
+and remembered where it could not be written.
+
+Every batch's outcome is written as soon as SES answers, so that a restart
+never resends a batch SES accepted. When a write fails (a full disk), the
+entry is remembered in memory until a write succeeds or it leaves the
+queue, and the entry loaded for its next attempt gets the outcomes back
+(``recall``): this process does not resend the batch either (a restart
+before a write succeeds may).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
+from relay.log import delivery_log
+from relay.spool import QUEUE, Entry, Spool
+
+
+def recall(on_disk: Entry, known: Entry | None) -> Entry:
+    """``on_disk`` with the batch outcomes of ``known`` (the same entry as
+    last decided in memory) that it still shows pending. Pure."""
+    if known is None:
+        return on_disk
+    entry = on_disk
+    for index, (written, remembered) in enumerate(
+        zip(on_disk.batches, known.batches, strict=False)
+    ):
+        if (
+            written.state == "pending"
+            and remembered.state != "pending"
+            and written.recipients == remembered.recipients
+        ):
+            entry = entry.with_batch(index, remembered)
+    return entry
+
+
+class Record:
+    """The delivery state of one spool's queued entries."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._unsaved: dict[str, Entry] = {}
+        """Entries whose latest state could not be written, by id."""
+
+    async def save(self, entry: Entry) -> bool:
+        """Write ``entry``'s state; True when it is on disk."""
+        try:
+            await asyncio.to_thread(self._spool.update, entry)
+        except NoSuchEntry:
+            self._unsaved.pop(entry.id, None)
+            delivery_log.warning("%s: deleted while being delivered", entry.id)
+            return False
+        except SpoolError as exc:
+            # The outcome is known but not on disk: kept in memory so that this
+            # process does not resend the batch; a restart before a write
+            # succeeds may.
+            self._unsaved[entry.id] = entry
+            delivery_log.error("%s: cannot record delivery state: %s", entry.id, exc)
+            return False
+        self._unsaved.pop(entry.id, None)
+        return True
+
+    async def load(self, entry_id: str) -> tuple[Entry, bytes]:
+        """A queued entry with what is known of it, and its message."""
+        entry, message = await asyncio.to_thread(self._load, entry_id)
+        return recall(entry, self._unsaved.get(entry_id)), message
+
+    async def remove(self, entry: Entry) -> None:
+        """``entry`` is done with (sent, or refused inline): out of the spool."""
+        self.left(entry.id)
+        try:
+            await asyncio.to_thread(self._spool.remove, entry.id)
+        except SpoolError as exc:
+            delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
+
+    def left(self, entry_id: str) -> None:
+        """``entry_id`` left the queue: nothing more to remember of it."""
+        self._unsaved.pop(entry_id, None)
+
+    def _load(self, entry_id: str) -> tuple[Entry, bytes]:
+        entry = self._spool.load(entry_id)
+        try:
+            message = self._spool.message(entry_id)
+        except NoSuchEntry:
+            if self._spool.find(entry_id) == QUEUE:  # the envelope is still there
+                raise UnreadableEntry("its message file is missing") from None
+            raise
+        return entry, message
