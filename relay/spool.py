@@ -745,6 +745,26 @@ class Spool:
                 return area
         return None
 
+    def ids(self, area: str = QUEUE) -> Iterator[str]:
+        """The ids of an area's committed entries (its envelopes' names), as
+        the directory lists them: streamed, in no order, and no file is read.
+        A ``.json`` whose name is not an id is moved to ``quarantine/`` with
+        an ERROR log line."""
+        _check_area(area)
+        directory = self.dir(area)
+        try:
+            with os.scandir(directory) as listing:
+                for item in listing:
+                    entry_id = item.name.removesuffix(".json")
+                    if entry_id == item.name:
+                        continue
+                    if is_valid(entry_id):
+                        yield entry_id
+                    else:
+                        self.quarantine(entry_id, area, reason="its name is not a queue id")
+        except OSError as exc:
+            raise _failed(f"cannot list {directory}", exc) from None
+
     def entries(self, area: str = QUEUE) -> Iterator[Entry]:
         """Every readable entry of an area. An unreadable one is moved to
         ``quarantine/`` with an ERROR log line; a message without its
