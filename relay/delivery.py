@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from relay import msglog
@@ -64,6 +65,9 @@ from relay.ses.sender import SendRequest, SesSender
 from relay.space import STORAGE_FULL, FreeSpace
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from relay.workers import Workers
+
+RESCAN_CHUNK = 4096
+"""Ids a rescan lists in a thread before scheduling them on the loop."""
 
 
 def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
@@ -114,12 +118,15 @@ class Delivery:
     # -- life cycle
 
     async def start(self) -> None:
-        """Resume every queued entry, then start the scheduler and workers."""
-        await self.rescan()
+        """Start the scheduler and workers, and resume the queued entries in
+        the background: the spool is open, so mail is accepted and kept
+        while the queue is read (the caller listens at once)."""
         self._workers.start(self._config.delivery.concurrency)
         if self._config.ses.max_send_rate <= 0:
             follow = self.account.follow_quota(self._config.delivery.quota_refresh)
             self._tasks.append(asyncio.create_task(follow, name="relay-quota"))
+        self._tasks.append(asyncio.create_task(self.rescan(), name="relay-rescan"))
+        self._tasks.append(asyncio.create_task(self.rescan(), name="relay-rescan"))
 
     async def quiesce(self) -> None:
         """Start no new attempt; return when the attempts in flight are done
@@ -146,16 +153,19 @@ class Delivery:
         await self.rescan()
 
     async def rescan(self) -> None:
-        """Schedule every entry in the queue at its ``next_attempt`` (start-up,
-        and ``ses-relay queue retry`` through SIGUSR1)."""
-        entries = await asyncio.to_thread(lambda: list(self._spool.entries(QUEUE)))
-        queued = {entry.id for entry in entries}
-        for entry in entries:
-            if entry.bounce_of in queued:
-                continue  # scheduled when the message it reports on leaves the queue
-            self._workers.schedule(entry.id, entry.next_attempt)
-        if entries:
-            delivery_log.info("queue: %d messages to deliver", len(entries))
+        """Schedule every entry in the queue (start-up, and ``ses-relay queue
+        retry`` through SIGUSR1) by its id alone, from a streamed listing:
+        each is due at once, oldest first (ids sort by arrival), and its
+        envelope is read when it comes up; one whose ``next_attempt`` is
+        later is then kept for that time (``_not_due``)."""
+        ids = self._spool.ids(QUEUE)  # closed when dropped, if a stop cuts this short
+        count = 0
+        while chunk := await asyncio.to_thread(_take, ids, RESCAN_CHUNK):
+            for entry_id in chunk:
+                self._workers.schedule(entry_id, 0.0)
+            count += len(chunk)
+        if count:
+            delivery_log.info("queue: %d messages to deliver", count)
 
     # -- the DATA path
 
@@ -208,7 +218,10 @@ class Delivery:
             self._workers.schedule(entry_id, self.account.resume_at())
             return
         try:
-            entry, message = await self._record.load(entry_id)
+            entry = await self._record.envelope(entry_id)
+            if self._not_due(entry):
+                return
+            message = await self._record.message(entry_id)
         except NoSuchEntry:
             return  # delivered or deleted meanwhile
         except UnreadableEntry as exc:
@@ -322,9 +335,9 @@ class Delivery:
 
         Exactly one bounce, across crashes: its id is recorded in the entry
         before it is written; a recorded bounce that is still in the spool is
-        not written again; and a bounce is not delivered (nor scheduled by
-        ``rescan``) while its message is still in the queue, so one that is
-        not in the spool was never written. Anything that cannot be written
+        not written again; and a bounce is not delivered while its message is
+        still in the queue (``_not_due``), so one that is not in the spool
+        was never written. Anything that cannot be written
         now is tried again after ``delivery.retry_min``."""
         if self._bouncer.wanted(entry):
             if entry.bounce is None:
@@ -357,6 +370,21 @@ class Delivery:
         """When to try again after a fault of ours (wall time)."""
         return self._clock.wall() + self._config.delivery.retry_min
 
+    def _not_due(self, entry: Entry) -> bool:
+        """Whether ``entry``, just read, is not to be tried now: its
+        ``next_attempt`` is later (it is kept for then), or it is the
+        notification of a message still queued (scheduled when that message
+        leaves the queue: ``_give_up``). A rescan schedules entries before
+        reading them; this is where they wait.
+
+        The second check runs on the loop (one ``stat``, notifications only)
+        and nothing is awaited between it and the end of the attempt: a
+        move that ends after it schedules the notification afresh."""
+        if entry.next_attempt > self._clock.wall():
+            self._workers.schedule(entry.id, entry.next_attempt)
+            return True
+        return entry.bounce_of is not None and self._spool.find(entry.bounce_of) == QUEUE
+
     def _log(self, entry: Entry, status: str, event: str) -> None:
         """The line of a message that left the queue (``event``: "removed",
         every batch sent; "dead", moved to the dead-letter area)."""
@@ -376,6 +404,11 @@ class Delivery:
                 "bounce_id": entry.bounce,
             },
         )
+
+
+def _take(ids: Iterator[str], count: int) -> list[str]:
+    """The next ``count`` ids (fewer at the end)."""
+    return list(itertools.islice(ids, count))
 
 
 def _log_failures(attempt: _Attempt) -> None:

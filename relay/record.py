@@ -62,10 +62,15 @@ class Record:
         self._unsaved.pop(entry.id, None)
         return True
 
-    async def load(self, entry_id: str) -> tuple[Entry, bytes]:
-        """A queued entry with what is known of it, and its message."""
-        entry, message = await asyncio.to_thread(self._load, entry_id)
-        return recall(entry, self._unsaved.get(entry_id)), message
+    async def envelope(self, entry_id: str) -> Entry:
+        """A queued entry's envelope, with what is known of it beyond the disk."""
+        entry = await asyncio.to_thread(self._spool.load, entry_id)
+        return recall(entry, self._unsaved.get(entry_id))
+
+    async def message(self, entry_id: str) -> bytes:
+        """A queued entry's message; ``UnreadableEntry`` when only its
+        envelope is left."""
+        return await asyncio.to_thread(self._message, entry_id)
 
     async def remove(self, entry: Entry) -> None:
         """``entry`` is done with (sent, or refused inline): out of the spool."""
@@ -79,12 +84,10 @@ class Record:
         """``entry_id`` left the queue: nothing more to remember of it."""
         self._unsaved.pop(entry_id, None)
 
-    def _load(self, entry_id: str) -> tuple[Entry, bytes]:
-        entry = self._spool.load(entry_id)
+    def _message(self, entry_id: str) -> bytes:
         try:
-            message = self._spool.message(entry_id)
+            return self._spool.message(entry_id)
         except NoSuchEntry:
             if self._spool.find(entry_id) == QUEUE:  # the envelope is still there
                 raise UnreadableEntry("its message file is missing") from None
             raise
-        return entry, message

@@ -433,7 +433,7 @@ class Spool:
         self._finish_moves()
         for area in AREAS:
             directory = self.dir(area)
-            names = {p.name for p in directory.iterdir()}
+            names = set(os.listdir(directory))
             orphans = [n for n in names if n.endswith(".eml") and f"{n[:-4]}.json" not in names]
             for name in sorted(orphans):
                 delivery_log.info("%s: removing a message that was never acknowledged", name[:-4])
@@ -619,11 +619,12 @@ class Spool:
 
     def _finish_moves(self) -> None:
         """An entry in both areas was being moved: keep the newer envelope."""
-        queued = {p.name[:-5] for p in self.dir(QUEUE).iterdir() if p.name.endswith(".json")}
-        for dead_json in sorted(self.dir(DEAD).iterdir()):
-            entry_id = dead_json.name[:-5]
-            if not dead_json.name.endswith(".json") or entry_id not in queued:
+        queued = {n[:-5] for n in os.listdir(self.dir(QUEUE)) if n.endswith(".json")}
+        for name in sorted(os.listdir(self.dir(DEAD))):
+            entry_id = name[:-5]
+            if not name.endswith(".json") or entry_id not in queued:
                 continue
+            dead_json = self.dir(DEAD) / name
             queue_json = self.dir(QUEUE) / f"{entry_id}.json"
             try:
                 queue_time = queue_json.stat().st_mtime_ns
@@ -745,6 +746,26 @@ class Spool:
                 return area
         return None
 
+    def ids(self, area: str = QUEUE) -> Iterator[str]:
+        """The ids of an area's committed entries (its envelopes' names), as
+        the directory lists them: streamed, in no order, and no file is read.
+        A ``.json`` whose name is not an id is moved to ``quarantine/`` with
+        an ERROR log line."""
+        _check_area(area)
+        directory = self.dir(area)
+        try:
+            with os.scandir(directory) as listing:
+                for item in listing:
+                    entry_id = item.name.removesuffix(".json")
+                    if entry_id == item.name:
+                        continue
+                    if is_valid(entry_id):
+                        yield entry_id
+                    else:
+                        self.quarantine(entry_id, area, reason="its name is not a queue id")
+        except OSError as exc:
+            raise _failed(f"cannot list {directory}", exc) from None
+
     def entries(self, area: str = QUEUE) -> Iterator[Entry]:
         """Every readable entry of an area. An unreadable one is moved to
         ``quarantine/`` with an ERROR log line; a message without its
@@ -825,7 +846,8 @@ def _failed(action: str, exc: OSError) -> SpoolError:
 
 def _tally(directory: Path) -> tuple[int, float | None]:
     """Committed entries (envelopes) in an area, and the earliest arrival
-    their ids tell; (0, None) when the area cannot be listed."""
+    their ids tell; (0, None) when the area cannot be listed. The ids the
+    relay makes sort by arrival: only one that sorts first so far is parsed."""
     count, oldest = 0, None
     try:
         with os.scandir(directory) as listing:
@@ -834,12 +856,11 @@ def _tally(directory: Path) -> tuple[int, float | None]:
                 if entry_id == item.name:
                     continue
                 count += 1
-                arrived = made_at(entry_id)
-                if arrived is not None and (oldest is None or arrived < oldest):
-                    oldest = arrived
+                if (oldest is None or entry_id < oldest) and made_at(entry_id) is not None:
+                    oldest = entry_id
     except OSError:
         return 0, None
-    return count, oldest
+    return count, None if oldest is None else made_at(oldest)
 
 
 def _check_area(area: str) -> None:

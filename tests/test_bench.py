@@ -84,3 +84,26 @@ def test_bench_smoke_run_delivers_everything(
         if report["fsyncs_counted"]:
             assert relay["fsyncs_per_1000"] is not None
     assert left == []  # no temporary directory left behind
+
+
+def test_startup_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.startup", "--count", "30", "--runs", "1",
+         "--tmp-dir", str(parent)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["count"] == 30
+    assert [start["queued"] for start in report["starts"]] == [0, 30]
+    for start in report["starts"]:
+        assert 0 < start["banner_s"] < 120
+        assert 0 < start["ready_s"] < 120
+        assert start["rss_ready_kib"] > 0
+        assert start["rss_idle_kib"] > 0
+    for key in ("median_ready_s", "median_banner_s", "empty_ready_s"):
+        assert report[key] > 0
+    assert isinstance(report["bytes_per_message_idle"], int)
+    assert list(parent.iterdir()) == []  # no temporary directory left behind

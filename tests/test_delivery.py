@@ -13,9 +13,12 @@ and when the relay sleeps until (the next moment anything happens).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+import os
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,3 +537,90 @@ async def test_the_sending_rate_follows_the_senders_quota(
         relay.clock.advance(300)
         await relay.idle_until(start + 600)
         assert rate.rate == 20.0
+
+
+# -- start-up over a long queue
+
+
+class CountingSpool(Spool):
+    """A spool that counts the envelopes read through it, by id."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.reads: collections.Counter[str] = collections.Counter()
+
+    def load(self, entry_id: str, area: str = QUEUE) -> Entry:
+        self.reads[entry_id] += 1
+        return super().load(entry_id, area)
+
+    def entries(self, area: str = QUEUE) -> Iterator[Entry]:
+        for entry in super().entries(area):
+            self.reads[entry.id] += 1
+            yield entry
+
+
+async def test_start_reads_no_envelope_and_the_queue_is_delivered_in_due_order(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 200
+    config, _ = relay_config(
+        tmp_path, fake_ses, ses={"max_send_rate": 100_000.0}, delivery={"concurrency": 1}
+    )
+    clock = FakeClock(autojump=False)
+    now = clock.wall()
+    # Ids in arrival order; next attempts in another order. The first tenth
+    # is due already, in no order of next attempt either.
+    ids = [f"{0xE0000000000000 + n:020X}" for n in range(count)]
+    order = list(range(count))
+    random.Random(15).shuffle(order)
+    due = {
+        entry_id: now - 1 - rank if rank < count // 10 else now + rank
+        for entry_id, rank in zip(ids, order, strict=True)
+    }
+    spool = CountingSpool(config.spool.path)
+    spool.open()
+    with monkeypatch.context() as fast:  # only the fill: fsync is not what is tested
+        fast.setattr(os, "fsync", lambda fd: None)
+        for entry_id in ids:
+            to = (f"{entry_id.lower()}@example.net",)
+            entry = Entry(
+                id=entry_id,
+                received=now - 60,
+                client="127.0.0.1",
+                sender=SENDER,
+                source=SENDER,
+                recipients=to,
+                batches=(Batch(to),),
+                attempts=1,
+                next_attempt=due[entry_id],
+            )
+            spool.put(entry, MESSAGE)
+    sender = FakeSender()
+    delivery = Delivery(
+        config,
+        spool,
+        sender,
+        clock=clock,
+        jitter=lambda: 0.0,
+        metrics=RelayMetrics(),
+        space=FreeSpace(spool.free_bytes, floor_for(config.smtp.max_message_size), clock),
+    )
+    try:
+        await delivery.start()
+        assert sum(spool.reads.values()) == 0  # ready before a single envelope is read
+        async with asyncio.timeout(60):
+            while len(sender.requests) < count // 10 or sum(spool.reads.values()) < count:
+                await asyncio.sleep(0.01)
+        assert len(sender.requests) == count // 10  # the due ones, nothing early
+        clock.advance_to_wall(now + count)
+        async with asyncio.timeout(60):
+            while len(sender.requests) < count or list(spool.ids()):
+                await asyncio.sleep(0.01)
+    finally:
+        await delivery.stop()
+        spool.close()
+    sent = [request.queue_id for request in sender.requests]
+    already_due = sorted(entry_id for entry_id in ids if due[entry_id] <= now)
+    assert sent[: count // 10] == already_due  # oldest first
+    assert sent[count // 10 :] == sorted(set(ids) - set(already_due), key=due.__getitem__)
+    assert len(set(sent)) == count

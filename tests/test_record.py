@@ -100,13 +100,14 @@ async def test_an_outcome_that_cannot_be_written_is_remembered_until_it_is(
         assert await record.save(decided) is False
     assert f"{queued.id}: cannot record delivery state: " in caplog.text
     assert spool.load(queued.id) == queued  # not on disk
-    assert await record.load(queued.id) == (decided, MESSAGE)  # but not forgotten
+    assert await record.envelope(queued.id) == decided  # but not forgotten
+    assert await record.message(queued.id) == MESSAGE
 
     mend_writes(spool)
     assert await record.save(decided) is True
     assert spool.load(queued.id) == decided
     spool.update(queued)  # say, `ses-relay queue retry` wrote it meanwhile
-    assert await record.load(queued.id) == (queued, MESSAGE)  # nothing held in memory now
+    assert await record.envelope(queued.id) == queued  # nothing held in memory now
 
 
 async def test_an_entry_that_left_the_queue_is_forgotten(spool: Spool) -> None:
@@ -117,7 +118,7 @@ async def test_an_entry_that_left_the_queue_is_forgotten(spool: Spool) -> None:
     assert await record.save(queued.with_batch(0, SENT_A)) is False
     mend_writes(spool)
     record.left(queued.id)
-    assert await record.load(queued.id) == (queued, MESSAGE)
+    assert await record.envelope(queued.id) == queued
     await record.remove(queued)
     assert spool.find(queued.id) is None
 
