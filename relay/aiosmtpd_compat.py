@@ -22,7 +22,8 @@ What is relied upon:
   (RFC 3207 4.2) and sets ``_tls_handshake_okay`` from a ``handle_STARTTLS``
   hook. ``connection_lost`` cancels ``_timeout_handle``, which must be set.
 - ``_cb_client_connected`` sets ``_reader`` and ``_writer``; the reader's
-  ``_buffer`` is the asyncio ``StreamReader``'s ``bytearray`` (``unread``).
+  ``_buffer`` is the asyncio ``StreamReader``'s ``bytearray`` (``unread``,
+  ``line_waiting``).
 - ``_timeout_duration`` is the ``timeout=`` given; ``_timeout_cb`` is what
   aiosmtpd's timer calls.
 - ``_call_handler_hook`` is how aiosmtpd and ``relay.smtpauth`` call a hook;
@@ -84,6 +85,16 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
     buffer = reader._buffer  # type: ignore[attr-defined]
     assert isinstance(buffer, bytearray)
     buffer[:0] = data
+
+
+def line_waiting(reader: asyncio.StreamReader) -> bool:
+    """A whole line is in ``reader``'s buffer: reading it will not wait.
+
+    The listener holds a reply back while the client's next (pipelined)
+    command is already here; asyncio has no public view of the buffer.
+    """
+    buffer = reader._buffer  # type: ignore[attr-defined]
+    return b"\n" in buffer
 
 
 class HookTable:

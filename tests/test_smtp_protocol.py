@@ -639,6 +639,70 @@ async def test_pipelined_commands_after_the_end_marker() -> None:
     assert (second.mail_from, second.content) == ("c@example.com", big)
 
 
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write of the relay's sessions to their transports, in order."""
+    seen: list[bytes] = []
+    made = RelaySMTP.connection_made
+
+    def connection_made(self: RelaySMTP, transport: Any) -> None:
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            seen.append(bytes(data))
+            write(data)
+
+        transport.write = counted
+        made(self, transport)
+
+    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+    return seen
+
+
+async def test_pipelined_commands_get_their_replies_in_one_write(writes: list[bytes]) -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        before = len(writes)
+        rcpts = b"".join(b"RCPT TO:<b%d@example.net>\r\n" % i for i in range(8))
+        await client.send(b"MAIL FROM:<a@example.com>\r\n" + rcpts + b"DATA\r\n")
+        replies = [await client.line() for _ in range(10)]
+        assert replies == [
+            "250 2.1.0 Ok",
+            *["250 2.1.5 Ok"] * 8,
+            "354 End data with <CR><LF>.<CR><LF>",
+        ]
+        assert len(writes) == before + 1, writes[before:]
+        await client.send(MESSAGE + b".\r\n")
+        assert await client.line() == "250 2.0.0 OK"
+    assert len(server.handler.messages[0].rcpt_tos) == 8
+
+
+async def test_a_reply_goes_out_at_once_when_no_whole_command_follows() -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        await client.send(b"NOOP\r\nNO")  # the next command is not here yet
+        assert await client.line() == "250 2.0.0 OK"
+        await client.send(b"OP\r\n")
+        assert await client.line() == "250 2.0.0 OK"
+
+
+async def test_held_replies_go_out_while_a_hook_waits() -> None:
+    handler = RecordingHandler(data_release=asyncio.Event())
+    async with smtp_server(handler=handler) as server, raw_client(server) as client:
+        await client.greet()
+        # The message comes without waiting for the 354: the replies are held
+        # while it is read, and must not wait for the DATA hook (SES) too.
+        await client.send(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+        )
+        replies = [await client.line() for _ in range(3)]
+        assert replies == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+        assert handler.data_started.is_set()
+        assert server.handler.messages == []
+        handler.data_release.set()
+        assert await client.line() == "250 2.0.0 OK"
+
+
 async def test_handler_reply_is_passed_on_and_made_ascii() -> None:
     async with smtp_server() as server, raw_client(server) as client:
         server.handler.replies.append("554 5.7.1 Refusé")
