@@ -495,6 +495,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
 
     def _log_refusal(self, command: str, arg: str, status: str | bytes) -> None:
         """One line for a refusal before DATA (``refusal_logged``)."""
+        if not smtp_log.isEnabledFor(logging.WARNING):
+            return
         reply = status if isinstance(status, str) else status.decode("ascii", "replace")
         if not refusal_logged(command, reply):
             return
