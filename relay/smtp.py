@@ -222,7 +222,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         hooks: HookTable | None = None,
         tls_context: ssl.SSLContext | None = None,
         authenticator: Authenticator | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(
             hooks if hooks is not None else HookTable(handler),
@@ -230,8 +230,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             hostname=settings.hostname,
             tls_context=None if settings.implicit_tls else tls_context,
             timeout=settings.idle_timeout,
-            auth_require_tls=True,
-            command_call_limit=dict(settings.call_limits),
+            command_call_limit=settings.call_limits,
             relay_authenticator=authenticator,
             loop=loop,
         )

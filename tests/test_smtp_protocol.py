@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import ipaddress
 import logging
 import smtplib
@@ -1543,6 +1544,47 @@ async def test_reflection_tables_are_right_and_dir_is_whole() -> None:
     names = dir(protocol)
     assert "connection_made" in names
     assert "limiter" in names
+
+
+async def test_a_connection_is_set_up_as_aiosmtpd_would_without_reflection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``SMTP.__init__`` is not run per connection (its ``inspect.getmembers``
+    and ``dir`` cost most of a connection's set-up); every attribute it sets
+    is set, or answered by the class, and sessions work."""
+    loop = asyncio.get_running_loop()
+    handler = RecordingHandler()
+    reference = SMTP(handler, hostname=HOSTNAME, loop=loop)
+
+    def reflection(*args: Any) -> Any:
+        raise AssertionError("reflection on a connection")
+
+    monkeypatch.setattr(inspect, "getmembers", reflection)
+    settings = SessionSettings.from_config(smtp_config(), implicit_tls=False)
+    protocol = RelaySMTP(
+        handler,
+        settings=settings,
+        limiter=ConnectionLimiter(1, 1),
+        hooks=HookTable(handler),
+        loop=loop,
+    )
+    missing = {
+        name
+        for name in vars(reference)
+        if name not in vars(protocol) and not hasattr(type(protocol), name)
+    }
+    assert missing == set()
+    same = ("__ident__", "hostname", "enable_SMTPUTF8", "_decode_data", "_tls_handshake_okay")
+    same += ("_auth_required", "_auth_callback", "_ehlo_hook_ver", "_proxy_timeout")
+    for name in same:
+        assert getattr(protocol, name) == getattr(reference, name), name
+    assert not protocol.require_starttls
+    assert protocol._call_limit_base == dict(call_limits(smtp_config()))
+    async with smtp_server(handler=handler) as server, raw_client(server) as client:
+        assert await client.greet() == KEYWORDS
+        await transaction(client)
+        assert await client.command(MESSAGE + b".") == "250 2.0.0 OK"
+    assert handler.messages[0].content == MESSAGE
 
 
 def test_aiosmtpd_command_logging_is_quiet() -> None:
