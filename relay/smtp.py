@@ -242,8 +242,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._in_hook = False
         self._busy = False
         """A command is running (its reply is not sent yet)."""
-        self._command: tuple[str, str] | None = None
-        """The command running and what the log may show of its argument."""
+        self._command: tuple[str, str | None] | None = None
+        """The command running and its argument (``shown_argument`` for a log line)."""
         self._drain_reply: str | None = None
         self._expired = False
         self._deadline: float | None = None
@@ -492,13 +492,15 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._held_size = 0
         self.writer.write(data)
 
-    def _log_refusal(self, command: str, arg: str, status: str | bytes) -> None:
-        """One line for a refusal before DATA (``refusal_logged``)."""
+    def _log_refusal(self, command: str, raw_arg: str | None, status: str | bytes) -> None:
+        """One line for a refusal before DATA (``refusal_logged``); nothing of it
+        is built unless it is logged."""
         if not smtp_log.isEnabledFor(logging.WARNING):
             return
         reply = status if isinstance(status, str) else status.decode("ascii", "replace")
         if not refusal_logged(command, reply):
             return
+        arg = shown_argument(command, raw_arg)
         session = self.session
         user = authenticated_user(session)
         smtp_log.warning(
@@ -663,7 +665,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 await self._refuse(f"421 4.7.0 {command} sent too many times", "refused")
                 return
             self._busy = True
-            self._command = (command, shown_argument(command, arg))
+            self._command = (command, arg)
             try:
                 if not self.tls_handshake_okay and command != "QUIT":
                     await self.push(REPLY_INSECURE)
