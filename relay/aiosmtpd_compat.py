@@ -323,9 +323,10 @@ class AiosmtpdSMTP(SMTP, abc.ABC):
 class AiosmtpdAuth:
     """aiosmtpd's AUTH internals for ``relay.smtpauth.AuthMixin``, over ``AiosmtpdSMTP``.
 
-    Only ``offered_mechanisms`` are offered (and in ``_auth_methods``), whatever
-    the handler defines, and TLS is read from ``auth_tls_active`` (the transport) rather than from
-    aiosmtpd's ``_tls_protocol``, which implicit-TLS listeners never set.
+    Only ``offered_mechanisms`` are offered (and in ``_auth_methods``),
+    whatever the handler defines, and TLS is read from ``auth_tls_active``
+    (the transport) rather than from aiosmtpd's ``_tls_protocol``, which
+    implicit-TLS listeners never set.
     """
 
     offered_mechanisms: ClassVar[frozenset[str] | None] = frozenset()

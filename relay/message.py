@@ -46,7 +46,7 @@ _REMOVED = _SES_HEADERS | {"bcc", "resent-bcc"}
 INLINE_HEADER_LIMIT = 8192
 """A message whose header block ends within this many bytes is cheap to
 ``prepare`` (``cheap_to_prepare``). The cost is in the address fields: a
-To: field of 8 KiB (some 500 addresses) takes about 5 ms, one GIL switch
+To: field of 8 KiB (some 300 addresses) takes about 5 ms, one GIL switch
 interval; 64 KiB of them about 45 ms."""
 INLINE_MESSAGE_LIMIT = 1 << 20
 """... and whose whole size is at most this (``prepare`` may copy the body once)."""
