@@ -19,6 +19,7 @@ DATA is read in 64 KiB chunks by ``relay.dataread.DataReader`` (dot
 unstuffing, size limit, bare CR/LF and NUL rules, SMTP smuggling); the bytes
 that follow the end marker in the last chunk are the client's pipelined
 commands and go back to the front of the stream's buffer (``unread``).
+The replies to pipelined commands go out in one write (``push``).
 
 Replies given here (the handler's own replies come on top):
 
@@ -68,7 +69,7 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException
 
 from relay.addresses import ascii_address
-from relay.aiosmtpd_compat import AiosmtpdSMTP, HookTable
+from relay.aiosmtpd_compat import AiosmtpdSMTP, HookTable, line_waiting
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.dataread import BareNewline, DataReader
@@ -221,7 +222,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         hooks: HookTable | None = None,
         tls_context: ssl.SSLContext | None = None,
         authenticator: Authenticator | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(
             hooks if hooks is not None else HookTable(handler),
@@ -229,8 +230,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             hostname=settings.hostname,
             tls_context=None if settings.implicit_tls else tls_context,
             timeout=settings.idle_timeout,
-            auth_require_tls=True,
-            command_call_limit=dict(settings.call_limits),
+            command_call_limit=settings.call_limits,
             relay_authenticator=authenticator,
             loop=loop,
         )
@@ -242,8 +242,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._in_hook = False
         self._busy = False
         """A command is running (its reply is not sent yet)."""
-        self._command: tuple[str, str] | None = None
-        """The command running and what the log may show of its argument."""
+        self._command: tuple[str, str | None] | None = None
+        """The command running and its argument (``shown_argument`` for a log line)."""
         self._drain_reply: str | None = None
         self._expired = False
         self._deadline: float | None = None
@@ -252,6 +252,13 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._session_timer: asyncio.TimerHandle | None = None
         self._write_blocked = False
         """The transport's buffer is over its high-water mark: the client is not reading."""
+        self._held: list[bytes] = []
+        """Replies not written yet: more pipelined commands were waiting (``push``)."""
+        self._held_size = 0
+        self._flush_soon: asyncio.Handle | None = None
+        """Writes ``_held`` as soon as the session waits for anything."""
+        self._write_through = False
+        """Every reply is written at once (STARTTLS: its ``220`` precedes the handshake)."""
         self._linger: asyncio.TimerHandle | None = None
         """Drops a closing connection whose last replies were not taken in time."""
         self._outcome: SessionOutcome | None = None
@@ -288,9 +295,10 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._closing = True
         self.limiter.release(self)
         self.limiter.ended(self._outcome or "disconnected")
-        for timer in (self._session_timer, self._linger):
+        for timer in (self._session_timer, self._linger, self._flush_soon):
             if timer is not None:
                 timer.cancel()
+        self._held.clear()
         super().connection_lost(error)
 
     def pause_writing(self) -> None:
@@ -329,6 +337,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         self._closing = True
         if self.transport is None:
             return
+        self._flush()
         self.transport.close()
         if self._linger is None and not self._lost:
             self._linger = self.loop.call_later(
@@ -350,7 +359,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         if transport.is_closing():
             return
         if reply:
-            transport.write(reply.encode("ascii") + b"\r\n")
+            self._hold(reply.encode("ascii"))
         self._close()
 
     def _drop(self, reason: str) -> None:
@@ -360,6 +369,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         if transport is None or self._lost:
             return
         self._outcome = "dropped"  # whatever ended it, its last replies were lost
+        self._held.clear()
         smtp_log.warning(
             "client=%s: dropped: %s (%d bytes unsent)",
             client_label(self.session),
@@ -422,13 +432,36 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
     # -- the session -----------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        """Send a reply; held back while the client's next command is already here.
+
+        Pipelined commands get their replies in one write, as Postfix
+        flushes only once its input is empty (RFC 2920 3.1). A reply is
+        written at once when no whole command line is waiting, and held
+        replies go out as soon as the session waits for anything (the
+        client, a hook, SES): ``_flush_soon`` runs once the session's task
+        yields to the loop. A client that does not read is found as before:
+        once the transport is over its high-water mark, each reply waits at
+        most ``write_timeout`` to be taken, and the held replies are written
+        (and waited for) when they reach ``WRITE_BUFFER_LIMIT`` bytes.
+        """
         if self._command is not None:
             self._log_refusal(*self._command, status)
         # Replies are ASCII (no SMTPUTF8); a non-ASCII character in a handler's
         # text is escaped rather than failing the reply.
-        data = status if isinstance(status, bytes) else status.encode("ascii", "backslashreplace")
+        self._hold(
+            status if isinstance(status, bytes) else status.encode("ascii", "backslashreplace")
+        )
+        if (
+            not self._write_blocked
+            and not self._write_through
+            and self._held_size < WRITE_BUFFER_LIMIT
+            and line_waiting(self.reader)
+        ):
+            if self._flush_soon is None:
+                self._flush_soon = self.loop.call_soon(self._flush)
+            return
+        self._flush()
         writer = self.writer
-        writer.write(data + b"\r\n")
         if not self._write_blocked:
             await writer.drain()  # returns at once (raises if the connection is gone)
             return
@@ -442,11 +475,32 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             self._drop(f"a reply waited {self.settings.write_timeout:g}s: it does not read")
             raise ConnectionAbortedError("the client does not read its replies") from None
 
-    def _log_refusal(self, command: str, arg: str, status: str | bytes) -> None:
-        """One line for a refusal before DATA (``refusal_logged``)."""
+    def _hold(self, reply: bytes) -> None:
+        self._held.append(reply + b"\r\n")
+        self._held_size += len(reply) + 2
+
+    def _flush(self) -> None:
+        """Write the replies held back, in one write."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        self._held_size = 0
+        self.writer.write(data)
+
+    def _log_refusal(self, command: str, raw_arg: str | None, status: str | bytes) -> None:
+        """One line for a refusal before DATA (``refusal_logged``); nothing of it
+        is built unless it is logged."""
+        if not smtp_log.isEnabledFor(logging.WARNING):
+            return
         reply = status if isinstance(status, str) else status.decode("ascii", "replace")
         if not refusal_logged(command, reply):
             return
+        arg = shown_argument(command, raw_arg)
         session = self.session
         user = authenticated_user(session)
         smtp_log.warning(
@@ -611,7 +665,7 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 await self._refuse(f"421 4.7.0 {command} sent too many times", "refused")
                 return
             self._busy = True
-            self._command = (command, shown_argument(command, arg))
+            self._command = (command, arg)
             try:
                 if not self.tls_handshake_okay and command != "QUIT":
                     await self.push(REPLY_INSECURE)
@@ -699,8 +753,14 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         elif self.tls_context is None:
             await self.push("454 4.7.0 TLS not available")
         else:
-            with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
-                await self.start_tls()
+            # The 220 and every reply before it go out in clear, before the
+            # handshake; pipelined input after STARTTLS is discarded unread.
+            self._write_through = True
+            try:
+                with self._awaiting_client(self.settings.idle_timeout, REPLY_IDLE_TIMEOUT):
+                    await self.start_tls()
+            finally:
+                self._write_through = False
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         await self.push("250 2.0.0 OK")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from aiosmtpd.smtp import MISSING, AuthResult
 
@@ -65,7 +65,7 @@ MECHANISMS: Final = frozenset({"PLAIN", "LOGIN"})
 class AuthMixin(AiosmtpdAuth):
     """AUTH PLAIN and LOGIN for an aiosmtpd ``SMTP`` subclass; put it first in the bases."""
 
-    offered_mechanisms = MECHANISMS
+    offered_mechanisms: ClassVar[frozenset[str] | None] = MECHANISMS
 
     relay_authenticator: Authenticator | None = None
     """Set by the factory (``relay_authenticator=`` keyword); None: AUTH not available."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 
+import relay.handler
 from relay.app import Relay
 from tests.fakeses import FakeSes
 from tests.relayd import running_relay
@@ -246,3 +249,54 @@ async def test_a_large_legal_header_does_not_stall_another_session(
     assert fake_ses.requests[0].raw_message == raw
     assert waits
     assert max(waits) < decision / 4, (max(waits), decision)
+
+
+async def test_only_a_large_header_is_prepared_off_the_event_loop(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A usual message is prepared on the event loop, sparing a thread hop; a
+    header block of more than 8 KiB (the cost is in its address fields) in a
+    thread. Both reach SES as sent."""
+    threads: list[bool] = []
+    prepare = relay.handler.prepare
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(relay.handler, "prepare", recorded)
+    small = message("From: a@example.com\r\n")
+    large = message("From: a@example.com\r\n" + "X-Many: y\r\n" * 1000)
+    async with running_relay(tmp_path, fake_ses) as running:
+        host, port = running.smtp_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            for raw in (small, large):
+                response = await client.sendmail("a@example.com", ["bob@example.net"], raw)
+                assert response[1].startswith("2.0.0"), response
+        await fake_ses.wait_for_requests(2)
+    assert threads == [True, False]
+    assert [request.raw_message for request in fake_ses.requests] == [small, large]
+
+
+async def test_a_suppressed_log_level_builds_no_record(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With relay.smtp above INFO, the per-message line's fields are not even
+    computed (they were, for every message, and then thrown away)."""
+
+    def built(*args: Any) -> Any:
+        raise AssertionError("a log record's fields were built for a suppressed level")
+
+    monkeypatch.setattr(relay.handler, "session_fields", built)
+    logger = logging.getLogger("relay.smtp")
+    logger.setLevel(logging.WARNING)
+    try:
+        async with running_relay(tmp_path, fake_ses) as running:
+            host, port = running.smtp_addresses[0]
+            async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+                raw = message("From: a@example.com\r\n")
+                response = await client.sendmail("a@example.com", ["bob@example.net"], raw)
+        assert response[1].startswith("2.0.0"), response
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert fake_ses.requests[0].raw_message == raw

@@ -10,7 +10,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import MessageRefused
-from relay.message import plan_batches, prepare, split_header
+from relay.message import (
+    INLINE_HEADER_LIMIT,
+    INLINE_MESSAGE_LIMIT,
+    cheap_to_prepare,
+    plan_batches,
+    prepare,
+    split_header,
+)
 from relay.ses.sender import NO_PARAMETERS, SesParameters
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -363,3 +370,17 @@ def test_preparing_costs_time_linear_in_the_header_size(field: bytes, unit: byte
     small = min(prepare_seconds(message(n)) for _ in range(3))
     large = min(prepare_seconds(message(4 * n)) for _ in range(3))
     assert large < 8 * small
+
+
+def test_cheap_to_prepare_bounds_the_header_block_and_the_size() -> None:
+    header = b"X-Pad: " + b"p" * 60 + b"\r\n"
+    near = header * ((INLINE_HEADER_LIMIT - 200) // len(header))
+    far = header * (INLINE_HEADER_LIMIT // len(header) + 1)
+    assert cheap_to_prepare(COMPLETE)
+    assert cheap_to_prepare(COMPLETE + b"b" * (INLINE_MESSAGE_LIMIT - len(COMPLETE)))
+    assert not cheap_to_prepare(COMPLETE + b"b" * (INLINE_MESSAGE_LIMIT - len(COMPLETE) + 1))
+    assert cheap_to_prepare(near + COMPLETE)
+    assert not cheap_to_prepare(far + COMPLETE)
+    assert cheap_to_prepare(near)  # no empty line, but short
+    assert not cheap_to_prepare(far)  # no empty line within the limit
+    assert cheap_to_prepare(near + b"From: a@example.com\n\nbody\n")

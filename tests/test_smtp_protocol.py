@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import ipaddress
 import logging
 import smtplib
@@ -637,6 +638,70 @@ async def test_pipelined_commands_after_the_end_marker() -> None:
     first, second = server.handler.messages
     assert (first.mail_from, first.content) == ("a@example.com", b"first\r\n")
     assert (second.mail_from, second.content) == ("c@example.com", big)
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write of the relay's sessions to their transports, in order."""
+    seen: list[bytes] = []
+    made = RelaySMTP.connection_made
+
+    def connection_made(self: RelaySMTP, transport: Any) -> None:
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            seen.append(bytes(data))
+            write(data)
+
+        transport.write = counted
+        made(self, transport)
+
+    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+    return seen
+
+
+async def test_pipelined_commands_get_their_replies_in_one_write(writes: list[bytes]) -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        before = len(writes)
+        rcpts = b"".join(b"RCPT TO:<b%d@example.net>\r\n" % i for i in range(8))
+        await client.send(b"MAIL FROM:<a@example.com>\r\n" + rcpts + b"DATA\r\n")
+        replies = [await client.line() for _ in range(10)]
+        assert replies == [
+            "250 2.1.0 Ok",
+            *["250 2.1.5 Ok"] * 8,
+            "354 End data with <CR><LF>.<CR><LF>",
+        ]
+        assert len(writes) == before + 1, writes[before:]
+        await client.send(MESSAGE + b".\r\n")
+        assert await client.line() == "250 2.0.0 OK"
+    assert len(server.handler.messages[0].rcpt_tos) == 8
+
+
+async def test_a_reply_goes_out_at_once_when_no_whole_command_follows() -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        await client.send(b"NOOP\r\nNO")  # the next command is not here yet
+        assert await client.line() == "250 2.0.0 OK"
+        await client.send(b"OP\r\n")
+        assert await client.line() == "250 2.0.0 OK"
+
+
+async def test_held_replies_go_out_while_a_hook_waits() -> None:
+    handler = RecordingHandler(data_release=asyncio.Event())
+    async with smtp_server(handler=handler) as server, raw_client(server) as client:
+        await client.greet()
+        # The message comes without waiting for the 354: the replies are held
+        # while it is read, and must not wait for the DATA hook (SES) too.
+        await client.send(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+        )
+        replies = [await client.line() for _ in range(3)]
+        assert replies == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+        assert handler.data_started.is_set()
+        assert server.handler.messages == []
+        handler.data_release.set()
+        assert await client.line() == "250 2.0.0 OK"
 
 
 async def test_handler_reply_is_passed_on_and_made_ascii() -> None:
@@ -1479,6 +1544,47 @@ async def test_reflection_tables_are_right_and_dir_is_whole() -> None:
     names = dir(protocol)
     assert "connection_made" in names
     assert "limiter" in names
+
+
+async def test_a_connection_is_set_up_as_aiosmtpd_would_without_reflection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``SMTP.__init__`` is not run per connection (its ``inspect.getmembers``
+    and ``dir`` cost most of a connection's set-up); every attribute it sets
+    is set, or answered by the class, and sessions work."""
+    loop = asyncio.get_running_loop()
+    handler = RecordingHandler()
+    reference = SMTP(handler, hostname=HOSTNAME, loop=loop)
+
+    def reflection(*args: Any) -> Any:
+        raise AssertionError("reflection on a connection")
+
+    monkeypatch.setattr(inspect, "getmembers", reflection)
+    settings = SessionSettings.from_config(smtp_config(), implicit_tls=False)
+    protocol = RelaySMTP(
+        handler,
+        settings=settings,
+        limiter=ConnectionLimiter(1, 1),
+        hooks=HookTable(handler),
+        loop=loop,
+    )
+    missing = {
+        name
+        for name in vars(reference)
+        if name not in vars(protocol) and not hasattr(type(protocol), name)
+    }
+    assert missing == set()
+    same = ("__ident__", "hostname", "enable_SMTPUTF8", "_decode_data", "_tls_handshake_okay")
+    same += ("_auth_required", "_auth_callback", "_ehlo_hook_ver", "_proxy_timeout")
+    for name in same:
+        assert getattr(protocol, name) == getattr(reference, name), name
+    assert not protocol.require_starttls
+    assert protocol._call_limit_base == dict(call_limits(smtp_config()))
+    async with smtp_server(handler=handler) as server, raw_client(server) as client:
+        assert await client.greet() == KEYWORDS
+        await transaction(client)
+        assert await client.command(MESSAGE + b".") == "250 2.0.0 OK"
+    assert handler.messages[0].content == MESSAGE
 
 
 def test_aiosmtpd_command_logging_is_quiet() -> None:
