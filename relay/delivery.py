@@ -45,6 +45,7 @@ from relay.errors import (
     SpoolError,
     UnreadableEntry,
 )
+from relay.groupcommit import GroupCommit
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.outcome import (
@@ -135,6 +136,9 @@ class Delivery:
         self._free_checked = -SPACE_CHECK_INTERVAL
         self._free_read = -SPACE_RECHECK_INTERVAL
         self._space_floor = int(config.smtp.max_message_size * 1.5)
+        self._puts = GroupCommit(spool.put_many, "relay-spool-puts")
+        """Messages accepted together share the spool's fsync of ``queue/``."""
+        self._removes = GroupCommit(spool.remove_many, "relay-spool-removes")
 
     # -- life cycle
 
@@ -169,6 +173,9 @@ class Delivery:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        # A commit already in a thread ends before the spool may be closed.
+        await self._puts.idle()
+        await self._removes.idle()
 
     async def retry_now(self) -> None:
         """``ses-relay queue retry`` (SIGUSR1): end a pause of all delivery and
@@ -235,7 +242,7 @@ class Delivery:
 
     async def _accept(self, entry: Entry, message: bytes) -> DataReply:
         try:
-            await asyncio.to_thread(self._spool.put, entry, message)
+            await self._puts.submit((entry, message))
         except SpoolError as exc:
             delivery_log.error("%s: not accepted: %s", entry.id, exc)
             self._free_checked = -SPACE_CHECK_INTERVAL
@@ -420,7 +427,7 @@ class Delivery:
     async def _forget(self, entry: Entry) -> None:
         self._unsaved.pop(entry.id, None)
         try:
-            await asyncio.to_thread(self._spool.remove, entry.id)
+            await self._removes.submit(entry.id)
         except SpoolError as exc:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
 

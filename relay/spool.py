@@ -11,11 +11,12 @@ Layout under ``spool.path`` (readable with ordinary tools)::
 
 An entry is committed when ``queue/ID.json`` exists: ``put`` writes both
 files in ``tmp/``, fsyncs them, renames the message first and the envelope
-last, and fsyncs ``queue/``. A ``.eml`` without its ``.json`` was never
-acknowledged: readers skip it and the daemon removes it at start. State
-changes rewrite the ``.json`` the same way (write, fsync, rename, fsync the
-directory). Every operation keeps "a ``.json`` implies its ``.eml``": the
-envelope is committed last and removed first.
+last, and fsyncs ``queue/`` (``put_many``: once for all the entries written
+together; none is acknowledged before that fsync). A ``.eml`` without its
+``.json`` was never acknowledged: readers skip it and the daemon removes it
+at start. State changes rewrite the ``.json`` the same way (write, fsync,
+rename, fsync the directory). Every operation keeps "a ``.json`` implies
+its ``.eml``": the envelope is committed last and removed first.
 
 Writers of an existing entry (``update``, ``modify``, ``move``, ``remove``)
 hold an exclusive ``flock`` on its ``.eml`` (one inode in every area, since
@@ -37,7 +38,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -485,10 +486,53 @@ class Spool:
 
         ``ValueError`` (and nothing written) for an entry that could not be
         read back: a bad id, no batches, values JSON cannot hold."""
-        envelope = _checked(entry)
+        [outcome] = self.put_many([(entry, message)])
+        if outcome is not None:
+            raise outcome
+
+    def put_many(self, items: Sequence[tuple[Entry, bytes]]) -> list[Exception | None]:
+        """Commit new entries together (group commit): each one's files are
+        written and fsync'd in ``tmp/`` and renamed into ``queue/`` as ``put``
+        says, and one fsync of ``queue/`` then covers them all.
+
+        Returns each item's outcome, in order, as ``put`` would raise it: None
+        once committed, ``SpoolError`` (nothing of it left behind) or
+        ``ValueError``. An item that cannot be written fails alone; when the
+        shared fsync fails, every entry it was to cover fails and is removed
+        again: none is acknowledged, none stays half-visible."""
+        outcomes: list[Exception | None] = [None] * len(items)
+        placed: dict[int, str] = {}
+        for index, (entry, message) in enumerate(items):
+            try:
+                envelope = _checked(entry)
+                if entry.id in placed.values():
+                    raise FileExistsError(errno.EEXIST, "an entry with this id exists")
+                self._place(entry.id, envelope, message)
+            except ValueError as exc:
+                outcomes[index] = exc
+            except OSError as exc:
+                outcomes[index] = _failed(f"cannot write spool entry {entry.id}", exc)
+            else:
+                placed[index] = entry.id
+        if placed:
+            queue = self.dir(QUEUE)
+            try:
+                _sync_dir(queue)
+            except OSError as exc:
+                for index, entry_id in placed.items():
+                    _unlink_quietly(queue / f"{entry_id}.json", queue / f"{entry_id}.eml")
+                    outcomes[index] = _failed(f"cannot write spool entry {entry_id}", exc)
+                with contextlib.suppress(OSError):
+                    _sync_dir(queue)
+        return outcomes
+
+    def _place(self, entry_id: str, envelope: bytes, message: bytes) -> None:
+        """Write a new entry's files in ``tmp/``, fsync them, and rename them
+        into ``queue/``, the message first; not durable until ``queue/`` is
+        fsync'd. On ``OSError`` nothing of it is left."""
         tmp, queue = self.dir(TMP), self.dir(QUEUE)
-        eml_tmp, json_tmp = _tmp_path(tmp, entry.id, "eml"), _tmp_path(tmp, entry.id, "json")
-        eml, json_path = queue / f"{entry.id}.eml", queue / f"{entry.id}.json"
+        eml_tmp, json_tmp = _tmp_path(tmp, entry_id, "eml"), _tmp_path(tmp, entry_id, "json")
+        eml, json_path = queue / f"{entry_id}.eml", queue / f"{entry_id}.json"
         committed: list[Path] = []
         try:
             if json_path.exists() or eml.exists():
@@ -498,16 +542,12 @@ class Spool:
             os.rename(eml_tmp, eml)
             committed.append(eml)
             os.rename(json_tmp, json_path)
-            committed.insert(0, json_path)
-            _sync_dir(queue)
-        except OSError as exc:
-            for path in (*committed, eml_tmp, json_tmp):
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
+        except OSError:
+            _unlink_quietly(*committed, eml_tmp, json_tmp)
             if committed:
                 with contextlib.suppress(OSError):
                     _sync_dir(queue)
-            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
+            raise
 
     def update(self, entry: Entry, area: str = QUEUE) -> None:
         """Replace an existing entry's envelope and state durably.
@@ -546,19 +586,39 @@ class Spool:
     def remove(self, entry_id: str, area: str = QUEUE) -> None:
         """Forget an entry (delivered, refused, or deleted by an operator).
         Removing an entry that is not there does nothing."""
+        [outcome] = self.remove_many([entry_id], area)
+        if outcome is not None:
+            raise outcome
+
+    def remove_many(self, entry_ids: Sequence[str], area: str = QUEUE) -> list[SpoolError | None]:
+        """Forget entries together (group commit): each one's files are
+        unlinked under its lock, the envelope first, and one fsync of the
+        area then covers them all. Returns each one's outcome, in order, as
+        ``remove`` would raise it (a failed fsync fails every one it covered)."""
         _check_area(area)
-        if not is_valid(entry_id):
-            return
         directory = self.dir(area)
-        try:
-            with contextlib.ExitStack() as stack:
-                with contextlib.suppress(NoSuchEntry):
-                    stack.enter_context(self._locked(entry_id, area))
-                (directory / f"{entry_id}.json").unlink(missing_ok=True)
-                (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+        outcomes: list[SpoolError | None] = [None] * len(entry_ids)
+        unlinked: list[int] = []
+        for index, entry_id in enumerate(entry_ids):
+            if not is_valid(entry_id):
+                continue
+            try:
+                with contextlib.ExitStack() as stack:
+                    with contextlib.suppress(NoSuchEntry):
+                        stack.enter_context(self._locked(entry_id, area))
+                    (directory / f"{entry_id}.json").unlink(missing_ok=True)
+                    (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+            except OSError as exc:
+                outcomes[index] = _failed(f"cannot remove spool entry {entry_id}", exc)
+            else:
+                unlinked.append(index)
+        if unlinked:
+            try:
                 _sync_dir(directory)
-        except OSError as exc:
-            raise _failed(f"cannot remove spool entry {entry_id}", exc) from None
+            except OSError as exc:
+                for index in unlinked:
+                    outcomes[index] = _failed(f"cannot remove spool entry {entry_ids[index]}", exc)
+        return outcomes
 
     def move(self, entry: Entry, source: str, target: str) -> None:
         """Move an entry between areas (queue ↔ dead) without a moment where
@@ -678,8 +738,7 @@ class Spool:
             os.rename(json_tmp, self.dir(area) / f"{entry_id}.json")
             _sync_dir(self.dir(area))
         except BaseException:
-            with contextlib.suppress(OSError):
-                json_tmp.unlink(missing_ok=True)
+            _unlink_quietly(json_tmp)
             raise
 
     # -- reading
@@ -900,6 +959,12 @@ def _link_into(source: Path, target: Path, tmp: Path) -> None:
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
+
+
+def _unlink_quietly(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _write_synced(path: Path, data: bytes, *, newer_than: int | None = None) -> None:

@@ -10,6 +10,7 @@ made for real on a 1 MiB tmpfs (``tests/diskfull.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -33,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import NoSuchEntry, SmtpReply, SpoolError, SpoolLocked, UnreadableEntry
+from relay.groupcommit import GroupCommit
 from relay.ses.classify import ses_error
 from relay.ses.sender import SesParameters
 from relay.spool import (
@@ -49,6 +51,7 @@ from relay.spool import (
     ses_json,
 )
 from tests import diskfull
+from tests.fsyncgate import DirSyncGate
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGE = (
@@ -1737,3 +1740,124 @@ def test_concurrent_modifies_from_processes_lose_nothing(spool: Spool) -> None:
     history = spool.load("CONC02").history
     assert sorted(history) == sorted(f"{t}{n}" for t in "xyz" for n in range(40))
     assert names(spool, TMP) == set()
+
+
+# -- 8. group commit: entries written together share the fsync of queue/ ----------
+
+
+def test_put_many_commits_every_entry_under_one_fsync_of_the_queue(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    entries = [make_entry(f"GRP{n:03d}") for n in range(5)]
+    assert spool.put_many([(e, message_of(e.id)) for e in entries]) == [None] * 5
+    assert gate.calls == 1
+    assert_intact(spool, entries)
+    assert spool.remove_many([e.id for e in entries]) == [None] * 5
+    assert gate.calls == 2
+    assert names(spool, QUEUE) == names(spool, TMP) == set()
+
+
+def test_put_many_an_entry_that_cannot_be_written_fails_alone(spool: Spool) -> None:
+    spool.put(make_entry("TAKEN1"), MESSAGE)
+    good = make_entry("GOOD01")
+    taken, bad, committed, twice = spool.put_many(
+        [
+            (make_entry("TAKEN1"), b"another message"),
+            (make_entry("not an id"), MESSAGE),
+            (good, MESSAGE),
+            (good, b"the same id twice in one batch"),
+        ]
+    )
+    assert isinstance(taken, SpoolError)
+    assert taken.errno == errno.EEXIST
+    assert isinstance(bad, ValueError)
+    assert committed is None
+    assert isinstance(twice, SpoolError)
+    assert twice.errno == errno.EEXIST
+    assert names(spool, QUEUE) == entry_files(["TAKEN1", "GOOD01"])
+    assert names(spool, TMP) == set()
+    assert spool.message("TAKEN1") == spool.message("GOOD01") == MESSAGE
+    assert spool.load("GOOD01") == good
+
+
+def test_put_many_crash_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each entry of a group is whole or absent wherever the commit stops."""
+    new = [make_entry(f"NEW00{n}") for n in range(3)]
+    kept: list[Entry] = []
+
+    def check(spool: Spool, state: dict[str, tuple[bytes, int]]) -> None:
+        listed = {e.id: e for e in spool.entries()}
+        assert_intact(spool, kept)
+        for entry in new:
+            if f"queue/{entry.id}.json" in state:
+                assert listed[entry.id] == entry
+                assert spool.message(entry.id) == message_of(entry.id)
+            else:
+                assert entry.id not in listed
+                assert spool.find(entry.id) is None
+                assert not any(n.startswith(entry.id) for n in names(spool, QUEUE))
+
+    points = crash_sweep(
+        tmp_path,
+        lambda s: kept.extend(put_some(s, 2)),
+        lambda s: s.put_many([(e, message_of(e.id)) for e in new]),
+        check,
+        caplog,
+    )
+    assert points == 3 * 8 + 1  # per entry: create, write, fsync twice, two renames; fsync queue/
+
+
+async def held_commit(
+    spool: Spool, gate: DirSyncGate, count: int
+) -> tuple[GroupCommit[tuple[Entry, bytes]], asyncio.Task[None], list[asyncio.Task[None]]]:
+    """A first put held in its fsync of ``queue/``, and ``count`` more that
+    arrived meanwhile (none of them answered yet)."""
+    commits = GroupCommit(spool.put_many, "test-puts")
+    gate.hold = True
+    first = asyncio.create_task(commits.submit((make_entry("FIRST1"), message_of("FIRST1"))))
+    assert await asyncio.to_thread(gate.entered.wait, WAIT)
+    later = [
+        asyncio.create_task(commits.submit((e, message_of(e.id))))
+        for e in (make_entry(f"LATER{n}") for n in range(count))
+    ]
+    await asyncio.sleep(0)  # not a wait for time: one turn of the loop lets them submit
+    assert not any(t.done() for t in (first, *later))
+    return commits, first, later
+
+
+async def test_puts_arriving_during_a_commit_share_the_next_fsync(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    _, first, later = await held_commit(spool, gate, 8)
+    assert gate.calls == 1
+    gate.release()
+    await asyncio.gather(first, *later)
+    assert gate.calls == 2  # nine puts: the first's fsync, and one for the eight after it
+    ids = ["FIRST1", *(f"LATER{n}" for n in range(8))]
+    assert_intact(spool, [make_entry(i) for i in ids])
+    assert names(spool, QUEUE) == entry_files(ids)
+
+
+async def test_a_failed_fsync_fails_every_put_it_covered_and_the_next_put_recovers(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = put_some(spool, 2)
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    commits, first, later = await held_commit(spool, gate, 5)
+    gate.release(fail=errno.EIO)
+    outcomes = await asyncio.gather(first, *later, return_exceptions=True)
+    for outcome in outcomes:
+        assert isinstance(outcome, SpoolError), outcome
+        assert outcome.errno == errno.EIO
+        assert os.strerror(errno.EIO) in str(outcome)
+    assert names(spool, QUEUE) == entry_files([e.id for e in kept])  # none half-visible
+    assert names(spool, TMP) == set()
+    gate.fail = None
+    spool = reopen(spool)
+    assert list(spool.entries()) == kept
+    commits = GroupCommit(spool.put_many, "test-puts")
+    await commits.submit((make_entry("AFTER1"), MESSAGE))
+    assert spool.load("AFTER1") == make_entry("AFTER1")
+    assert spool.message("AFTER1") == MESSAGE
