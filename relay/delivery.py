@@ -136,9 +136,9 @@ class Delivery:
         self._free_checked = -SPACE_CHECK_INTERVAL
         self._free_read = -SPACE_RECHECK_INTERVAL
         self._space_floor = int(config.smtp.max_message_size * 1.5)
-        self._puts = GroupCommit(spool.put_many, "relay-spool-puts")
-        """Messages accepted together share the spool's fsync of ``queue/``."""
         self._removes = GroupCommit(spool.remove_many, "relay-spool-removes")
+        """Delivered entries removed together share one thread hop and the
+        spool's fsync of ``queue/`` (accepted messages share it in ``put``)."""
 
     # -- life cycle
 
@@ -174,7 +174,6 @@ class Delivery:
                 await task
         self._tasks.clear()
         # A commit already in a thread ends before the spool may be closed.
-        await self._puts.idle()
         await self._removes.idle()
 
     async def retry_now(self) -> None:
@@ -242,7 +241,7 @@ class Delivery:
 
     async def _accept(self, entry: Entry, message: bytes) -> DataReply:
         try:
-            await self._puts.submit((entry, message))
+            await asyncio.to_thread(self._spool.put, entry, message)
         except SpoolError as exc:
             delivery_log.error("%s: not accepted: %s", entry.id, exc)
             self._free_checked = -SPACE_CHECK_INTERVAL

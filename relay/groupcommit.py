@@ -1,20 +1,27 @@
-"""Group commit: requests that arrive together share one blocking commit.
+"""Group commit: changes made together share one blocking commit.
 
 The classic scheme of databases and of Postfix's queue writers: the first
 request starts a commit at once (no added latency when the relay is idle);
 the requests that arrive while it runs wait, and go together in the next
-one. The blocking work of a commit runs in one thread hop, and each waiter
-learns the outcome of the commit that covered its request: under load one
-fsync of the spool directory (and one executor hop) serves many messages.
+one. Two forms, for two kinds of work:
 
-``GroupCommit`` knows nothing of the spool: it is given a blocking function
-that commits a batch and reports one outcome per request (see
-``Spool.put_many`` and ``Spool.remove_many``).
+* ``SharedSync``, for threads: each caller makes its own change in its own
+  thread (a new entry's files written and fsync'd in parallel, where the
+  file system's journal merges the fsyncs), then waits for one fsync of the
+  directory that covers it, which a single caller runs for all the callers
+  that finished their change meanwhile.
+* ``GroupCommit``, for coroutines whose whole change is cheap (unlinking a
+  delivered entry): the requests that arrive together go to one blocking
+  commit in one thread hop, which ends with that shared fsync.
+
+Neither knows the spool: they are given the blocking functions to run (see
+``Spool.put``, ``Spool.remove_many``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -23,6 +30,62 @@ Request = TypeVar("Request")
 Commit = Callable[[list[Request]], Sequence[Exception | None]]
 """Commits a batch in order; per request None (done) or the error to raise
 to its waiter. Blocking: it runs in a worker thread."""
+
+
+class _Round:
+    """The callers one sync covers, and how it went."""
+
+    __slots__ = ("callers", "done", "error")
+
+    def __init__(self) -> None:
+        self.callers = 0
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class SharedSync:
+    """One blocking sync (an fsync of a directory) shared by the threads that
+    need it at the same time. Thread-safe; blocking."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._changed = threading.Condition()
+        self._next = _Round()
+        """The callers whose change is made and no sync started since."""
+        self._running = False
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a sync that has not started yet."""
+        with self._changed:
+            return self._next.callers
+
+    def __call__(self) -> None:
+        """Return once a sync that started after this call began succeeded;
+        raise the error of that sync when it failed (every caller it covered
+        gets the same error). The first caller while no sync runs
+        syncs at once; later ones wait for it to end, and one of them then
+        syncs for them all."""
+        with self._changed:
+            mine = self._next
+            mine.callers += 1
+            while self._running and not mine.done:
+                self._changed.wait()
+            if not mine.done:  # no sync runs: this caller runs the one for ``mine``
+                self._running = True
+                self._next = _Round()
+        if not mine.done:
+            try:
+                self._sync()
+            except BaseException as exc:  # every caller it covered shares its fate
+                mine.error = exc
+            finally:
+                with self._changed:
+                    mine.done = True
+                    self._running = False
+                    self._changed.notify_all()
+        if mine.error is not None:
+            raise mine.error
 
 
 class GroupCommit(Generic[Request]):

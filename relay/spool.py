@@ -11,8 +11,8 @@ Layout under ``spool.path`` (readable with ordinary tools)::
 
 An entry is committed when ``queue/ID.json`` exists: ``put`` writes both
 files in ``tmp/``, fsyncs them, renames the message first and the envelope
-last, and fsyncs ``queue/`` (``put_many``: once for all the entries written
-together; none is acknowledged before that fsync). A ``.eml`` without its
+last, and fsyncs ``queue/`` (once for all the puts that run at once; none
+is acknowledged before that fsync). A ``.eml`` without its
 ``.json`` was never acknowledged: readers skip it and the daemon removes it
 at start. State changes rewrite the ``.json`` the same way (write, fsync,
 rename, fsync the directory). Every operation keeps "a ``.json`` implies
@@ -40,6 +40,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ from relay.errors import (
     SpoolLocked,
     UnreadableEntry,
 )
+from relay.groupcommit import SharedSync
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
 from relay.ses.sender import NO_PARAMETERS, SesParameters
@@ -369,9 +371,17 @@ class Spool:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._synced = {area: SharedSync(partial(_sync_dir, self.dir(area))) for area in AREAS}
+        """Per area, the fsync of its directory that threads changing it at once share."""
 
     def dir(self, area: str) -> Path:
         return self.path / area
+
+    def waiting_for_sync(self, area: str = QUEUE) -> int:
+        """Threads whose change to ``area`` is made and waits for an fsync of
+        it that has not started yet (they will share the next one)."""
+        _check_area(area)
+        return self._synced[area].waiting
 
     # -- life cycle
 
@@ -485,54 +495,17 @@ class Spool:
         """Commit a new entry durably; ``SpoolError`` leaves nothing behind.
 
         ``ValueError`` (and nothing written) for an entry that could not be
-        read back: a bad id, no batches, values JSON cannot hold."""
-        [outcome] = self.put_many([(entry, message)])
-        if outcome is not None:
-            raise outcome
+        read back: a bad id, no batches, values JSON cannot hold.
 
-    def put_many(self, items: Sequence[tuple[Entry, bytes]]) -> list[Exception | None]:
-        """Commit new entries together (group commit): each one's files are
-        written and fsync'd in ``tmp/`` and renamed into ``queue/`` as ``put``
-        says, and one fsync of ``queue/`` then covers them all.
-
-        Returns each item's outcome, in order, as ``put`` would raise it: None
-        once committed, ``SpoolError`` (nothing of it left behind) or
-        ``ValueError``. An item that cannot be written fails alone; when the
-        shared fsync fails, every entry it was to cover fails and is removed
-        again: none is acknowledged, none stays half-visible."""
-        outcomes: list[Exception | None] = [None] * len(items)
-        placed: dict[int, str] = {}
-        for index, (entry, message) in enumerate(items):
-            try:
-                envelope = _checked(entry)
-                if entry.id in placed.values():
-                    raise FileExistsError(errno.EEXIST, "an entry with this id exists")
-                self._place(entry.id, envelope, message)
-            except ValueError as exc:
-                outcomes[index] = exc
-            except OSError as exc:
-                outcomes[index] = _failed(f"cannot write spool entry {entry.id}", exc)
-            else:
-                placed[index] = entry.id
-        if placed:
-            queue = self.dir(QUEUE)
-            try:
-                _sync_dir(queue)
-            except OSError as exc:
-                for index, entry_id in placed.items():
-                    _unlink_quietly(queue / f"{entry_id}.json", queue / f"{entry_id}.eml")
-                    outcomes[index] = _failed(f"cannot write spool entry {entry_id}", exc)
-                with contextlib.suppress(OSError):
-                    _sync_dir(queue)
-        return outcomes
-
-    def _place(self, entry_id: str, envelope: bytes, message: bytes) -> None:
-        """Write a new entry's files in ``tmp/``, fsync them, and rename them
-        into ``queue/``, the message first; not durable until ``queue/`` is
-        fsync'd. On ``OSError`` nothing of it is left."""
+        Puts running at once in several threads write and fsync their files
+        in parallel and share one fsync of ``queue/`` (``SharedSync``): a put
+        returns only after an fsync that began after its renames succeeded;
+        when that fsync fails, every put it covered removes its files again
+        and fails (none is left half-visible)."""
+        envelope = _checked(entry)
         tmp, queue = self.dir(TMP), self.dir(QUEUE)
-        eml_tmp, json_tmp = _tmp_path(tmp, entry_id, "eml"), _tmp_path(tmp, entry_id, "json")
-        eml, json_path = queue / f"{entry_id}.eml", queue / f"{entry_id}.json"
+        eml_tmp, json_tmp = _tmp_path(tmp, entry.id, "eml"), _tmp_path(tmp, entry.id, "json")
+        eml, json_path = queue / f"{entry.id}.eml", queue / f"{entry.id}.json"
         committed: list[Path] = []
         try:
             if json_path.exists() or eml.exists():
@@ -542,12 +515,14 @@ class Spool:
             os.rename(eml_tmp, eml)
             committed.append(eml)
             os.rename(json_tmp, json_path)
-        except OSError:
+            committed.insert(0, json_path)
+            self._synced[QUEUE]()
+        except OSError as exc:
             _unlink_quietly(*committed, eml_tmp, json_tmp)
             if committed:
                 with contextlib.suppress(OSError):
-                    _sync_dir(queue)
-            raise
+                    self._synced[QUEUE]()
+            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
 
     def update(self, entry: Entry, area: str = QUEUE) -> None:
         """Replace an existing entry's envelope and state durably.
@@ -614,7 +589,7 @@ class Spool:
                 unlinked.append(index)
         if unlinked:
             try:
-                _sync_dir(directory)
+                self._synced[area]()
             except OSError as exc:
                 for index in unlinked:
                     outcomes[index] = _failed(f"cannot remove spool entry {entry_ids[index]}", exc)

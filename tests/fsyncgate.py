@@ -1,9 +1,10 @@
 """A hook on the spool's fsyncs of one directory: counts, records, holds and fails them.
 
 ``DirSyncGate`` replaces ``os.fsync`` as ``relay.spool`` calls it. Every
-fsync of ``directory`` is counted; one that succeeds logs, for each envelope
-(``ID.json``) then in the directory, ``("synced", ID)`` in ``log``, so a
-test that logs what its clients were told beside it can check the order.
+fsync of ``directory`` is counted; one that succeeds logs ``("synced", ID)``
+in ``log`` for each envelope (``ID.json``) in the directory when it began
+(the renames it covers), so a test that logs what its clients were told
+beside it can check the order.
 While ``hold`` is set, each such fsync waits for ``release``; with ``fail``
 set it fails with that errno instead. Other fsyncs pass through untouched.
 """
@@ -36,6 +37,7 @@ class DirSyncGate:
             if not os.path.samestat(os.fstat(fd), os.stat(directory)):
                 return real(fd)
             self.calls += 1
+            covered = [n[:-5] for n in os.listdir(directory) if n.endswith(".json")]
             if self.hold:
                 self.entered.set()
                 if not self._opened.wait(WAIT):
@@ -43,9 +45,7 @@ class DirSyncGate:
             if self.fail is not None:
                 raise OSError(self.fail, os.strerror(self.fail))
             real(fd)
-            self.log.extend(
-                ("synced", n[:-5]) for n in os.listdir(directory) if n.endswith(".json")
-            )
+            self.log.extend(("synced", entry_id) for entry_id in covered)
             return None
 
         monkeypatch.setattr("relay.spool.os.fsync", fsync)

@@ -10,7 +10,6 @@ made for real on a 1 MiB tmpfs (``tests/diskfull.py``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -24,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +35,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import NoSuchEntry, SmtpReply, SpoolError, SpoolLocked, UnreadableEntry
-from relay.groupcommit import GroupCommit
 from relay.ses.classify import ses_error
 from relay.ses.sender import SesParameters
 from relay.spool import (
@@ -1745,119 +1745,68 @@ def test_concurrent_modifies_from_processes_lose_nothing(spool: Spool) -> None:
 # -- 8. group commit: entries written together share the fsync of queue/ ----------
 
 
-def test_put_many_commits_every_entry_under_one_fsync_of_the_queue(
+@contextlib.contextmanager
+def held_puts(
+    spool: Spool, gate: DirSyncGate, count: int
+) -> Iterator[tuple[Future[None], list[Future[None]]]]:
+    """A first put held in its fsync of ``queue/``, and ``count`` more, each
+    in its own thread, whose files are written and renamed meanwhile: they
+    all wait for the next fsync (none of them has returned)."""
+    gate.hold = True
+    with ThreadPoolExecutor(max_workers=count + 1) as threads:
+        first = threads.submit(spool.put, make_entry("FIRST1"), message_of("FIRST1"))
+        assert gate.entered.wait(WAIT)
+        later = [
+            threads.submit(spool.put, e, message_of(e.id))
+            for e in (make_entry(f"LATER{n}") for n in range(count))
+        ]
+        deadline = time.monotonic() + WAIT
+        while spool.waiting_for_sync() < count:
+            assert time.monotonic() < deadline, "the puts never waited for the fsync"
+            assert not any(f.done() for f in later), [f.exception() for f in later if f.done()]
+            time.sleep(0.001)
+        assert gate.calls == 1
+        assert not any(f.done() for f in (first, *later))
+        yield first, later
+
+
+def test_puts_made_during_an_fsync_share_the_next_one(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
-    entries = [make_entry(f"GRP{n:03d}") for n in range(5)]
-    assert spool.put_many([(e, message_of(e.id)) for e in entries]) == [None] * 5
-    assert gate.calls == 1
-    assert_intact(spool, entries)
-    assert spool.remove_many([e.id for e in entries]) == [None] * 5
-    assert gate.calls == 2
+    with held_puts(spool, gate, 8) as (first, later):
+        gate.release()
+        for put in (first, *later):
+            assert put.result(WAIT) is None
+    assert gate.calls == 2  # nine puts: the first's fsync, and one for the eight after it
+    ids = ["FIRST1", *(f"LATER{n}" for n in range(8))]
+    assert gate.log[0] == ("synced", "FIRST1")  # the held fsync covered the first put only
+    assert sorted(gate.log[1:]) == [("synced", i) for i in sorted(ids)]
+    assert_intact(spool, [make_entry(i) for i in ids])
+    assert names(spool, QUEUE) == entry_files(ids)
+    assert spool.remove_many(ids) == [None] * 9
+    assert gate.calls == 3
     assert names(spool, QUEUE) == names(spool, TMP) == set()
 
 
-def test_put_many_an_entry_that_cannot_be_written_fails_alone(spool: Spool) -> None:
-    spool.put(make_entry("TAKEN1"), MESSAGE)
-    good = make_entry("GOOD01")
-    taken, bad, committed, twice = spool.put_many(
-        [
-            (make_entry("TAKEN1"), b"another message"),
-            (make_entry("not an id"), MESSAGE),
-            (good, MESSAGE),
-            (good, b"the same id twice in one batch"),
-        ]
-    )
-    assert isinstance(taken, SpoolError)
-    assert taken.errno == errno.EEXIST
-    assert isinstance(bad, ValueError)
-    assert committed is None
-    assert isinstance(twice, SpoolError)
-    assert twice.errno == errno.EEXIST
-    assert names(spool, QUEUE) == entry_files(["TAKEN1", "GOOD01"])
-    assert names(spool, TMP) == set()
-    assert spool.message("TAKEN1") == spool.message("GOOD01") == MESSAGE
-    assert spool.load("GOOD01") == good
-
-
-def test_put_many_crash_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Each entry of a group is whole or absent wherever the commit stops."""
-    new = [make_entry(f"NEW00{n}") for n in range(3)]
-    kept: list[Entry] = []
-
-    def check(spool: Spool, state: dict[str, tuple[bytes, int]]) -> None:
-        listed = {e.id: e for e in spool.entries()}
-        assert_intact(spool, kept)
-        for entry in new:
-            if f"queue/{entry.id}.json" in state:
-                assert listed[entry.id] == entry
-                assert spool.message(entry.id) == message_of(entry.id)
-            else:
-                assert entry.id not in listed
-                assert spool.find(entry.id) is None
-                assert not any(n.startswith(entry.id) for n in names(spool, QUEUE))
-
-    points = crash_sweep(
-        tmp_path,
-        lambda s: kept.extend(put_some(s, 2)),
-        lambda s: s.put_many([(e, message_of(e.id)) for e in new]),
-        check,
-        caplog,
-    )
-    assert points == 3 * 8 + 1  # per entry: create, write, fsync twice, two renames; fsync queue/
-
-
-async def held_commit(
-    spool: Spool, gate: DirSyncGate, count: int
-) -> tuple[GroupCommit[tuple[Entry, bytes]], asyncio.Task[None], list[asyncio.Task[None]]]:
-    """A first put held in its fsync of ``queue/``, and ``count`` more that
-    arrived meanwhile (none of them answered yet)."""
-    commits = GroupCommit(spool.put_many, "test-puts")
-    gate.hold = True
-    first = asyncio.create_task(commits.submit((make_entry("FIRST1"), message_of("FIRST1"))))
-    assert await asyncio.to_thread(gate.entered.wait, WAIT)
-    later = [
-        asyncio.create_task(commits.submit((e, message_of(e.id))))
-        for e in (make_entry(f"LATER{n}") for n in range(count))
-    ]
-    await asyncio.sleep(0)  # not a wait for time: one turn of the loop lets them submit
-    assert not any(t.done() for t in (first, *later))
-    return commits, first, later
-
-
-async def test_puts_arriving_during_a_commit_share_the_next_fsync(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
-    _, first, later = await held_commit(spool, gate, 8)
-    assert gate.calls == 1
-    gate.release()
-    await asyncio.gather(first, *later)
-    assert gate.calls == 2  # nine puts: the first's fsync, and one for the eight after it
-    ids = ["FIRST1", *(f"LATER{n}" for n in range(8))]
-    assert_intact(spool, [make_entry(i) for i in ids])
-    assert names(spool, QUEUE) == entry_files(ids)
-
-
-async def test_a_failed_fsync_fails_every_put_it_covered_and_the_next_put_recovers(
+def test_a_failed_fsync_fails_every_put_it_covered_and_the_next_put_recovers(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kept = put_some(spool, 2)
     gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
-    commits, first, later = await held_commit(spool, gate, 5)
-    gate.release(fail=errno.EIO)
-    outcomes = await asyncio.gather(first, *later, return_exceptions=True)
-    for outcome in outcomes:
-        assert isinstance(outcome, SpoolError), outcome
-        assert outcome.errno == errno.EIO
-        assert os.strerror(errno.EIO) in str(outcome)
+    with held_puts(spool, gate, 5) as (first, later):
+        gate.release(fail=errno.EIO)
+        for put in (first, *later):
+            error = put.exception(WAIT)
+            assert isinstance(error, SpoolError), error
+            assert error.errno == errno.EIO
+            assert os.strerror(errno.EIO) in str(error)
+    assert gate.log == []
     assert names(spool, QUEUE) == entry_files([e.id for e in kept])  # none half-visible
     assert names(spool, TMP) == set()
     gate.fail = None
     spool = reopen(spool)
     assert list(spool.entries()) == kept
-    commits = GroupCommit(spool.put_many, "test-puts")
-    await commits.submit((make_entry("AFTER1"), MESSAGE))
+    spool.put(make_entry("AFTER1"), MESSAGE)
     assert spool.load("AFTER1") == make_entry("AFTER1")
     assert spool.message("AFTER1") == MESSAGE
