@@ -145,6 +145,8 @@ class Delivery:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        # A removal already in a thread ends before the spool may be closed.
+        await self._record.idle()
 
     async def retry_now(self) -> None:
         """``ses-relay queue retry`` (SIGUSR1): end a pause of all delivery and

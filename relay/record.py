@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
+from relay.groupcommit import GroupCommit
 from relay.log import delivery_log
 from relay.spool import QUEUE, Entry, Spool
 
@@ -43,6 +44,9 @@ class Record:
         self._spool = spool
         self._unsaved: dict[str, Entry] = {}
         """Entries whose latest state could not be written, by id."""
+        self._removes = GroupCommit(spool.remove_many, "relay-spool-removes")
+        """Delivered entries removed together share one thread hop and the
+        spool's fsync of ``queue/`` (accepted messages share it in ``put``)."""
 
     async def save(self, entry: Entry) -> bool:
         """Write ``entry``'s state; True when it is on disk."""
@@ -76,9 +80,13 @@ class Record:
         """``entry`` is done with (sent, or refused inline): out of the spool."""
         self.left(entry.id)
         try:
-            await asyncio.to_thread(self._spool.remove, entry.id)
+            await self._removes.submit(entry.id)
         except SpoolError as exc:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
+
+    async def idle(self) -> None:
+        """Return when no removal is running in a thread (before the spool closes)."""
+        await self._removes.idle()
 
     def left(self, entry_id: str) -> None:
         """``entry_id`` left the queue: nothing more to remember of it."""

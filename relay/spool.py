@@ -11,11 +11,12 @@ Layout under ``spool.path`` (readable with ordinary tools)::
 
 An entry is committed when ``queue/ID.json`` exists: ``put`` writes both
 files in ``tmp/``, fsyncs them, renames the message first and the envelope
-last, and fsyncs ``queue/``. A ``.eml`` without its ``.json`` was never
-acknowledged: readers skip it and the daemon removes it at start. State
-changes rewrite the ``.json`` the same way (write, fsync, rename, fsync the
-directory). Every operation keeps "a ``.json`` implies its ``.eml``": the
-envelope is committed last and removed first.
+last, and fsyncs ``queue/`` (once for all the puts that run at once; none
+is acknowledged before that fsync). A ``.eml`` without its
+``.json`` was never acknowledged: readers skip it and the daemon removes it
+at start. State changes rewrite the ``.json`` the same way (write, fsync,
+rename, fsync the directory). Every operation keeps "a ``.json`` implies
+its ``.eml``": the envelope is committed last and removed first.
 
 Writers of an existing entry (``update``, ``modify``, ``move``, ``remove``)
 hold an exclusive ``flock`` on its ``.eml`` (one inode in every area, since
@@ -37,8 +38,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +52,7 @@ from relay.errors import (
     SpoolLocked,
     UnreadableEntry,
 )
+from relay.groupcommit import SharedSync
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
 from relay.ses.sender import NO_PARAMETERS, SesParameters
@@ -368,9 +371,17 @@ class Spool:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._synced = {area: SharedSync(partial(_sync_dir, self.dir(area))) for area in AREAS}
+        """Per area, the fsync of its directory that threads changing it at once share."""
 
     def dir(self, area: str) -> Path:
         return self.path / area
+
+    def waiting_for_sync(self, area: str = QUEUE) -> int:
+        """Threads whose change to ``area`` is made and waits for an fsync of
+        it that has not started yet (they will share the next one)."""
+        _check_area(area)
+        return self._synced[area].waiting
 
     # -- life cycle
 
@@ -484,7 +495,13 @@ class Spool:
         """Commit a new entry durably; ``SpoolError`` leaves nothing behind.
 
         ``ValueError`` (and nothing written) for an entry that could not be
-        read back: a bad id, no batches, values JSON cannot hold."""
+        read back: a bad id, no batches, values JSON cannot hold.
+
+        Puts running at once in several threads write and fsync their files
+        in parallel and share one fsync of ``queue/`` (``SharedSync``): a put
+        returns only after an fsync that began after its renames succeeded;
+        when that fsync fails, every put it covered removes its files again
+        and fails (none is left half-visible)."""
         envelope = _checked(entry)
         tmp, queue = self.dir(TMP), self.dir(QUEUE)
         eml_tmp, json_tmp = _tmp_path(tmp, entry.id, "eml"), _tmp_path(tmp, entry.id, "json")
@@ -499,14 +516,12 @@ class Spool:
             committed.append(eml)
             os.rename(json_tmp, json_path)
             committed.insert(0, json_path)
-            _sync_dir(queue)
+            self._synced[QUEUE]()
         except OSError as exc:
-            for path in (*committed, eml_tmp, json_tmp):
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
+            _unlink_quietly(*committed, eml_tmp, json_tmp)
             if committed:
                 with contextlib.suppress(OSError):
-                    _sync_dir(queue)
+                    self._synced[QUEUE]()
             raise _failed(f"cannot write spool entry {entry.id}", exc) from None
 
     def update(self, entry: Entry, area: str = QUEUE) -> None:
@@ -546,19 +561,39 @@ class Spool:
     def remove(self, entry_id: str, area: str = QUEUE) -> None:
         """Forget an entry (delivered, refused, or deleted by an operator).
         Removing an entry that is not there does nothing."""
+        [outcome] = self.remove_many([entry_id], area)
+        if outcome is not None:
+            raise outcome
+
+    def remove_many(self, entry_ids: Sequence[str], area: str = QUEUE) -> list[SpoolError | None]:
+        """Forget entries together (group commit): each one's files are
+        unlinked under its lock, the envelope first, and one fsync of the
+        area then covers them all. Returns each one's outcome, in order, as
+        ``remove`` would raise it (a failed fsync fails every one it covered)."""
         _check_area(area)
-        if not is_valid(entry_id):
-            return
         directory = self.dir(area)
-        try:
-            with contextlib.ExitStack() as stack:
-                with contextlib.suppress(NoSuchEntry):
-                    stack.enter_context(self._locked(entry_id, area))
-                (directory / f"{entry_id}.json").unlink(missing_ok=True)
-                (directory / f"{entry_id}.eml").unlink(missing_ok=True)
-                _sync_dir(directory)
-        except OSError as exc:
-            raise _failed(f"cannot remove spool entry {entry_id}", exc) from None
+        outcomes: list[SpoolError | None] = [None] * len(entry_ids)
+        unlinked: list[int] = []
+        for index, entry_id in enumerate(entry_ids):
+            if not is_valid(entry_id):
+                continue
+            try:
+                with contextlib.ExitStack() as stack:
+                    with contextlib.suppress(NoSuchEntry):
+                        stack.enter_context(self._locked(entry_id, area))
+                    (directory / f"{entry_id}.json").unlink(missing_ok=True)
+                    (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+            except OSError as exc:
+                outcomes[index] = _failed(f"cannot remove spool entry {entry_id}", exc)
+            else:
+                unlinked.append(index)
+        if unlinked:
+            try:
+                self._synced[area]()
+            except OSError as exc:
+                for index in unlinked:
+                    outcomes[index] = _failed(f"cannot remove spool entry {entry_ids[index]}", exc)
+        return outcomes
 
     def move(self, entry: Entry, source: str, target: str) -> None:
         """Move an entry between areas (queue ↔ dead) without a moment where
@@ -679,8 +714,7 @@ class Spool:
             os.rename(json_tmp, self.dir(area) / f"{entry_id}.json")
             _sync_dir(self.dir(area))
         except BaseException:
-            with contextlib.suppress(OSError):
-                json_tmp.unlink(missing_ok=True)
+            _unlink_quietly(json_tmp)
             raise
 
     # -- reading
@@ -921,6 +955,12 @@ def _link_into(source: Path, target: Path, tmp: Path) -> None:
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
+
+
+def _unlink_quietly(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _write_synced(path: Path, data: bytes, *, newer_than: int | None = None) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import re
 import smtplib
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -15,6 +19,7 @@ import trustme
 from relay.app import Relay
 from relay.auth import hash_password
 from tests.fakeses import FakeSes, RawReply, SesErrorReply, Succeed, error_body, send_raw_email_body
+from tests.fsyncgate import DirSyncGate
 from tests.relayd import running_relay
 
 SENDER = "app@example.com"
@@ -607,3 +612,76 @@ async def test_smuggling_never_reaches_ses_as_two_messages(
     assert raw.replace(b"\r\n", b"").count(b"\n") == 0
     assert raw.replace(b"\r\n", b"").count(b"\r") == 0
     assert b"MAIL FROM:<evil@example.com>" in raw  # content, not a command
+
+
+# -- group commit: messages that arrive together share the spool's fsync ----------
+
+CLIENTS = 4
+"""Fewer than the default executor's threads on one core (5): the held put and
+the ones waiting for the next fsync each hold a thread."""
+
+
+async def send_any(relay: Relay, n: int) -> tuple[int, str]:
+    """``send``, with the reply to DATA whatever its code."""
+    try:
+        return await send(relay, [f"user{n}@example.net"], message())
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+
+
+async def clients_held_at_the_commit(relay: Relay, gate: DirSyncGate) -> list[asyncio.Task[Any]]:
+    """``CLIENTS`` clients sending at once, the first one's put held in its
+    fsync of ``queue/``, the others' messages written and waiting together
+    for the next fsync."""
+    assert relay.spool is not None
+    gate.hold = True
+    first = asyncio.create_task(send_any(relay, 0))
+    assert await asyncio.to_thread(gate.entered.wait, 15)
+    clients = [first, *(asyncio.create_task(send_any(relay, n)) for n in range(1, CLIENTS))]
+    async with asyncio.timeout(15):
+        while relay.spool.waiting_for_sync() < CLIENTS - 1:
+            await asyncio.sleep(0.01)
+    assert gate.calls == 1
+    assert not any(c.done() for c in clients)  # no reply while the fsync is held
+    return clients
+
+
+async def test_messages_sent_at_once_are_answered_only_after_their_fsync(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_relay(tmp_path, fake_ses) as relay:
+        gate = DirSyncGate(monkeypatch, tmp_path / "spool" / "queue")
+        clients = await clients_held_at_the_commit(relay, gate)
+        gate.release()
+        replies = []
+        for client in asyncio.as_completed(clients):
+            code, text = await client
+            assert code == 250, text
+            told = re.fullmatch(r"2\.0\.0 Ok: (?:queued as )?(\S+).*", text)
+            assert told is not None, text
+            queue_id = told[1]
+            gate.log.append(("replied", queue_id))
+            replies.append(queue_id)
+    assert len(set(replies)) == CLIENTS
+    for queue_id in replies:
+        assert gate.synced(queue_id) < gate.log.index(("replied", queue_id))
+    delivered = sorted(d for r in fake_ses.requests for d in r.destinations)
+    assert delivered == sorted(f"user{n}@example.net" for n in range(CLIENTS))
+
+
+async def test_a_failed_fsync_gives_452_to_every_message_it_covered(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_relay(tmp_path, fake_ses) as relay:
+        gate = DirSyncGate(monkeypatch, tmp_path / "spool" / "queue")
+        clients = await clients_held_at_the_commit(relay, gate)
+        gate.release(fail=errno.EIO)
+        replies = await asyncio.gather(*clients)
+        assert replies == [(452, "4.3.1 Insufficient system storage, try again later")] * CLIENTS
+        assert gate.log == []
+        assert sorted(os.listdir(tmp_path / "spool" / "queue")) == []
+        assert fake_ses.requests == []
+        gate.fail = None
+        code, text = await send_any(relay, 99)
+    assert code == 250, text
+    assert [r.destinations for r in fake_ses.requests] == [["user99@example.net"]]

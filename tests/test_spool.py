@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +51,7 @@ from relay.spool import (
     ses_json,
 )
 from tests import diskfull
+from tests.fsyncgate import DirSyncGate
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGE = (
@@ -1737,3 +1740,73 @@ def test_concurrent_modifies_from_processes_lose_nothing(spool: Spool) -> None:
     history = spool.load("CONC02").history
     assert sorted(history) == sorted(f"{t}{n}" for t in "xyz" for n in range(40))
     assert names(spool, TMP) == set()
+
+
+# -- 8. group commit: entries written together share the fsync of queue/ ----------
+
+
+@contextlib.contextmanager
+def held_puts(
+    spool: Spool, gate: DirSyncGate, count: int
+) -> Iterator[tuple[Future[None], list[Future[None]]]]:
+    """A first put held in its fsync of ``queue/``, and ``count`` more, each
+    in its own thread, whose files are written and renamed meanwhile: they
+    all wait for the next fsync (none of them has returned)."""
+    gate.hold = True
+    with ThreadPoolExecutor(max_workers=count + 1) as threads:
+        first = threads.submit(spool.put, make_entry("FIRST1"), message_of("FIRST1"))
+        assert gate.entered.wait(WAIT)
+        later = [
+            threads.submit(spool.put, e, message_of(e.id))
+            for e in (make_entry(f"LATER{n}") for n in range(count))
+        ]
+        deadline = time.monotonic() + WAIT
+        while spool.waiting_for_sync() < count:
+            assert time.monotonic() < deadline, "the puts never waited for the fsync"
+            assert not any(f.done() for f in later), [f.exception() for f in later if f.done()]
+            time.sleep(0.001)
+        assert gate.calls == 1
+        assert not any(f.done() for f in (first, *later))
+        yield first, later
+
+
+def test_puts_made_during_an_fsync_share_the_next_one(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    with held_puts(spool, gate, 8) as (first, later):
+        gate.release()
+        for put in (first, *later):
+            assert put.result(WAIT) is None
+    assert gate.calls == 2  # nine puts: the first's fsync, and one for the eight after it
+    ids = ["FIRST1", *(f"LATER{n}" for n in range(8))]
+    assert gate.log[0] == ("synced", "FIRST1")  # the held fsync covered the first put only
+    assert sorted(gate.log[1:]) == [("synced", i) for i in sorted(ids)]
+    assert_intact(spool, [make_entry(i) for i in ids])
+    assert names(spool, QUEUE) == entry_files(ids)
+    assert spool.remove_many(ids) == [None] * 9
+    assert gate.calls == 3
+    assert names(spool, QUEUE) == names(spool, TMP) == set()
+
+
+def test_a_failed_fsync_fails_every_put_it_covered_and_the_next_put_recovers(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = put_some(spool, 2)
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    with held_puts(spool, gate, 5) as (first, later):
+        gate.release(fail=errno.EIO)
+        for put in (first, *later):
+            error = put.exception(WAIT)
+            assert isinstance(error, SpoolError), error
+            assert error.errno == errno.EIO
+            assert os.strerror(errno.EIO) in str(error)
+    assert gate.log == []
+    assert names(spool, QUEUE) == entry_files([e.id for e in kept])  # none half-visible
+    assert names(spool, TMP) == set()
+    gate.fail = None
+    spool = reopen(spool)
+    assert list(spool.entries()) == kept
+    spool.put(make_entry("AFTER1"), MESSAGE)
+    assert spool.load("AFTER1") == make_entry("AFTER1")
+    assert spool.message("AFTER1") == MESSAGE
