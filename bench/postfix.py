@@ -59,8 +59,7 @@ maillog_file_prefixes = {base}
 compatibility_level = 3.6
 """
 
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
+MASTER_SERVICES = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -82,6 +81,10 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+"""The daemons a private Postfix needs besides a listener (also used by
+tests/test_clients.py, which adds ``tlsmgr``)."""
+
+MASTER_CF = "127.0.0.1:{port} inet n - n - - smtpd\n" + MASTER_SERVICES
 
 
 def commands() -> tuple[str, str] | None:

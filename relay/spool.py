@@ -788,15 +788,11 @@ class Spool:
         _check_area(area)
         directory = self.dir(area)
         try:
-            with os.scandir(directory) as listing:
-                for item in listing:
-                    entry_id = item.name.removesuffix(".json")
-                    if entry_id == item.name:
-                        continue
-                    if is_valid(entry_id):
-                        yield entry_id
-                    else:
-                        self.quarantine(entry_id, area, reason="its name is not a queue id")
+            for entry_id in _envelope_names(directory):
+                if is_valid(entry_id):
+                    yield entry_id
+                else:
+                    self.quarantine(entry_id, area, reason="its name is not a queue id")
         except OSError as exc:
             raise _failed(f"cannot list {directory}", exc) from None
 
@@ -884,17 +880,23 @@ def _tally(directory: Path) -> tuple[int, float | None]:
     relay makes sort by arrival: only one that sorts first so far is parsed."""
     count, oldest = 0, None
     try:
-        with os.scandir(directory) as listing:
-            for item in listing:
-                entry_id = item.name.removesuffix(".json")
-                if entry_id == item.name:
-                    continue
-                count += 1
-                if (oldest is None or entry_id < oldest) and made_at(entry_id) is not None:
-                    oldest = entry_id
+        for entry_id in _envelope_names(directory):
+            count += 1
+            if (oldest is None or entry_id < oldest) and made_at(entry_id) is not None:
+                oldest = entry_id
     except OSError:
         return 0, None
     return count, None if oldest is None else made_at(oldest)
+
+
+def _envelope_names(directory: Path) -> Iterator[str]:
+    """The names of the envelopes (``*.json``) in ``directory``, without the
+    suffix: streamed, in no order, no file read; ``OSError`` if unlistable."""
+    with os.scandir(directory) as listing:
+        for item in listing:
+            name = item.name.removesuffix(".json")
+            if name != item.name:
+                yield name
 
 
 def _check_area(area: str) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 import trustme
 
+from bench.postfix import MASTER_SERVICES
 from relay.app import Relay
 from relay.auth import hash_password
 from relay.handler import RelayHandler
@@ -394,29 +395,9 @@ maillog_file_prefixes = {base}
 compatibility_level = 3.6
 """
 
-POSTFIX_MASTER = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+POSTFIX_MASTER = (
+    MASTER_SERVICES + "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n"
+)
 
 
 def postfix_instance(base: Path, site: Site) -> Path:
