@@ -1,0 +1,43 @@
+"""Point 10: SES answering after 20 ms.
+
+The relay runs twice back to back with the run's load, one connection per
+message: against a fake SES answering at once, then after ``DELAY_MS``.
+Reported: the throughput at the delay over that at none (same run, the two
+measured a minute apart at most), and the TLS handshakes the slow fake SES
+completed per 100 messages the relay accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Children
+from bench.scenarios import SCENARIOS, Settings, measure_relay, scenario_load
+
+SCENARIO = SCENARIOS["10k-1rcpt-per-message"]
+DELAY_MS = 20.0
+
+
+def run_slow_ses(settings: Settings, workdir: Path) -> dict[str, Any]:
+    load = scenario_load(SCENARIO, settings, workdir)
+    summaries: list[dict[str, Any]] = []
+    with Children() as children:
+        for delay in (0.0, DELAY_MS):
+            summary, _, _ = measure_relay(
+                children, workdir, f"relay-ses-{delay:g}ms", load, settings, ses_delay_ms=delay
+            )
+            summaries.append(summary)
+    fast, slow = summaries
+    handshakes = slow["tls_handshakes_per_1000"]
+    return {
+        "delay_ms": DELAY_MS,
+        "at_0ms": fast,
+        "at_delay": slow,
+        "throughput_ratio": (
+            round(slow["msgs_per_s"] / fast["msgs_per_s"], 3)
+            if slow["msgs_per_s"] is not None and fast["msgs_per_s"]
+            else None
+        ),
+        "tls_handshakes_per_100": None if handshakes is None else round(handshakes / 10, 3),
+    }
