@@ -89,8 +89,8 @@ class Messages:
         line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n"
         filler_size = max(0, size - len(self._head(0)))
         self._body = (line * (filler_size // len(line) + 1))[:filler_size]
-        if self._body:
-            self._body = self._body[:-2] + b"\r\n"
+        if self._body:  # ends with CRLF; no bare CR where the cut fell
+            self._body = self._body[:-2].rstrip(b"\r") + b"\r\n"
 
     def _head(self, serial: int) -> bytes:
         return (

@@ -14,6 +14,7 @@ verdict table, whose every row must have been judged.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from bench import postfix, smtpsource
+from bench.load import Messages
 from bench.verdict import verdicts
 from tests.daemon import REPO
 
@@ -175,3 +177,13 @@ def test_startup_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert len(startup_rows) == 2
     assert all(row["status"] in ("pass", "FAIL") for row in startup_rows), startup_rows
     assert list(parent.iterdir()) == []  # no temporary directory left behind
+
+
+def test_generated_messages_have_only_crlf_line_ends() -> None:
+    """What the relay gets is what SES must get byte for byte (point 11): a
+    bare CR where the filler was cut would be normalized on the way."""
+    line_end = 74  # the filler's line length: every place a cut can fall
+    for size in range(4096, 4096 + 2 * line_end):
+        message = Messages(size).next()
+        assert re.search(rb"\r(?!\n)|(?<!\r)\n", message) is None, size
+        assert message.endswith(b"\r\n")
