@@ -10,6 +10,16 @@ The load is Postfix's ``smtp-source`` when it is installed (it leaves the
 cores to the server measured), else the aiosmtplib generator; Postfix is a
 target when it is installed and the benchmark runs as root. fsyncs are
 counted with ``perf`` when it is installed and allowed.
+
+Besides the throughput scenarios (``--scenario``), the parts (``--part``)
+measure what the rest of issue 15's points 6-13 are judged by: ``workers``
+(7), ``latency`` (9, ``bench/paced.py``), ``ses-delay`` (10,
+``bench/slowses.py``), ``memory`` (11, ``bench/bigmessages.py``),
+``startup`` (12, ``bench/startup.py``) and ``rate-limit`` (13,
+``bench/ratelimit.py``). With neither option everything runs; with either,
+only what is named. The run ends with the verdict table
+(``bench/verdict.py``): each check, its must and stretch, the figure and
+whether it holds.
 """
 
 from __future__ import annotations
@@ -22,13 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import fsyncs, machine, postfix, report, smtpsource
+from bench import bigmessages, fsyncs, machine, postfix, ratelimit, report, smtpsource, startup
+from bench.paced import run_paced
 from bench.procs import ChildFailed, terminate_as_interrupt
 from bench.scenarios import LOADS, SCENARIOS, TARGETS, Settings, run_scenario
+from bench.slowses import run_slow_ses
+from bench.verdict import verdicts
+from bench.workers import run_workers
 
-FORMAT = 2
+FORMAT = 3
 """The JSON's shape: 2 added per-target summaries (``postfix``), ``ratios``,
-``load_generator``, fsyncs and TLS handshakes per 1000; what 1 had is kept."""
+``load_generator``, fsyncs and TLS handshakes per 1000; 3 added ``parts``
+(by name, with ``_`` for ``-``) and ``verdicts``; what 1 and 2 had is kept."""
+PARTS = ("workers", "latency", "ses-delay", "memory", "startup", "rate-limit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run this scenario (repeatable; default: all)",
+        help="run this scenario (repeatable; default: all, unless --part is given)",
+    )
+    parser.add_argument(
+        "--part",
+        action="append",
+        choices=PARTS,
+        help="run this part (repeatable; default: all, unless --scenario is given)",
     )
     parser.add_argument(
         "--load",
@@ -66,6 +88,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="seconds to wait for the relay's queue to drain",
     )
+    parser.add_argument(
+        "--memory-messages", type=int, default=bigmessages.COUNT, help="memory: concurrent messages"
+    )
+    parser.add_argument(
+        "--memory-size", type=int, default=bigmessages.SIZE, help="memory: bytes per message"
+    )
+    parser.add_argument(
+        "--rate-window", type=float, default=ratelimit.WINDOW, help="rate-limit: seconds measured"
+    )
+    parser.add_argument(
+        "--startup-count", type=int, default=100_000, help="startup: queued messages"
+    )
+    parser.add_argument(
+        "--startup-runs", type=int, default=3, help="startup: starts of each kind (median)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--tmp-dir", type=Path, help="parent of the temporary directory (holds the spool)"
@@ -76,12 +113,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the temporary directory (logs, spool) and print its path",
     )
     args = parser.parse_args(argv)
-    for name in ("sessions", "count"):
+    for name in ("sessions", "count", "memory_messages", "memory_size", "startup_count",
+                 "startup_runs"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.duration <= 0 or args.warmup < 0 or args.ses_delay_ms < 0:
-        parser.error("--duration must be positive, --warmup and --ses-delay-ms not negative")
+    if args.duration <= 0 or args.warmup < 0 or args.ses_delay_ms < 0 or args.rate_window <= 0:
+        parser.error(
+            "--duration and --rate-window must be positive, "
+            "--warmup and --ses-delay-ms not negative"
+        )
+    if args.scenario is None and args.part is None:
+        args.scenario, args.part = list(SCENARIOS), list(PARTS)
     args.smtp_source = smtpsource.command()
     if args.load == "auto":
         args.load = "aiosmtplib" if args.smtp_source is None else "smtp-source"
@@ -111,14 +154,52 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "fsyncs_counted": fsyncs.perf() is not None,
         "postfix": postfix.commands() is not None,
         "scenarios": [],
+        "parts": {},
     }
-    for name in args.scenario or list(SCENARIOS):
+    for name in args.scenario or ():
         print(f"running {name} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         result = run_scenario(SCENARIOS[name], settings, workdir / name)
         result["elapsed_s"] = round(time.monotonic() - started, 1)
         document["scenarios"].append(result)
+    for name in (part for part in PARTS if part in (args.part or ())):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        directory = workdir / name
+        directory.mkdir()
+        result = run_part(name, args, settings, directory, document)
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+        document["parts"][name.replace("-", "_")] = result
+    document["verdicts"] = verdicts(document)
     return document
+
+
+def _relay_maximum(document: dict[str, Any]) -> float | None:
+    """The relay's msg/s, one connection per message, if this run measured it."""
+    for scenario in document["scenarios"]:
+        if scenario["mode"] == "per-message" and scenario.get("relay") is not None:
+            maximum: float | None = scenario["relay"]["msgs_per_s"]
+            return maximum
+    return None
+
+
+def run_part(
+    name: str, args: argparse.Namespace, settings: Settings, workdir: Path,
+    document: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    if name == "workers":
+        return run_workers(settings, workdir)
+    if name == "latency":
+        return run_paced(settings, workdir, _relay_maximum(document))
+    if name == "ses-delay":
+        return run_slow_ses(settings, workdir)
+    if name == "memory":
+        return bigmessages.run_big_messages(
+            settings, workdir, args.memory_messages, args.memory_size
+        )
+    if name == "startup":
+        return startup.run(workdir, args.startup_count, args.startup_runs)
+    return ratelimit.run_rate_limit(settings, workdir, args.rate_window)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.ratio_table(document["scenarios"]))
     for note in report.notes(document["scenarios"]):
         print(f"note: {note}")
+    print()
+    print(report.verdict_table(document["verdicts"]))
     if args.json is not None:
         report.write_json(args.json, document)
     return 0

@@ -9,10 +9,20 @@ verified or decoded: recipients are counted from the number of
 ``Destinations.member.N`` parameter names in the form body (base64 and its
 ``%2B %2F %3D`` escapes never contain a ``.``, so the message cannot fake one).
 
+``--max-rate R`` makes it SES's sending rate: a token bucket of R recipients
+per second holding ``R * (1 + BURST_SLACK)`` (one second's worth, plus room
+for the jitter between the relay's clock and this one); a SendRawEmail with
+more recipients than the bucket holds is answered ``400 Throttling`` (SES's
+"Maximum sending rate exceeded.") and counted in ``throttled``.
+``--digests`` decodes each SendRawEmail's ``RawMessage.Data`` and keeps its
+SHA-256 (hex) in ``digests``, so the driver can compare what arrived with
+what was sent.
+
 A second, plain-HTTP listener serves ``GET /stats`` as JSON, so reading the
 counts costs no TLS connection on the listener being measured: requests,
 SendRawEmail calls, recipients, bytes received, TCP connections accepted, TLS
-handshakes completed and resumed (OpenSSL's server counters).
+handshakes completed and resumed (OpenSSL's server counters), Throttling
+answers, and with ``--digests`` the messages' digests.
 
 When both listeners are up it prints ``ses on 127.0.0.1:PORT`` and
 ``stats on 127.0.0.1:PORT``. It runs until killed (SIGTERM or SIGINT).
@@ -22,15 +32,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import signal
 import ssl
 import time
+import urllib.parse
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trustme
 from aiohttp import web
@@ -38,6 +52,14 @@ from aiohttp.web_protocol import RequestHandler
 
 XMLNS = "http://ses.amazonaws.com/doc/2010-12-01/"
 RECIPIENT_PARAM = b"Destinations.member."
+BURST_SLACK = 0.2
+"""With ``--max-rate``: the bucket holds this fraction of a second's worth
+more than one second's, for the jitter between two clocks and a network."""
+THROTTLING = (
+    f'<ErrorResponse xmlns="{XMLNS}"><Error><Type>Sender</Type><Code>Throttling</Code>'
+    "<Message>Maximum sending rate exceeded.</Message></Error>"
+    "<RequestId>{request_id}</RequestId></ErrorResponse>"
+)
 
 
 @dataclass
@@ -50,6 +72,33 @@ class Stats:
     connections: int = 0
     tls_handshakes: int = 0
     tls_resumed: int = 0
+    throttled: int = 0
+    digests: list[str] = field(default_factory=list)
+
+
+class Bucket:
+    """SES's sending rate: ``rate`` tokens a second, up to ``capacity``."""
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.at = time.monotonic()
+
+    def take(self, tokens: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if tokens > self.tokens:
+            return False
+        self.tokens -= tokens
+        return True
+
+
+def raw_message_digest(body: bytes) -> str:
+    """SHA-256 (hex) of the decoded ``RawMessage.Data`` of a form body."""
+    form = urllib.parse.parse_qs(body.decode("ascii"), strict_parsing=True)
+    return hashlib.sha256(base64.b64decode(form["RawMessage.Data"][0], validate=True)).hexdigest()
 
 
 def send_raw_email_body(message_id: str, request_id: str) -> bytes:
@@ -74,9 +123,13 @@ def send_quota_body(request_id: str) -> bytes:
 class FastFakeSes:
     """The SES listener's request handler and its counters."""
 
-    def __init__(self, delay: float, tls: ssl.SSLContext) -> None:
+    def __init__(
+        self, delay: float, tls: ssl.SSLContext, max_rate: float = 0.0, digests: bool = False
+    ) -> None:
         self.delay = delay
         self.tls = tls
+        self.bucket = Bucket(max_rate, max_rate * (1 + BURST_SLACK)) if max_rate > 0 else None
+        self.digests = digests
         self.stats = Stats()
         self._serial = itertools.count(1)
         self._epoch = f"{int(time.time() * 1000):012x}"
@@ -87,15 +140,26 @@ class FastFakeSes:
         return f"0100{self._epoch}-{request_id}-{serial:06x}", request_id
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
+        body = await request.content.read()  # no size limit: 10 MB requests are SES's
         self.stats.requests += 1
         self.stats.bytes_received += len(body)
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         message_id, request_id = self.new_ids()
         if b"Action=SendRawEmail" in body:
+            recipients = body.count(RECIPIENT_PARAM)
+            if self.bucket is not None and not self.bucket.take(recipients):
+                self.stats.throttled += 1
+                return web.Response(
+                    status=400,
+                    body=THROTTLING.format(request_id=request_id).encode(),
+                    content_type="text/xml",
+                    headers={"x-amzn-RequestId": request_id},
+                )
             self.stats.send_raw_email += 1
-            self.stats.recipients += body.count(RECIPIENT_PARAM)
+            self.stats.recipients += recipients
+            if self.digests:
+                self.stats.digests.append(raw_message_digest(body))
             answer = send_raw_email_body(message_id, request_id)
         else:
             self.stats.other_actions += 1
@@ -104,7 +168,7 @@ class FastFakeSes:
             body=answer, content_type="text/xml", headers={"x-amzn-RequestId": request_id}
         )
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, Any]:
         counters = self.tls.session_stats()
         self.stats.tls_handshakes = counters["accept_good"]
         self.stats.tls_resumed = counters["hits"]
@@ -121,9 +185,9 @@ def make_tls(directory: Path) -> ssl.SSLContext:
     return context
 
 
-async def serve(directory: Path, delay: float) -> None:
+async def serve(directory: Path, delay: float, max_rate: float, digests: bool) -> None:
     loop = asyncio.get_running_loop()
-    fake = FastFakeSes(delay, make_tls(directory))
+    fake = FastFakeSes(delay, make_tls(directory), max_rate, digests)
     ses_server = web.Server(fake.handle, access_log=None)
 
     def count_connection() -> RequestHandler:
@@ -143,7 +207,7 @@ async def serve(directory: Path, delay: float) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    print(json.dumps(fake.snapshot()), flush=True)
+    print(json.dumps(fake.snapshot() | {"digests": len(fake.stats.digests)}), flush=True)
     for server in (ses, plain):
         server.close()
     for web_server in (ses_server, stats_server):
@@ -155,8 +219,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fakeses", description=__doc__)
     parser.add_argument("--dir", type=Path, required=True, help="where to write ca.pem")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="answer after this delay")
+    parser.add_argument(
+        "--max-rate", type=float, default=0.0, help="recipients per second before Throttling"
+    )
+    parser.add_argument(
+        "--digests", action="store_true", help="keep the SHA-256 of every message received"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.dir, args.delay_ms / 1000))
+    asyncio.run(serve(args.dir, args.delay_ms / 1000, args.max_rate, args.digests))
 
 
 if __name__ == "__main__":

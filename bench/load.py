@@ -12,7 +12,11 @@ end of the window no session starts another message; messages in flight
 finish (they count in ``total_accepted`` but not in the rate). SIGTERM
 ends the window at once, the same way (the driver's latency probe runs so,
 beside ``smtp-source``). ``--pace S`` makes each session start a message
-at most every S seconds.
+at most every S seconds, the sessions' first messages spread over the first
+S seconds. ``--messages N`` starts no more than N messages in all (the run
+ends when they are answered or the window ends). ``--recipients N`` gives
+each message N recipients (``rcpt1@recipient.example`` ...). ``--digests``
+adds the SHA-256 of every accepted message to the result.
 
 Latency is taken around aiosmtplib's ``data()``: from the DATA command to
 the final reply to the message. It includes the DATA/354 round trip (a
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -65,6 +70,9 @@ class Options:
     timeout: float
     max_seconds: float
     pace: float = 0.0
+    messages: int | None = None
+    recipients: int = 1
+    digests: bool = False
 
 
 class SessionEnded(Exception):
@@ -81,8 +89,8 @@ class Messages:
         line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n"
         filler_size = max(0, size - len(self._head(0)))
         self._body = (line * (filler_size // len(line) + 1))[:filler_size]
-        if self._body:
-            self._body = self._body[:-2] + b"\r\n"
+        if self._body:  # ends with CRLF; no bare CR where the cut fell
+            self._body = self._body[:-2].rstrip(b"\r") + b"\r\n"
 
     def _head(self, serial: int) -> bytes:
         return (
@@ -104,7 +112,12 @@ class Recorder:
     measure_from: float
     ends: float
     count: int | None
+    messages: int | None = None
+    """Messages to start in all (None: no bound)."""
+    keep_digests: bool = False
     latencies: list[float] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    started: int = 0
     total_accepted: int = 0
     queued_replies: int = 0
     reconnects: int = 0
@@ -116,10 +129,20 @@ class Recorder:
         self.ends = min(self.ends, time.perf_counter())
 
     def finished(self) -> bool:
-        return time.perf_counter() >= self.ends
+        spent = self.messages is not None and self.started >= self.messages
+        return spent or time.perf_counter() >= self.ends
 
-    def accepted(self, sent: float, replied: float, reply: str) -> None:
+    def start_message(self) -> bool:
+        """Whether a session may start one more message (it counts it)."""
+        if self.finished():
+            return False
+        self.started += 1
+        return True
+
+    def accepted(self, sent: float, replied: float, reply: str, message: bytes) -> None:
         self.total_accepted += 1
+        if self.keep_digests:
+            self.digests.append(hashlib.sha256(message).hexdigest())
         if "queued" in reply:
             self.queued_replies += 1
         if self.measure_from <= replied < self.ends:
@@ -149,12 +172,22 @@ def client(options: Options) -> aiosmtplib.SMTP:
     )
 
 
-async def send_one(smtp: aiosmtplib.SMTP, message: bytes, recorder: Recorder) -> None:
+def recipients(count: int) -> list[str]:
+    """The envelope recipients of each message."""
+    if count == 1:
+        return [RECIPIENT]
+    return [f"rcpt{i}@recipient.example" for i in range(1, count + 1)]
+
+
+async def send_one(
+    smtp: aiosmtplib.SMTP, message: bytes, to: list[str], recorder: Recorder
+) -> None:
     await smtp.mail(SENDER)
-    await smtp.rcpt(RECIPIENT)
+    for recipient in to:
+        await smtp.rcpt(recipient)
     sent = time.perf_counter()
     response = await smtp.data(message)
-    recorder.accepted(sent, time.perf_counter(), response.message)
+    recorder.accepted(sent, time.perf_counter(), response.message, message)
 
 
 async def paced(options: Options, started: float) -> None:
@@ -163,16 +196,27 @@ async def paced(options: Options, started: float) -> None:
         await asyncio.sleep(max(0.0, started + options.pace - time.perf_counter()))
 
 
-async def persistent_session(options: Options, messages: Messages, recorder: Recorder) -> None:
+async def staggered(options: Options, index: int) -> None:
+    """With ``--pace``, session ``index`` starts its first message a fraction
+    of the interval after the first session, so the paced load is even."""
+    if options.pace > 0:
+        await asyncio.sleep(index * options.pace / options.sessions)
+
+
+async def persistent_session(
+    options: Options, messages: Messages, recorder: Recorder, index: int
+) -> None:
+    to = recipients(options.recipients)
+    await staggered(options, index)
     while not recorder.finished():
         smtp = client(options)
         sent = 0
         try:
             await smtp.connect()
-            while not recorder.finished():
+            while recorder.start_message():
                 started = time.perf_counter()
                 try:
-                    await send_one(smtp, messages.next(), recorder)
+                    await send_one(smtp, messages.next(), to, recorder)
                 except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPServerDisconnected) as error:
                     ended = sent > 0 and (
                         isinstance(error, aiosmtplib.SMTPServerDisconnected) or error.code == 421
@@ -192,13 +236,17 @@ async def persistent_session(options: Options, messages: Messages, recorder: Rec
             smtp.close()
 
 
-async def per_message_session(options: Options, messages: Messages, recorder: Recorder) -> None:
-    while not recorder.finished():
+async def per_message_session(
+    options: Options, messages: Messages, recorder: Recorder, index: int
+) -> None:
+    to = recipients(options.recipients)
+    await staggered(options, index)
+    while recorder.start_message():
         smtp = client(options)
         started = time.perf_counter()
         try:
             await smtp.connect()
-            await send_one(smtp, messages.next(), recorder)
+            await send_one(smtp, messages.next(), to, recorder)
             await _quit(smtp)
             await paced(options, started)
         except (aiosmtplib.SMTPException, OSError) as error:
@@ -229,13 +277,20 @@ async def run(options: Options) -> dict[str, Any]:
     start = time.perf_counter()
     measure_from = start + options.warmup
     window = options.duration if options.count is None else options.max_seconds
-    recorder = Recorder(measure_from=measure_from, ends=measure_from + window, count=options.count)
+    recorder = Recorder(
+        measure_from=measure_from,
+        ends=measure_from + window,
+        count=options.count,
+        messages=options.messages,
+        keep_digests=options.digests,
+    )
     session = persistent_session if options.mode == "persistent" else per_message_session
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, recorder.stop)
     print(f"sending to {options.host}:{options.port}", flush=True)
     cpu_before = time.process_time()
     tasks = [
-        asyncio.create_task(session(options, messages, recorder)) for _ in range(options.sessions)
+        asyncio.create_task(session(options, messages, recorder, index))
+        for index in range(options.sessions)
     ]
     bound = options.warmup + window + 2 * options.timeout + QUIT_TIMEOUT + 5
     try:
@@ -256,6 +311,7 @@ async def run(options: Options) -> dict[str, Any]:
         "mode": options.mode,
         "sessions": options.sessions,
         "message_size": len(messages.next()),
+        "recipients": options.recipients,
         "warmup_s": options.warmup,
         "window_s": round(measured, 3),
         "accepted": len(latencies),
@@ -273,6 +329,7 @@ async def run(options: Options) -> dict[str, Any]:
         "error_examples": recorder.examples,
         "wall_s": round(wall, 3),
         "loadgen_cpu_util": round(cpu / wall, 3) if wall > 0 else None,
+        **({"digests": recorder.digests} if options.digests else {}),
     }
 
 
@@ -301,6 +358,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
     parser.add_argument(
         "--pace", type=float, default=0.0, help="each session starts a message at most every S s"
     )
+    parser.add_argument("--messages", type=int, help="start at most this many messages in all")
+    parser.add_argument("--recipients", type=int, default=1, help="recipients per message")
+    parser.add_argument(
+        "--digests", action="store_true", help="report the SHA-256 of every accepted message"
+    )
     args = parser.parse_args(argv)
     options = Options(
         host=args.host,
@@ -314,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         timeout=args.timeout,
         max_seconds=args.max_seconds,
         pace=args.pace,
+        messages=args.messages,
+        recipients=args.recipients,
+        digests=args.digests,
     )
     return options, args.out
 

@@ -123,5 +123,23 @@ def notes(results: Sequence[dict[str, Any]]) -> list[str]:
     return found
 
 
+VERDICT_COLUMNS = ("point", "what", "must", "stretch", "measured", "verdict")
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["status"] != "pass" or row["stretch_met"] is None:
+        return str(row["status"])
+    return f"pass, stretch {'met' if row['stretch_met'] else 'missed'}"
+
+
+def verdict_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Issue 15's points 6-13: one row per check (``bench/verdict.py``)."""
+    cells = [
+        [r["point"], r["what"], r["must"], r["stretch"] or "-", r["shown"], _verdict(r)]
+        for r in rows
+    ]
+    return _markdown(VERDICT_COLUMNS, cells)
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")

@@ -29,6 +29,7 @@ from bench import postfix
 from bench.procs import Children
 from bench.services import (
     Downstream,
+    Overrides,
     Server,
     run_load,
     start_ceiling,
@@ -156,7 +157,9 @@ def ratios(targets: dict[str, dict[str, Any] | None]) -> dict[str, float | None]
     return found
 
 
-def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[str, Any]:
+def scenario_load(scenario: Scenario, settings: Settings, workdir: Path) -> Load:
+    """The scenario's load, from the generator the settings name."""
+
     def load(children: Children, name: str, port: int) -> dict[str, Any]:
         directory = workdir / name
         directory.mkdir(parents=True, exist_ok=True)
@@ -172,9 +175,39 @@ def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[
             return run_smtp_source(children, settings.smtp_source, directory, name, port, **common)
         return run_load(children, directory, name, port, **common)
 
+    return load
+
+
+def measure_relay(
+    children: Children,
+    workdir: Path,
+    name: str,
+    load: Load,
+    settings: Settings,
+    *,
+    ses_delay_ms: float,
+    overrides: Overrides | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A fake SES and the relay (``overrides`` on its TOML), loaded, drained
+    and stopped: (summary with the TLS handshakes, load, the fake SES's stats)."""
+    ses = start_fake_ses(children, workdir / f"{name}-ses", ses_delay_ms)
+    relay = start_relay(children, workdir / name, ses, overrides)
+    summary, result = measure(children, relay, name, load, settings.drain_timeout)
+    ses_stats = ses.stats()
+    children.stop(ses.child)
+    handshakes = _per_1000(ses_stats["tls_handshakes"], summary["accepted_total"])
+    summary |= {
+        "tls_handshakes_per_1000": handshakes,
+        "recipients_delivered": ses_stats["recipients"],
+    }
+    return summary, result, ses_stats
+
+
+def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[str, Any]:
+    load = scenario_load(scenario, settings, workdir)
     targets: dict[str, dict[str, Any] | None] = dict.fromkeys(TARGETS)
     loads: dict[str, dict[str, Any]] = {}
-    ses_stats: dict[str, int] | None = None
+    ses_stats: dict[str, Any] | None = None
     with Children() as children:
         if "ceiling" in settings.targets:
             ceiling = start_ceiling(children, workdir / "ceiling")
@@ -182,19 +215,9 @@ def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[
                 children, ceiling, "ceiling", load, settings.drain_timeout
             )
         if "relay" in settings.targets:
-            ses = start_fake_ses(children, workdir / "ses", settings.ses_delay_ms)
-            relay = start_relay(children, workdir / "relay", ses)
-            summary, loads["relay"] = measure(
-                children, relay, "relay", load, settings.drain_timeout
+            targets["relay"], loads["relay"], ses_stats = measure_relay(
+                children, workdir, "relay", load, settings, ses_delay_ms=settings.ses_delay_ms
             )
-            ses_stats = ses.stats()
-            tls = _per_1000(ses_stats["tls_handshakes"], summary["accepted_total"])
-            summary |= {
-                "tls_handshakes_per_1000": tls,
-                "recipients_delivered": ses_stats["recipients"],
-            }
-            targets["relay"] = summary
-            children.stop(ses.child)
         commands = postfix.commands()
         if "postfix" in settings.targets and commands is not None:
             # Short: Postfix's Unix sockets live under it.

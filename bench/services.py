@@ -50,9 +50,9 @@ class FakeSes:
     stats_url: str
     ca_pem: Path
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.stats_url, timeout=5) as answer:  # noqa: S310 - our URL
-            stats: dict[str, int] = json.load(answer)
+            stats: dict[str, Any] = json.load(answer)
         return stats
 
 
@@ -128,15 +128,19 @@ def server_root(child: Child, fsyncs: FsyncCounter | None) -> ProcessTree:
     return ProcessTree(child.pid if fsyncs is None else only_child(child.pid))
 
 
-def start_fake_ses(children: Children, directory: Path, delay_ms: float) -> FakeSes:
+def start_fake_ses(
+    children: Children,
+    directory: Path,
+    delay_ms: float,
+    *,
+    max_rate: float = 0.0,
+    digests: bool = False,
+) -> FakeSes:
+    """``python -m bench.fakeses`` (see there for ``max_rate`` and ``digests``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    child = children.add(
-        Child.python(
-            "fake SES",
-            ["-m", "bench.fakeses", "--dir", str(directory), "--delay-ms", str(delay_ms)],
-            directory / "fakeses.log",
-        )
-    )
+    args = ["-m", "bench.fakeses", "--dir", str(directory), "--delay-ms", str(delay_ms)]
+    args += ["--max-rate", str(max_rate), *(["--digests"] if digests else [])]
+    child = children.add(Child.python("fake SES", args, directory / "fakeses.log"))
     ses_port = child.wait_for_line(r"ses " + _ADDRESS, READY_TIMEOUT)[1]
     stats_port = child.wait_for_line(r"stats " + _ADDRESS, READY_TIMEOUT)[1]
     return FakeSes(
@@ -163,10 +167,14 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def relay_config(directory: Path, ses: FakeSes) -> Path:
+Overrides = Mapping[str, Mapping[str, Any]]
+"""Settings of the relay's TOML by section, over ``relay_config``'s."""
+
+
+def relay_config(directory: Path, ses: FakeSes, overrides: Overrides | None = None) -> Path:
     """The relay's TOML: SMTP on a free port, the spool (fsync on, as always)
     under ``directory``, SES at the fake with an explicit sending rate (so no
-    GetSendQuota call); everything else at its default."""
+    GetSendQuota call), then ``overrides``; everything else at its default."""
     sections: dict[str, dict[str, Any]] = {
         "smtp": {"listen": ["127.0.0.1:0"], "hostname": "relay.bench"},
         "ses": {
@@ -178,6 +186,8 @@ def relay_config(directory: Path, ses: FakeSes) -> Path:
         "spool": {"path": str(directory / "spool")},
         "metrics": {"listen": "127.0.0.1:0"},
     }
+    for section, values in (overrides or {}).items():
+        sections[section] = sections.get(section, {}) | dict(values)
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
@@ -198,11 +208,13 @@ def relay_env() -> dict[str, str]:
     return python_env(env)
 
 
-def start_relay(children: Children, directory: Path, ses: FakeSes) -> Server:
+def start_relay(
+    children: Children, directory: Path, ses: FakeSes, overrides: Overrides | None = None
+) -> Server:
     """``python -m relay serve -c CONFIG``; ready once it logs ``listening on``
     and ``ses-relay ready``."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = relay_config(directory, ses)
+    config = relay_config(directory, ses, overrides)
     argv = [sys.executable, "-m", "relay", "serve", "-c", str(config)]
     child, fsyncs = launch(children, "relay", argv, directory / "relay.log", relay_env())
     port = int(child.wait_for_line(r"listening " + _ADDRESS, READY_TIMEOUT)[1])
@@ -220,7 +232,8 @@ class RelayDownstream:
     ses: FakeSes
 
     def delivered(self) -> int:
-        return self.ses.stats()["send_raw_email"]
+        delivered: int = self.ses.stats()["send_raw_email"]
+        return delivered
 
     def queue_empty(self) -> bool:
         try:
@@ -246,8 +259,10 @@ def run_load(
     warmup: float,
     duration: float,
     count: int | None,
+    more: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the load generator against ``port`` to its end; its JSON result."""
+    """Run the load generator against ``port`` to its end, with ``more`` of
+    its options (see ``bench/load.py``); its JSON result."""
     out = directory / f"load-{name}.json"
     options = {
         "--port": port,
@@ -260,7 +275,7 @@ def run_load(
     }
     if count is not None:
         options["--count"] = count
-    args = ["-m", "bench.load", *(s for pair in options.items() for s in map(str, pair))]
+    args = ["-m", "bench.load", *(s for pair in options.items() for s in map(str, pair)), *more]
     log = directory / f"load-{name}.log"
     child = children.add(Child.python(f"load generator ({name})", args, log))
     try:

@@ -6,33 +6,56 @@ message accepted by the relay (and by Postfix, where it runs) was
 delivered, nothing failed, the relay logged no warning, and every figure
 the report promises is there. Both load generators run: ``smtp-source`` where
 Postfix is installed (with Postfix as a target when run as root), the
-aiosmtplib generator always.
+aiosmtplib generator always, with the parts that measure issue 15's points
+7-13 in a tiny form (point 12's in the ``bench.startup`` run) and the
+verdict table, whose every row must have been judged.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import postfix, smtpsource
+from bench.load import Messages
+from bench.verdict import verdicts
 from tests.daemon import REPO
 
 FIGURES = ("msgs_per_s", "p50_ms", "p99_ms", "cpu_s_per_1000", "peak_rss_mb")
+PARTS = ["latency", "ses-delay", "memory", "rate-limit", "workers"]
+TINY_PARTS = [
+    *(option for part in PARTS for option in ("--part", part)),
+    "--memory-messages", "2", "--memory-size", "65536", "--rate-window", "0.3",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("load", "options", "scenarios"),
     [
-        ("smtp-source", [], ["10k-1rcpt-persistent", "10k-1rcpt-per-message"]),
+        (
+            "smtp-source",
+            ["--scenario", "10k-1rcpt-persistent", "--scenario", "10k-1rcpt-per-message"],
+            ["10k-1rcpt-persistent", "10k-1rcpt-per-message"],
+        ),
         (
             "aiosmtplib",
-            ["--scenario", "10k-1rcpt-per-message", "--target", "ceiling", "--target", "relay"],
+            [
+                "--scenario",
+                "10k-1rcpt-per-message",
+                "--target",
+                "ceiling",
+                "--target",
+                "relay",
+                *TINY_PARTS,
+            ],
             ["10k-1rcpt-per-message"],
         ),
     ],
@@ -58,7 +81,7 @@ def test_bench_smoke_run_delivers_everything(
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"load from {load}" in done.stdout
     report = json.loads(results.read_text())
-    assert report["format"] == 2
+    assert report["format"] == 3
     assert [s["scenario"] for s in report["scenarios"]] == scenarios
     with_postfix = load == "smtp-source" and postfix.commands() is not None
     for scenario in report["scenarios"]:
@@ -84,6 +107,50 @@ def test_bench_smoke_run_delivers_everything(
         if report["fsyncs_counted"]:
             assert relay["fsyncs_per_1000"] is not None
     assert left == []  # no temporary directory left behind
+    assert report["verdicts"] == verdicts(report)
+    if "--part" in options:
+        assert_parts(report, done.stdout)
+
+
+def assert_parts(report: dict[str, Any], stdout: str) -> None:
+    """Every part ran, delivered what it should, and every check it feeds
+    was judged (pass or fail: never a speed)."""
+    parts = report["parts"]
+    assert sorted(parts) == sorted(p.replace("-", "_") for p in PARTS)
+    latency = parts["latency"]
+    assert latency["measured_here"] is False  # the max came from the scenario run before
+    assert latency["paced_msgs_per_s"] > 0
+    for target in ("ceiling", "relay"):
+        assert latency[target]["errors"] == {}
+        assert latency[target]["accepted_total"] >= 20
+    assert latency["relay"]["delivered"] == latency["relay"]["accepted_total"]
+    slow = parts["ses_delay"]
+    assert slow["delay_ms"] == 20
+    for side in ("at_0ms", "at_delay"):
+        assert slow[side]["errors"] == {}
+        assert slow[side]["delivered"] == slow[side]["accepted_total"] >= 20
+    memory = parts["memory"]
+    assert (memory["messages"], memory["accepted"], memory["delivered"]) == (2, 2, 2)
+    assert memory["message_size"] >= 65536
+    assert memory["identical"] is True
+    rate = parts["rate_limit"]
+    assert rate["fill_errors"] == {}
+    assert rate["throttled"] == 0
+    assert rate["delivered_recipients"] > 0
+    assert rate["backlog_left"] is True
+    assert rate["log_warnings_errors"] == 0, rate["log_examples"]
+    assert parts["workers"]["built"] in (True, False)
+    rows = {(row["point"], row["what"]): row for row in report["verdicts"]}
+    for (point, what), row in rows.items():
+        if point == "7" and not parts["workers"]["built"]:
+            assert row["status"] == "not built", row
+        elif point == "12" or what.startswith("persistent:"):  # not in this run
+            assert row["status"] == "not run", row
+        else:
+            assert row["status"] in ("pass", "FAIL"), row
+        assert f"| {row['point']} " in stdout
+    assert len([row for (point, _), row in rows.items() if point == "13"]) == 3
+    assert "| point | what" in stdout
 
 
 def test_startup_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
@@ -106,4 +173,17 @@ def test_startup_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     for key in ("median_ready_s", "median_banner_s", "empty_ready_s"):
         assert report[key] > 0
     assert isinstance(report["bytes_per_message_idle"], int)
+    startup_rows = [row for row in verdicts({"parts": {"startup": report}}) if row["point"] == "12"]
+    assert len(startup_rows) == 2
+    assert all(row["status"] in ("pass", "FAIL") for row in startup_rows), startup_rows
     assert list(parent.iterdir()) == []  # no temporary directory left behind
+
+
+def test_generated_messages_have_only_crlf_line_ends() -> None:
+    """What the relay gets is what SES must get byte for byte (point 11): a
+    bare CR where the filler was cut would be normalized on the way."""
+    line_end = 74  # the filler's line length: every place a cut can fall
+    for size in range(4096, 4096 + 2 * line_end):
+        message = Messages(size).next()
+        assert re.search(rb"\r(?!\n)|(?<!\r)\n", message) is None, size
+        assert message.endswith(b"\r\n")

@@ -1,0 +1,50 @@
+"""Point 11: memory with large messages.
+
+``count`` sessions each send one message of ``size`` bytes at once, one
+connection per message, to the relay (the aiosmtplib generator, which
+keeps the SHA-256 of every message accepted); the fake SES decodes each
+``RawMessage.Data`` and keeps its SHA-256. Reported: the relay's peak RSS
+(``VmHWM``, its whole life) and whether the digests sent and received are
+the same, message for message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Children
+from bench.scenarios import Settings, measure
+from bench.services import run_load, start_fake_ses, start_relay
+
+COUNT = 10
+SIZE = 7 * 1024 * 1024
+WINDOW = 120.0
+"""Seconds the messages may take to be answered, at most."""
+
+
+def run_big_messages(settings: Settings, workdir: Path, count: int, size: int) -> dict[str, Any]:
+    def load(children: Children, name: str, port: int) -> dict[str, Any]:
+        directory = workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        return run_load(
+            children, directory, name, port, mode="per-message", sessions=count, size=size,
+            warmup=0.0, duration=WINDOW, count=None, more=["--messages", str(count), "--digests"],
+        )  # fmt: skip
+
+    with Children() as children:
+        ses = start_fake_ses(children, workdir / "ses", 0.0, digests=True)
+        relay = start_relay(children, workdir / "relay", ses)
+        summary, result = measure(children, relay, "relay", load, settings.drain_timeout)
+        stats = ses.stats()
+    sent, received = sorted(result["digests"]), sorted(stats["digests"])
+    return {
+        "messages": count,
+        "message_size": result["message_size"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "accepted": summary["accepted_total"],
+        "delivered": summary["delivered"],
+        "identical": len(sent) == count and sent == received,
+        "errors": summary["errors"],
+        "relay": summary,
+    }
