@@ -25,16 +25,14 @@ whether it holds.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import bigmessages, fsyncs, machine, postfix, ratelimit, report, smtpsource, startup
 from bench.paced import run_paced
-from bench.procs import ChildFailed, terminate_as_interrupt
+from bench.procs import run_in_temp_dir
 from bench.scenarios import LOADS, SCENARIOS, TARGETS, Settings, run_scenario
 from bench.slowses import run_slow_ses
 from bench.verdict import verdicts
@@ -206,22 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tmp_dir is not None:
         args.tmp_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ses-relay-bench-", dir=args.tmp_dir))
-    workdir.chmod(0o755)  # Postfix's daemons, as the postfix user, must reach their directories
-    try:
-        with terminate_as_interrupt():
-            document = run(args, workdir)
-    except ChildFailed as failure:
-        print(f"bench failed: {failure}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    status, document = run_in_temp_dir(
+        "bench",
+        "ses-relay-bench-",
+        args.tmp_dir,
+        args.keep,
+        lambda workdir: run(args, workdir),
+        mode=0o755,  # Postfix's daemons, as the postfix user, must reach their directories
+    )
+    if document is None:
+        return status
     machine_info = document["machine"]
     print(
         f"{machine_info['cpus']} CPUs, Python {machine_info['python']}, "

@@ -13,11 +13,13 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -267,3 +269,38 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_Result = TypeVar("_Result")
+
+
+def run_in_temp_dir(
+    name: str,
+    prefix: str,
+    parent: Path | None,
+    keep: bool,
+    work: Callable[[Path], _Result],
+    *,
+    mode: int | None = None,
+) -> tuple[int, _Result | None]:
+    """``work`` in a new temporary directory (removed after, unless ``keep``),
+    SIGTERM and SIGHUP ending it as ^C does: ``(0, its result)``, or the exit
+    status (1 for a child that failed, 130 when interrupted) and None, with
+    one line on stderr saying why."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    if mode is not None:
+        workdir.chmod(mode)
+    try:
+        with terminate_as_interrupt():
+            return 0, work(workdir)
+    except ChildFailed as failure:
+        print(f"{name} failed: {failure}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"{name} interrupted", file=sys.stderr)
+        return 130, None
+    finally:
+        if keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

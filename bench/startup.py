@@ -20,10 +20,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from unittest import mock
 
-from bench.procs import Child, ChildFailed, Children, ProcessTree, terminate_as_interrupt
+from bench.procs import Child, ChildFailed, Children, ProcessTree, run_in_temp_dir
 from bench.services import relay_config, relay_env, start_fake_ses
 from relay.queueid import new_id
 from relay.spool import Batch, Entry, Spool
@@ -209,21 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.runs < 1:
         parser.error("--count and --runs must be at least 1")
-    workdir = Path(tempfile.mkdtemp(prefix="ses-relay-startup-", dir=args.tmp_dir))
-    try:
-        with terminate_as_interrupt():
-            result = run(workdir, args.count, args.runs)
-    except ChildFailed as failure:
-        print(f"bench.startup failed: {failure}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench.startup interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    status, result = run_in_temp_dir(
+        "bench.startup",
+        "ses-relay-startup-",
+        args.tmp_dir,
+        args.keep,
+        lambda workdir: run(workdir, args.count, args.runs),
+    )
+    if result is None:
+        return status
     print(json.dumps(result, indent=1))
     return 0
 
