@@ -3,6 +3,7 @@
 Layout under ``spool.path`` (readable with ordinary tools)::
 
     lock                 held (flock) by the running daemon; holds its PID
+    reload.json          the daemon's answer to its last reload (``relay.reloadrecord``)
     tmp/                 entries being written; emptied at start
     queue/ID.eml         the message exactly as SES gets it
     queue/ID.json        its envelope and delivery state (see ``Entry``)
