@@ -17,6 +17,7 @@ from relay.errors import ConfigError, RelayError
 from relay.queuecmd import add_arguments as add_queue_arguments
 from relay.queuecmd import queue_command as run_queue_command
 from relay.reloadcmd import run_reload
+from relay.ses.sender import UNLIMITED
 
 # The daemon and the SES client (aiohttp) are imported by the commands that
 # use them: `ses-relay queue` and `reload` run often, from scripts, and need neither.
@@ -215,8 +216,11 @@ async def with_ses(
 
 
 def format_quota(quota: SendQuota) -> str:
+    daily = (
+        "-1 (unlimited)" if quota.max_24_hour_send == UNLIMITED else f"{quota.max_24_hour_send:g}"
+    )
     return (
-        f"Max24HourSend:   {quota.max_24_hour_send:g}\n"
+        f"Max24HourSend:   {daily}\n"
         f"MaxSendRate:     {quota.max_send_rate:g} per second\n"
         f"SentLast24Hours: {quota.sent_last_24_hours:g}"
     )

@@ -60,6 +60,15 @@ async def test_quota_prints_the_account_limits(tmp_path: Path, fake_ses: FakeSes
     assert [r.action for r in fake_ses.requests] == ["GetSendQuota"]
 
 
+async def test_quota_says_when_the_daily_quota_is_unlimited(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    fake_ses.quota.update(max_24_hour_send=-1.0)
+    code, out, err = await run_cli("quota", env=ses_env(tmp_path, fake_ses))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "Max24HourSend:   -1 (unlimited)"
+
+
 async def test_quota_reports_ses_refusal(tmp_path: Path, fake_ses: FakeSes) -> None:
     fake_ses.script(SesErrorReply(403, "AccessDenied", "User is not authorized"))
     code, out, err = await run_cli("quota", env=ses_env(tmp_path, fake_ses))

@@ -176,6 +176,14 @@ async def test_get_send_quota_is_parsed(fake_ses: FakeSes) -> None:
     assert seen.unexpected_params() == []
 
 
+async def test_an_unlimited_daily_quota_is_minus_one(fake_ses: FakeSes) -> None:
+    """SES: "A value of -1 signifies an unlimited quota" (Max24HourSend only)."""
+    fake_ses.quota.update(max_24_hour_send=-1.0, max_send_rate=14.0, sent_last_24_hours=0.0)
+    async with client_for(fake_ses) as client:
+        quota = await client.quota()
+    assert quota == SendQuota(max_24_hour_send=-1.0, max_send_rate=14.0, sent_last_24_hours=0.0)
+
+
 async def test_clock_is_used_for_signing(fake_ses: FakeSes) -> None:
     """A clock 20 minutes off makes SES refuse the signature: deferrable, refresh."""
     skewed = SesClient(

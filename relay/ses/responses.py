@@ -17,7 +17,7 @@ from relay.errors import SesError
 from relay.oneline import one_line
 from relay.ses.awsxml import local_name, xml_fields, xml_root
 from relay.ses.classify import ses_error, transport_error
-from relay.ses.sender import SendQuota, SendResult
+from relay.ses.sender import UNLIMITED, SendQuota, SendResult
 
 TOKEN: Final = re.compile(r"[A-Za-z0-9-]{1,128}")
 """A MessageId or RequestId as SES writes them (``0100018c...-000000``, a UUID)."""
@@ -81,7 +81,10 @@ def parse_send_quota(body: bytes) -> SendQuota:
         values = [float(fields[name]) for name in _QUOTA_FIELDS]
     except (KeyError, ValueError):
         values = []
-    if len(values) != len(_QUOTA_FIELDS) or not all(math.isfinite(v) and v >= 0 for v in values):
+    if len(values) != len(_QUOTA_FIELDS) or not all(
+        math.isfinite(value) and (value >= 0 or (name == "Max24HourSend" and value == UNLIMITED))
+        for name, value in zip(_QUOTA_FIELDS, values, strict=True)
+    ):
         raise transport_error(
             "MalformedResponse", "SES quota answer lacks a figure", http_status=200
         )

@@ -15,7 +15,7 @@ writes its JSON form), and sent with every batch of the message.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +70,13 @@ class SendQuota:
     """The account's sending limits (v1 GetSendQuota, v2 GetAccount's ``SendQuota``)."""
 
     max_24_hour_send: float
+    """``UNLIMITED`` (-1) for an account without a daily quota."""
     max_send_rate: float
     sent_last_24_hours: float
+
+
+UNLIMITED: Final = -1.0
+"""``Max24HourSend`` of an account without a daily quota (SES API reference)."""
 
 
 class SesSender(Protocol):
