@@ -430,11 +430,6 @@ class Authenticator:
         """Password checks running or waiting for a hash thread now."""
         return self._checks
 
-    def reload(self) -> None:
-        """Read the users file again; on a ConfigError the old users stay."""
-        if self._users.path:
-            self._users = load_users(self._users.path)
-
     def close(self) -> None:
         """Stop the hash threads (checks already running finish in the background)."""
         self._closed = True
