@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from relay.config import Config
 from relay.errors import SesError
+from relay.oneline import one_line
 from relay.ses.client import SesClient
 
 CHECK_DEADLINE = 10.0
@@ -75,7 +76,7 @@ async def check_bounce_sender(config: Config, ses: SesClient) -> BounceSenderChe
                 identities_of(address), deadline=CHECK_DEADLINE
             )
     except SesError as error:
-        reason = " ".join(f"{error.code}: {error.message}".split())[:300]
+        reason = one_line(f"{error.code}: {error.message}", 300)
         return BounceSenderCheck(None, _cannot_tell(address, reason))
     except TimeoutError:
         return BounceSenderCheck(

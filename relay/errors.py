@@ -65,8 +65,12 @@ class SmtpReply:
     text: str
 
     def __post_init__(self) -> None:
+        text = self.text
         room = REPLY_LINE_LIMIT - len(f"{self.code} {self.enhanced} ")
-        flat = one_line(self.text, room).encode("ascii", "backslashreplace").decode("ascii")
+        if text.isascii() and text.isprintable() and len(text) <= room:
+            return  # the replies the relay writes itself: as they are
+        # Escaping may lengthen the text: it is cut to the room again after.
+        flat = one_line(text, room).encode("ascii", "backslashreplace").decode("ascii")
         object.__setattr__(self, "text", one_line(flat, room))
 
     def __str__(self) -> str:

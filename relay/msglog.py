@@ -75,6 +75,8 @@ def _batch_line(
     suffix: str = "",
     **fields: Any,
 ) -> None:
+    if not delivery_log.isEnabledFor(level):  # one line per batch: built only when logged
+        return
     delivery_log.log(
         level,
         "%s: to=%s status=%s (%s)%s",

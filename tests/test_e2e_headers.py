@@ -15,6 +15,7 @@ import pytest
 
 import relay.handler
 from relay.app import Relay
+from relay.log import delivery_log
 from tests.fakeses import FakeSes
 from tests.relayd import running_relay
 from tests.test_e2e import client_tls, read_reply, relay_cert, users_file
@@ -288,8 +289,10 @@ async def test_a_suppressed_log_level_builds_no_record(
         raise AssertionError("a log record's fields were built for a suppressed level")
 
     monkeypatch.setattr(relay.handler, "session_fields", built)
-    logger = logging.getLogger("relay.smtp")
-    logger.setLevel(logging.WARNING)
+    monkeypatch.setattr(delivery_log, "log", built)  # the per-batch lines (relay.msglog)
+    loggers = [logging.getLogger("relay.smtp"), delivery_log]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         async with running_relay(tmp_path, fake_ses) as running:
             host, port = running.smtp_addresses[0]
@@ -297,6 +300,8 @@ async def test_a_suppressed_log_level_builds_no_record(
                 raw = message("From: a@example.com\r\n")
                 response = await client.sendmail("a@example.com", ["bob@example.net"], raw)
         assert response[1].startswith("2.0.0"), response
+        assert " sent as " in response[1], response  # not "queued" after a failed log call
     finally:
-        logger.setLevel(logging.NOTSET)
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
     assert fake_ses.requests[0].raw_message == raw
