@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -32,6 +33,7 @@ from tests.fakeses import (
     Succeed,
     V2ErrorReply,
 )
+from tests.test_clients import ROOT, readme_snippet
 from tests.test_ses_client import MESSAGE, config_for, credentials_for
 
 R, D, P = Disposition.RETRYABLE, Disposition.DEFERRABLE, Disposition.PERMANENT
@@ -361,3 +363,20 @@ def test_each_base64_piece_but_the_last_encodes_a_multiple_of_three_bytes() -> N
     pieces = list(base64_chunks([b"a", b"bc", b"defg", b"", b"hijkl"]))
     assert all(not piece.endswith(b"=") for piece in pieces[:-1])
     assert b"".join(pieces) == base64.b64encode(b"abcdefghijkl")
+
+
+def test_the_v2_iam_policy_allows_what_the_v2_client_calls() -> None:
+    policy = json.loads(readme_snippet("iam-policy-v2"))
+    allowed = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"]
+        allowed.update([actions] if isinstance(actions, str) else actions)
+    source = (ROOT / "relay" / "ses" / "v2.py").read_text()
+    assert set(re.findall(r'Call\(\s*"(\w+)"', source)) == {"SendEmail", "GetAccount"}
+    # A raw SendEmail is authorized as ses:SendRawEmail; the bounce-sender check is v1's.
+    assert allowed == {
+        "ses:SendRawEmail",
+        "ses:GetAccount",
+        "ses:GetIdentityVerificationAttributes",
+    }
