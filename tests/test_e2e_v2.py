@@ -37,7 +37,10 @@ def ses_calls(relay: Relay, action: str, outcome: str = "success", code: str = "
 async def test_a_message_goes_through_send_email_under_v2(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
-    raw = message(extra_headers="Bcc: hidden@example.com\r\nX-SES-CONFIGURATION-SET: tx\r\n")
+    listed = "X-SES-LIST-MANAGEMENT-OPTIONS: Newsletter; topic=Sports\r\n"
+    raw = message(
+        extra_headers=f"Bcc: hidden@example.com\r\nX-SES-CONFIGURATION-SET: tx\r\n{listed}"
+    )
     fake_ses.script(Succeed(message_id="0100-v2-e2e"))
     async with running_relay(tmp_path, fake_ses, ses=V2) as relay:
         code, text = await send(relay, ["bob@example.net", "hidden@example.com"], raw)
@@ -52,10 +55,11 @@ async def test_a_message_goes_through_send_email_under_v2(
     assert body["FromEmailAddress"] == SENDER
     assert body["Destination"] == {"ToAddresses": ["bob@example.net", "hidden@example.com"]}
     assert body["ConfigurationSetName"] == "tx"
+    assert body["ListManagementOptions"] == {"ContactListName": "Newsletter", "TopicName": "Sports"}
     sent = request.raw_message or b""
     assert b"Bcc:" not in sent
     assert b"X-SES-CONFIGURATION-SET" not in sent
-    assert sent == message()  # byte for byte, less the removed headers
+    assert sent == message(extra_headers=listed)  # byte for byte, less the removed headers
 
 
 async def test_auto_sends_a_small_message_raw_and_a_15_mb_one_through_v2(
