@@ -23,7 +23,8 @@ from relay.ses.sender import UNLIMITED
 # use them: `ses-relay queue` and `reload` run often, from scripts, and need neither.
 if TYPE_CHECKING:
     from relay.bouncecheck import BounceSenderCheck
-    from relay.ses.client import SendQuota, SesClient
+    from relay.ses.api import Ses
+    from relay.ses.sender import SendQuota
 
 T = TypeVar("T")
 
@@ -121,7 +122,7 @@ def check_config_command(config: Config, env: Mapping[str, str]) -> int:
     from relay.bouncecheck import check_bounce_sender
 
     print(f"ses-relay: configuration OK ({config.source})")
-    check = asyncio.run(with_ses(config, env, lambda ses: check_bounce_sender(config, ses)))
+    check = asyncio.run(with_ses(config, env, lambda ses: check_bounce_sender(config, ses.v1)))
     if check is not None:
         print_check(check)
     return 0
@@ -196,15 +197,15 @@ def hash_password_command(
 
 
 async def fetch_quota(config: Config, env: Mapping[str, str]) -> SendQuota:
-    return await with_ses(config, env, lambda ses: ses.quota())
+    return await with_ses(config, env, lambda ses: ses.sender.quota())
 
 
 async def with_ses(
-    config: Config, env: Mapping[str, str], call: Callable[[SesClient], Awaitable[T]]
+    config: Config, env: Mapping[str, str], call: Callable[[Ses], Awaitable[T]]
 ) -> T:
-    """``call`` with an SES client for ``config``, closed after."""
+    """``call`` with the SES clients for ``config``, closed after."""
     from relay.resources import load_resources
-    from relay.ses.client import SesClient
+    from relay.ses.api import connect
     from relay.ses.credentials import default_chain
     from relay.ses.http import new_session
 
@@ -212,7 +213,7 @@ async def with_ses(
     tls = load_resources(config).ses_tls
     async with new_session(tls=tls, max_connections=2) as session:
         credentials = default_chain(env, session=session, region=ses.region)
-        return await call(SesClient(ses, credentials, session=session))
+        return await call(connect(ses, credentials, session=session))
 
 
 def format_quota(quota: SendQuota) -> str:
@@ -223,6 +224,7 @@ def format_quota(quota: SendQuota) -> str:
         f"Max24HourSend:   {daily}\n"
         f"MaxSendRate:     {quota.max_send_rate:g} per second\n"
         f"SentLast24Hours: {quota.sent_last_24_hours:g}"
+        + ("" if quota.sending_enabled else "\nSendingEnabled:  false (SES has paused sending)")
     )
 
 

@@ -22,6 +22,7 @@ from relay.log import delivery_log
 from relay.oneline import LOG_TEXT_LIMIT, one_line
 from relay.outage import Outage
 from relay.ratelimit import SendRate
+from relay.ses.classify import sending_disabled
 from relay.ses.sender import SendQuota, SesSender
 
 PAUSE_SLACK = 0.05
@@ -131,7 +132,11 @@ class Account:
 
     async def follow_quota(self, every: float) -> None:
         """Keep the sending rate at the account's MaxSendRate, read every
-        ``every`` seconds; runs until cancelled."""
+        ``every`` seconds; runs until cancelled. An account whose sending is
+        off (v2 GetAccount's ``SendingEnabled``) pauses all delivery, as
+        SES's "sending paused" does; a quota that cannot be read (no
+        ``ses:GetAccount`` or ``ses:GetSendQuota`` permission, say) is a
+        warning, and the rate stays as it is."""
         while True:
             try:
                 quota = await self._sender.quota()
@@ -142,4 +147,6 @@ class Account:
             else:
                 self.quota = quota
                 self.rate.set_rate(quota.max_send_rate)
+                if not quota.sending_enabled:
+                    self.react(sending_disabled())
             await self._clock.sleep(every)

@@ -35,6 +35,7 @@ from relay.metrics import RelayMetrics, State
 from relay.reload import Outcome, plan_reload
 from relay.resources import Resources, load_resources
 from relay.sdnotify import Notifier, keep_alive, ready, reloading, stopping, watchdog_interval
+from relay.ses.api import connect
 from relay.ses.client import SesClient
 from relay.ses.credentials import RefreshingProvider, default_chain
 from relay.ses.http import new_session
@@ -104,7 +105,7 @@ class Relay:
                 self._env, session=self._http, region=config.ses.region
             )
             self._in_background(self._credentials.keep_fresh())
-            ses = SesClient(
+            ses = connect(
                 config.ses, self._credentials, session=self._http, observe=self.metrics.ses_call
             )
             self.space = FreeSpace(
@@ -112,10 +113,10 @@ class Relay:
             )
             await self.space.refresh()
             self.delivery = Delivery(
-                config, self.spool, ses, space=self.space, metrics=self.metrics
+                config, self.spool, ses.sender, space=self.space, metrics=self.metrics
             )
             await self.delivery.start()
-            self._in_background(self._check_bounce_sender(ses))
+            self._in_background(self._check_bounce_sender(ses.v1))
             if resources.users is not None:
                 self._authenticator = Authenticator(
                     resources.users, config.auth, observe=self.metrics.auth_attempt

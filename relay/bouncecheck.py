@@ -2,8 +2,9 @@
 ``check-config``, never blocking either.
 
 SES sends only from a verified identity: the address itself, its domain, or
-a parent domain. ``GetIdentityVerificationAttributes`` (read-only) says which
-of them are verified. Credentials that may not ask (``AccessDenied``), none
+a parent domain. ``GetIdentityVerificationAttributes`` (read-only, v1's
+Query API under every ``ses.api``: see ``relay.ses.api``) says which of
+them are verified. Credentials that may not ask (``AccessDenied``), none
 at all, or no answer in time mean "cannot tell": a note, never a failure.
 An empty ``delivery.bounce_sender`` is not checked: bounces then come from
 ``MAILER-DAEMON@`` the failed message's own sender domain, verified since SES

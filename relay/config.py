@@ -26,6 +26,7 @@ from typing import Any, get_type_hints
 
 from relay.errors import ConfigError
 from relay.log import FORMATS, LEVELS
+from relay.ses.limits import APIS, V1_MAX_MESSAGE, api_message_limit
 
 Check = Callable[[Any], str | None]
 """A field check: the problem with a value, or None when it is fine."""
@@ -122,7 +123,9 @@ class SmtpConfig:
     listen: tuple[str, ...] = checked(("127.0.0.1:2525",), each(host_port))
     tls_listen: tuple[str, ...] = checked((), each(host_port))
     hostname: str = "localhost"
-    max_message_size: int = checked(7_864_320, positive)
+    max_message_size: int = checked(V1_MAX_MESSAGE, positive)
+    """Bytes of a message (SIZE, DATA); unset: the limit of ``ses.api``
+    (``relay.ses.limits``), set by ``read_config``."""
     max_recipients: int = checked(1000, positive)
     allowed_networks: tuple[str, ...] = checked(("127.0.0.0/8", "::1/128"), each(network))
     tls_cert: str = ""
@@ -200,6 +203,9 @@ class SesConfig:
     """The ``[ses]`` section, with the AWS environment already applied."""
 
     region: str = "us-east-1"
+    api: str = checked("v1", one_of(*APIS))
+    """"v1": SendRawEmail; "v2": SendEmail (API v2) for every batch; "auto":
+    SendRawEmail for what fits it, v2 for larger messages."""
     endpoint: str = checked("", url_or_empty)
     """Base URL of SES; empty means ``https://email.{region}.amazonaws.com``."""
     ca_bundle: str = ""
@@ -316,6 +322,7 @@ def read_config(
     document = read_toml(Path(path)) if path is not None else {}
     problems: list[str] = []
     sections: dict[str, Any] = {}
+    given: dict[str, dict[str, Any]] = {}  # each section's values the file or environment set
     for name in document:
         if name not in SECTIONS:
             problems.append(f"{source}: [{name}]: unknown section{_did_you_mean(name, SECTIONS)}")
@@ -331,7 +338,11 @@ def read_config(
         )
         if name == "auth":
             values["users"] = _user_policies(users, source, problems)
+        given[name] = values
         sections[name] = cls(**values)
+    if "max_message_size" not in given["smtp"]:
+        limit = api_message_limit(sections["ses"].api)
+        sections["smtp"] = dataclasses.replace(sections["smtp"], max_message_size=limit)
     smtp = sections["smtp"]
     if smtp.proxy_protocol and not smtp.proxy_trusted_networks:
         problems.append(

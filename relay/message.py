@@ -37,6 +37,9 @@ MESSAGE_TAGS = "x-ses-message-tags"
 SOURCE_ARN = "x-ses-source-arn"
 FROM_ARN = "x-ses-from-arn"
 RETURN_PATH_ARN = "x-ses-return-path-arn"
+LIST_MANAGEMENT = "x-ses-list-management-options"
+"""``contactListName; topic=topicName``: read, and left in the message (v1
+has no parameter for it; v2 also gets it as ``ListManagementOptions``)."""
 IDENTITY_HEADERS = (SOURCE_ARN, FROM_ARN, RETURN_PATH_ARN)
 """Headers that send as an authorized identity: a privilege (see policy)."""
 
@@ -270,13 +273,32 @@ def _ses_parameters(
     tag_header = _first(by_name, MESSAGE_TAGS)
     if tag_header is not None:
         tags = parse_tags(tag_header)
+    contact_list, topic = parse_list_management(_first(by_name, LIST_MANAGEMENT) or "")
     return SesParameters(
         configuration_set=_first(by_name, CONFIGURATION_SET) or defaults.configuration_set,
         tags=tags,
         source_arn=_first(by_name, SOURCE_ARN) or defaults.source_arn,
         from_arn=_first(by_name, FROM_ARN) or defaults.from_arn,
         return_path_arn=_first(by_name, RETURN_PATH_ARN) or defaults.return_path_arn,
+        contact_list=contact_list,
+        topic=topic,
     )
+
+
+def parse_list_management(value: str) -> tuple[str | None, str | None]:
+    """``X-SES-LIST-MANAGEMENT-OPTIONS: contactListName; topic=topicName`` as
+    the contact list and topic; ``(None, None)`` without a contact list name
+    (the header then only travels in the message, for SES to judge)."""
+    name, _, rest = value.partition(";")
+    contact_list = name.strip()
+    if not contact_list:
+        return None, None
+    topic = None
+    for item in rest.split(";"):
+        key, equals, found = item.partition("=")
+        if equals and key.strip().lower() == "topic" and found.strip():
+            topic = found.strip()
+    return contact_list, topic
 
 
 def parse_tags(value: str) -> tuple[tuple[str, str], ...]:

@@ -281,6 +281,8 @@ def ses_json(ses: SesParameters) -> dict[str, Any]:
         ("source_arn", ses.source_arn),
         ("from_arn", ses.from_arn),
         ("return_path_arn", ses.return_path_arn),
+        ("contact_list", ses.contact_list),
+        ("topic", ses.topic),
     )
     return {name: value for name, value in named if value is not None}
 
@@ -302,6 +304,8 @@ def _ses(value: Any) -> SesParameters:
         source_arn=_optional_str(value.get("source_arn"), "source_arn"),
         from_arn=_optional_str(value.get("from_arn"), "from_arn"),
         return_path_arn=_optional_str(value.get("return_path_arn"), "return_path_arn"),
+        contact_list=_optional_str(value.get("contact_list"), "contact_list"),
+        topic=_optional_str(value.get("topic"), "topic"),
     )
 
 

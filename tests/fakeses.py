@@ -1,4 +1,5 @@
-"""A fake Amazon SES (Query API, 2010-12-01) that speaks the real protocol.
+"""A fake Amazon SES (Query API 2010-12-01, and API v2's SendEmail and
+GetAccount) that speaks the real protocols.
 
 ``FakeSes`` is an aiohttp server on 127.0.0.1 (ephemeral port) over TLS with a
 throwaway CA made by ``trustme``. For every request it:
@@ -18,6 +19,15 @@ throwaway CA made by ``trustme``. For every request it:
 
 Requests refused for their signature do not consume a scripted behaviour.
 
+API v2 (rest-json) is served on the same host: ``POST /v2/email/outbound-emails``
+(SendEmail; the fake demands ``Content.Raw.Data`` in valid base64 and
+answers ``{"MessageId": ...}``) and ``GET /v2/email/account`` (GetAccount:
+``FakeSes.quota`` and ``FakeSes.sending_enabled``). Its requests are
+recorded alike (``RecordedRequest.action`` is "SendEmail" or "GetAccount",
+``raw_message`` and ``destinations`` read from the JSON) and signed alike;
+``V2ErrorReply`` answers a v2 error as SES does (JSON body and
+``x-amzn-ErrorType`` header).
+
 Behaviours (all in this module): ``Succeed``, ``SesErrorReply``, ``RawReply``,
 ``Delay``, ``Trickle``, ``ResetMidBody``, ``CloseWithoutAnswer``, ``HugeBody``.
 Hostile bodies: ``billion_laughs_body``, ``xxe_body``, ``errors_shape_body``,
@@ -35,6 +45,7 @@ import binascii
 import contextlib
 import hashlib
 import itertools
+import json
 import re
 import ssl
 import tempfile
@@ -79,6 +90,12 @@ SEND_RAW_EMAIL_PARAMS = re.compile(
 )
 GET_SEND_QUOTA_PARAMS = re.compile(r"Action|Version")
 IDENTITY_VERIFICATION_PARAMS = re.compile(r"Action|Version|Identities\.member\.[1-9][0-9]*")
+
+V2_ROUTES = {
+    ("POST", "/v2/email/outbound-emails"): "SendEmail",
+    ("GET", "/v2/email/account"): "GetAccount",
+}
+"""The v2 operations the fake serves, by method and path."""
 
 ACTION = web.RequestKey("ses_action", str)
 """Where the handler leaves the request's Action for the behaviours."""
@@ -236,10 +253,21 @@ class RecordedRequest:
     auth_error: str | None = None
     """Error code the fake answered for authentication, or None if it verified."""
     received_at: float = field(default_factory=time.monotonic)
+    v2_action: str | None = None
+    """The API v2 operation (by method and path), or None for a Query API call."""
 
     @property
     def action(self) -> str | None:
-        return self.params.get("Action")
+        return self.v2_action or self.params.get("Action")
+
+    @property
+    def json(self) -> dict[str, object]:
+        """A v2 request's JSON body ({} when it is not a JSON object)."""
+        try:
+            value = json.loads(self.body)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     @property
     def signature_ok(self) -> bool:
@@ -247,8 +275,9 @@ class RecordedRequest:
 
     @property
     def raw_message(self) -> bytes | None:
-        """``RawMessage.Data`` base64-decoded, or None if absent or not base64."""
-        data = self.params.get("RawMessage.Data")
+        """``RawMessage.Data`` (v2: ``Content.Raw.Data``) base64-decoded, or
+        None if absent or not base64."""
+        data = _v2_raw_data(self.json) if self.v2_action else self.params.get("RawMessage.Data")
         if data is None:
             return None
         try:
@@ -258,6 +287,11 @@ class RecordedRequest:
 
     @property
     def destinations(self) -> list[str]:
+        """``Destinations`` (v2: ``Destination.ToAddresses``)."""
+        if self.v2_action:
+            destination = self.json.get("Destination")
+            found = destination.get("ToAddresses") if isinstance(destination, dict) else None
+            return list(found) if isinstance(found, list) else []
         return _members(self.params, "Destinations.member.")
 
     @property
@@ -277,6 +311,13 @@ class RecordedRequest:
         if allowed is None:
             return sorted(self.params)
         return sorted(name for name in self.params if not allowed.fullmatch(name))
+
+
+def _v2_raw_data(body: dict[str, object]) -> str | None:
+    content = body.get("Content")
+    raw = content.get("Raw") if isinstance(content, dict) else None
+    data = raw.get("Data") if isinstance(raw, dict) else None
+    return data if isinstance(data, str) else None
 
 
 def _members(params: dict[str, str], prefix: str, suffix: str = "") -> list[str]:
@@ -468,6 +509,55 @@ class SesErrorReply:
             content_type="text/xml",
             headers={"x-amzn-RequestId": request_id},
         )
+
+
+@dataclass
+class V2ErrorReply:
+    """An API v2 error as SES answers it: ``V2ErrorReply(429,
+    "TooManyRequestsException", "Maximum sending rate exceeded.")``. The
+    code travels in the ``x-amzn-ErrorType`` header (``header_suffix`` is
+    added after a colon, as AWS front ends do) unless ``in_header`` is
+    False, and in the body's ``__type`` with a namespace unless ``in_body``
+    is False."""
+
+    status: int
+    code: str
+    message: str
+    in_header: bool = True
+    in_body: bool = True
+    header_suffix: str = "http://internal.amazon.com/coral/com.amazonaws.sesv2/"
+    message_key: str = "message"
+
+    async def respond(self, request: web.Request, fake: FakeSes) -> web.StreamResponse:
+        return v2_error_response(
+            self.status,
+            self.code,
+            self.message,
+            in_header=self.in_header,
+            in_body=self.in_body,
+            header_suffix=self.header_suffix,
+            message_key=self.message_key,
+        )
+
+
+def v2_error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    in_header: bool = True,
+    in_body: bool = True,
+    header_suffix: str = "",
+    message_key: str = "message",
+) -> web.Response:
+    request_id = new_request_id()
+    headers = {"x-amzn-RequestId": request_id}
+    if in_header:
+        headers["x-amzn-ErrorType"] = f"{code}:{header_suffix}" if header_suffix else code
+    body: dict[str, str] = {message_key: message}
+    if in_body:
+        body["__type"] = f"com.amazonaws.sesv2#{code}"
+    return web.json_response(body, status=status, headers=headers)
 
 
 @dataclass
@@ -669,6 +759,8 @@ class FakeSes:
             "max_send_rate": 14.0,
             "sent_last_24_hours": 127.0,
         }
+        self.sending_enabled = True
+        """GetAccount's ``SendingEnabled``."""
         self.verified: set[str] = set()
         """Identities GetIdentityVerificationAttributes calls verified."""
         self.requests: list[RecordedRequest] = []
@@ -760,6 +852,10 @@ class FakeSes:
     ) -> web.StreamResponse:
         request_id = new_request_id()
         action = request.get(ACTION)
+        if action in ("SendEmail", "GetAccount"):
+            return web.json_response(
+                self._v2_success(action, message_id), headers={"x-amzn-RequestId": request_id}
+            )
         if action == "SendRawEmail":
             body = send_raw_email_body(message_id or new_message_id(), request_id)
         elif action == "GetSendQuota":
@@ -779,6 +875,22 @@ class FakeSes:
         return web.Response(
             status=200, body=body, content_type="text/xml", headers={"x-amzn-RequestId": request_id}
         )
+
+    def _v2_success(self, action: str, message_id: str | None) -> dict[str, object]:
+        if action == "SendEmail":
+            return {"MessageId": message_id or new_message_id()}
+        quota = self.quota
+        return {
+            "DedicatedIpAutoWarmupEnabled": False,
+            "EnforcementStatus": "HEALTHY",
+            "ProductionAccessEnabled": True,
+            "SendQuota": {
+                "Max24HourSend": quota["max_24_hour_send"],
+                "MaxSendRate": quota["max_send_rate"],
+                "SentLast24Hours": quota["sent_last_24_hours"],
+            },
+            "SendingEnabled": self.sending_enabled,
+        }
 
     # -- the handler
 
@@ -806,6 +918,7 @@ class FakeSes:
             self._connections[transport] = next(self._connection_serial)
         peer = transport.get_extra_info("peername") if transport is not None else ("?", 0)
         params, duplicates = _parse_form(request.headers.get("Content-Type", ""), body)
+        v2_action = V2_ROUTES.get((request.method, request.path))
         record = RecordedRequest(
             method=request.method,
             path_qs=request.path_qs,
@@ -815,6 +928,7 @@ class FakeSes:
             duplicate_params=duplicates,
             peer=tuple(peer[:2]),
             connection=self._connections[transport],
+            v2_action=v2_action,
         )
         failure = verify_sigv4(
             method=request.method,
@@ -830,6 +944,8 @@ class FakeSes:
         async with self._arrival:
             self.requests.append(record)
             self._arrival.notify_all()
+        if failure is not None and request.path.startswith("/v2/"):
+            return v2_error_response(failure.status, failure.code, failure.message)
         if failure is not None:
             request_id = new_request_id()
             return web.Response(
@@ -838,6 +954,14 @@ class FakeSes:
                 content_type="text/xml",
                 headers={"x-amzn-RequestId": request_id},
             )
+        if request.path.startswith("/v2/"):
+            v2_problem = _v2_request_problem(v2_action, record)
+            if v2_problem is not None:
+                return v2_error_response(*v2_problem)
+            request[ACTION] = v2_action or ""
+            request[PARAMS] = {}
+            behaviour: Behaviour = self._script.popleft() if self._script else Succeed()
+            return await behaviour.respond(request, self)
         problem = _request_problem(request.method, params)
         if problem is not None:
             code, message = problem
@@ -848,7 +972,7 @@ class FakeSes:
             )
         request[ACTION] = params["Action"]
         request[PARAMS] = params
-        behaviour: Behaviour = self._script.popleft() if self._script else Succeed()
+        behaviour = self._script.popleft() if self._script else Succeed()
         return await behaviour.respond(request, self)
 
 
@@ -866,6 +990,38 @@ def _parse_form(content_type: str, body: bytes) -> tuple[dict[str, str], list[st
             duplicates.append(name)
         params[name] = value
     return params, duplicates
+
+
+SEND_EMAIL_FIELDS = frozenset(
+    {
+        "FromEmailAddress",
+        "FromEmailAddressIdentityArn",
+        "Destination",
+        "FeedbackForwardingEmailAddressIdentityArn",
+        "EmailTags",
+        "ConfigurationSetName",
+        "ListManagementOptions",
+        "Content",
+    }
+)
+"""The SendEmail fields a relay of raw messages may send."""
+
+
+def _v2_request_problem(action: str | None, record: RecordedRequest) -> tuple[int, str, str] | None:
+    """What SES v2 would refuse about a correctly signed request, if anything."""
+    if action is None:
+        return 404, "NotFoundException", f"No route for {record.method} {record.path_qs}"
+    if action == "GetAccount":
+        return None if not record.body else (400, "BadRequestException", "GetAccount has no body")
+    if record.headers.get("Content-Type") != "application/json":
+        return 400, "BadRequestException", "Content-Type must be application/json"
+    body = record.json
+    unknown = sorted(set(body) - SEND_EMAIL_FIELDS)
+    if unknown:
+        return 400, "BadRequestException", f"Unexpected fields {unknown}"
+    if record.raw_message is None:
+        return 400, "BadRequestException", "Content.Raw.Data must be valid base64"
+    return None
 
 
 def _request_problem(method: str, params: dict[str, str]) -> tuple[str, str] | None:

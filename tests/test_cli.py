@@ -248,3 +248,48 @@ async def test_serve_names_metrics_listen_when_its_port_is_taken(
     assert (code, out) == (1, "")
     assert f"ses-relay: serve: cannot listen on 127.0.0.1:{port} (metrics.listen): " in err
     assert "Traceback" not in err
+
+
+async def test_quota_under_v2_comes_from_get_account(tmp_path: Path, fake_ses: FakeSes) -> None:
+    fake_ses.sending_enabled = False
+    env = ses_env(tmp_path, fake_ses) | {"SES_RELAY_SES_API": "v2"}
+    code, out, err = await run_cli("quota", env=env)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "Max24HourSend:   50000",
+        "MaxSendRate:     14 per second",
+        "SentLast24Hours: 127",
+        "SendingEnabled:  false (SES has paused sending)",
+    ]
+    assert [r.action for r in fake_ses.requests] == ["GetAccount"]
+
+
+async def test_quota_under_auto_comes_from_get_send_quota(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    env = ses_env(tmp_path, fake_ses) | {"SES_RELAY_SES_API": "auto"}
+    code, _, err = await run_cli("quota", env=env)
+    assert (code, err) == (0, "")
+    assert [r.action for r in fake_ses.requests] == ["GetSendQuota"]
+
+
+async def test_check_config_names_a_wrong_ses_api(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[ses]\napi = "v3"\n')
+    code, out, err = await run_cli("check-config", "-c", str(config), env=clean_env(tmp_path))
+    assert (code, out) == (78, "")
+    assert f"{config}: [ses] api: must be one of 'v1', 'v2', 'auto'" in err
+
+
+async def test_check_config_under_v2_checks_the_bounce_sender_with_v1s_call(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    fake_ses.verified = {"example.com"}
+    config = tmp_path / "relay.toml"
+    config.write_text('[ses]\napi = "v2"\n[delivery]\nbounce_sender = "bounces@example.com"\n')
+    code, out, err = await run_cli(
+        "check-config", "-c", str(config), env=ses_env(tmp_path, fake_ses)
+    )
+    assert (code, err) == (0, "")
+    assert "SES identity example.com is verified" in out
+    assert [r.action for r in fake_ses.requests] == ["GetIdentityVerificationAttributes"]

@@ -245,3 +245,25 @@ def test_variables_that_name_no_key_are_told_with_the_closest_key() -> None:
         "(did you mean SES_RELAY_SMTP_MAX_MESSAGE_SIZE?)",
     ]
     assert load_config(None, env).smtp.max_message_size == 7_864_320  # ignored, as told
+
+
+@pytest.mark.parametrize(
+    ("api", "size"), [("v1", 7_864_320), ("v2", 30_000_000), ("auto", 30_000_000)]
+)
+def test_the_message_size_limit_follows_ses_api_unless_set(
+    tmp_path: Path, api: str, size: int
+) -> None:
+    path = write(tmp_path, f'[ses]\napi = "{api}"\n')
+    assert load_config(path, {}).smtp.max_message_size == size
+    env = {"SES_RELAY_SMTP_MAX_MESSAGE_SIZE": "1234"}
+    assert load_config(path, env).smtp.max_message_size == 1234
+    path = write(tmp_path, f'[smtp]\nmax_message_size = 999\n[ses]\napi = "{api}"\n')
+    assert load_config(path, {}).smtp.max_message_size == 999
+    assert load_config(None, {"SES_RELAY_SES_API": api}).smtp.max_message_size == size
+
+
+def test_a_wrong_ses_api_names_the_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[ses]\napi = "v3"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert list(caught.value.problems) == [f"{path}: [ses] api: must be one of 'v1', 'v2', 'auto'"]

@@ -384,3 +384,25 @@ def test_cheap_to_prepare_bounds_the_header_block_and_the_size() -> None:
     assert cheap_to_prepare(near)  # no empty line, but short
     assert not cheap_to_prepare(far)  # no empty line within the limit
     assert cheap_to_prepare(near + b"From: a@example.com\n\nbody\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Newsletter; topic=Sports", ("Newsletter", "Sports")),
+        ("  Newsletter ;TOPIC = Sports ; other=1", ("Newsletter", "Sports")),
+        ("Newsletter", ("Newsletter", None)),
+        ("Newsletter; topic=", ("Newsletter", None)),
+        ("; topic=Sports", (None, None)),
+    ],
+)
+def test_list_management_options_are_read_and_the_header_kept(
+    value: str, expected: tuple[str | None, str | None]
+) -> None:
+    raw = (
+        f"From: a@example.com\r\nDate: x\r\nMessage-ID: <y>\r\n"
+        f"X-SES-LIST-MANAGEMENT-OPTIONS: {value}\r\n\r\nbody\r\n"
+    ).encode()
+    prepared = prep(raw)
+    assert prepared.raw == raw  # v1 has no parameter for it: SES reads the header
+    assert (prepared.ses.contact_list, prepared.ses.topic) == expected

@@ -1810,3 +1810,10 @@ def test_a_failed_fsync_fails_every_put_it_covered_and_the_next_put_recovers(
     spool.put(make_entry("AFTER1"), MESSAGE)
     assert spool.load("AFTER1") == make_entry("AFTER1")
     assert spool.message("AFTER1") == MESSAGE
+
+
+def test_list_management_options_survive_the_spool(spool: Spool) -> None:
+    ses = SesParameters(contact_list="Newsletter", topic="Sports")
+    spool.put(make_entry("LIST01", ses=ses), MESSAGE)
+    [entry] = spool.entries()
+    assert entry.ses == ses

@@ -1,11 +1,13 @@
 """What an SES error means for the mail: retry, defer or reject. Pure.
 
-The table here is the one in the README ("SES errors and SMTP replies");
-keep the two in step.
+The codes of API v1 and v2 are told apart by name (v2's end in
+``Exception``, but for ``MessageRejected``). The tables here are the ones
+in the README ("SES errors and SMTP replies"); keep them in step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -63,7 +65,9 @@ CREDENTIALS = Rule(
     refresh_credentials=True,
     pause=CREDENTIALS_PAUSE,
 )
+ACCOUNT_SUSPENDED = Rule(DEFERRABLE, 451, "4.3.2", "SES account is suspended", pause=ACCOUNT_PAUSE)
 REJECTED = Rule(PERMANENT, 554, "5.7.1", "message rejected by SES")
+NOT_FOUND = Rule(PERMANENT, 554, "5.3.5", "SES resource named for the message does not exist")
 NO_CONFIGURATION_SET = Rule(PERMANENT, 554, "5.3.5", "SES configuration set does not exist")
 INVALID_PARAMETER = Rule(PERMANENT, 554, "5.6.0", "SES refused a message parameter")
 ACCESS_DENIED = Rule(PERMANENT, 554, "5.7.1", "not authorized to send as this identity")
@@ -102,7 +106,45 @@ BY_CODE: dict[str, Rule] = {
     "InvalidParameterValue": INVALID_PARAMETER,
     "AccessDenied": ACCESS_DENIED,
     "AccessDeniedException": ACCESS_DENIED,
+    # API v2 (SendEmail, GetAccount); TooManyRequestsException,
+    # LimitExceededException and SendingPausedException are read by message.
+    "ThrottlingException": RATE_EXCEEDED,
+    "AccountSuspendedException": ACCOUNT_SUSPENDED,
+    "NotFoundException": NOT_FOUND,
+    "BadRequestException": INVALID_PARAMETER,
+    "InternalFailureException": SERVER_FAILURE,
+    "ServiceUnavailableException": SERVER_FAILURE,
 } | dict.fromkeys(CREDENTIAL_CODES, CREDENTIALS)
+
+
+def _daily(lowered: str) -> bool:
+    return "daily message quota" in lowered or "daily sending quota" in lowered
+
+
+def _too_many_requests(lowered: str) -> Rule:
+    return DAILY_QUOTA if _daily(lowered) else RATE_EXCEEDED
+
+
+def _limit_exceeded(lowered: str) -> Rule:
+    return RATE_EXCEEDED if "rate" in lowered and not _daily(lowered) else DAILY_QUOTA
+
+
+def _message_rejected(lowered: str) -> Rule:
+    return SENDING_PAUSED if "sending paused" in lowered else REJECTED
+
+
+def _sending_paused(lowered: str) -> Rule:
+    return CONFIGURATION_SET_PAUSED if "configuration set" in lowered else SENDING_PAUSED
+
+
+_BY_MESSAGE: Final[dict[str, Callable[[str], Rule]]] = {
+    "Throttling": _too_many_requests,
+    "TooManyRequestsException": _too_many_requests,
+    "LimitExceededException": _limit_exceeded,
+    "MessageRejected": _message_rejected,
+    "SendingPausedException": _sending_paused,
+}
+"""Codes whose meaning depends on SES's message (lower-cased)."""
 
 TRANSPORT: dict[str, Rule] = {
     "Timeout": TIMEOUT,
@@ -115,7 +157,7 @@ NO_CREDENTIALS: Final = "NoCredentials"
 """The code of a call that could not be signed."""
 
 KNOWN_CODES: Final = frozenset(
-    {"Throttling", "MessageRejected", NO_CREDENTIALS, *BY_CODE, *TRANSPORT}
+    {NO_CREDENTIALS, *_BY_MESSAGE, *BY_CODE, *TRANSPORT}
     | {f"HTTP{status}" for status in range(500, 600)}  # a 5xx without an SES error
 )
 """The codes this module tells apart, and ours; any other is "other" in metrics."""
@@ -131,12 +173,17 @@ def metric_code(code: str) -> str:
 
 
 def rule_for(code: str, message: str, http_status: int | None) -> Rule:
-    """The rule for one SES error answer."""
-    lowered = message.lower()
-    if code == "Throttling":
-        return DAILY_QUOTA if "daily message quota" in lowered else RATE_EXCEEDED
-    if code == "MessageRejected":
-        return SENDING_PAUSED if "sending paused" in lowered else REJECTED
+    """The rule for one SES error answer.
+
+    v2's code for an exceeded daily quota is not documented: a
+    ``TooManyRequestsException`` or ``LimitExceededException`` whose message
+    names the daily quota is taken for it, and any other
+    ``LimitExceededException`` too unless its message names the rate (a
+    pause is the safe reading: the mail is kept, SES is not hammered).
+    """
+    read = _BY_MESSAGE.get(code)
+    if read is not None:
+        return read(message.lower())
     rule = BY_CODE.get(code)
     if rule is not None:
         return rule
@@ -216,4 +263,23 @@ def unanswered(error: HttpTransportError) -> SesTransportError:
         str(error),
         http_status=error.status,
         request_sent=error.request_sent,
+    )
+
+
+SENDING_DISABLED: Final = "SendingDisabled"
+"""The code of ``sending_disabled``: v2 GetAccount's ``SendingEnabled`` is false."""
+
+
+def sending_disabled() -> SesError:
+    """The account's sending is off (GetAccount's ``SendingEnabled`` false):
+    all delivery pauses as for "sending paused"."""
+    rule = SENDING_PAUSED
+    return SesError(
+        code=SENDING_DISABLED,
+        message="SES GetAccount says SendingEnabled is false",
+        http_status=None,
+        request_id=None,
+        disposition=rule.disposition,
+        smtp_reply=rule.reply(),
+        pause=rule.pause,
     )

@@ -11,6 +11,7 @@ import asyncio
 import io
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
@@ -59,6 +60,16 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | N
         chunks.append(chunk)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer: its status, headers (names lower-cased; of a repeated
+    header, the last) and whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
 async def request(
     session: aiohttp.ClientSession,
     method: str,
@@ -72,7 +83,36 @@ async def request(
     read_seconds: float | None = None,
     limit: int,
 ) -> tuple[int, bytes]:
-    """One call to an AWS endpoint: the status and the whole answer (at most
+    """``fetch``'s status and body."""
+    answer = await fetch(
+        session,
+        method,
+        url,
+        what=what,
+        headers=headers,
+        data=data,
+        seconds=seconds,
+        connect_seconds=connect_seconds,
+        read_seconds=read_seconds,
+        limit=limit,
+    )
+    return answer.status, answer.body
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    *,
+    what: str,
+    headers: Mapping[str, str],
+    data: bytes | io.BytesIO | None = None,
+    seconds: float,
+    connect_seconds: float | None = None,
+    read_seconds: float | None = None,
+    limit: int,
+) -> Answer:
+    """One call to an AWS endpoint: the status, headers and whole answer (at most
     ``limit`` bytes), within ``seconds`` in all (connecting within
     ``connect_seconds``, no silence longer than ``read_seconds``); redirects
     are not followed.
@@ -98,7 +138,8 @@ async def request(
                     "too-large",
                     status=response.status,
                 )
-            return response.status, body
+            names = {name.lower(): value for name, value in response.headers.items()}
+            return Answer(response.status, names, body)
     except aiohttp.ClientConnectorError as exc:
         raise HttpTransportError(
             f"cannot connect to {what} at {origin} ({type(exc).__name__}: {exc.os_error})",

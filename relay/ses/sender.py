@@ -2,9 +2,10 @@
 
 ``SesSender`` sends one batch (``SendRequest``) and reads the account's
 quota. ``relay.ses.client.SesClient`` (the v1 Query API: SendRawEmail,
-GetSendQuota) is one; an SES API v2 client (SendEmail with ``Content.Raw``,
-GetAccount) or one that picks a client per route fits the same shape, so
-delivery never learns the wire format.
+GetSendQuota), ``relay.ses.v2.SesV2Client`` (API v2: SendEmail with
+``Content.Raw``, GetAccount) and ``relay.ses.api.AutoSender`` (one of the
+two per message, by size) are the ones ``ses.api`` chooses from
+(``relay.ses.api.connect``), so delivery never learns the wire format.
 
 ``SesParameters`` is the one typed form of the parameters a message carries
 beside its sender and recipients: made from the ``X-SES-*`` headers and the
@@ -24,8 +25,10 @@ class SesParameters:
 
     In API v1 terms ``ConfigurationSetName``, ``Tags``, ``SourceArn``,
     ``FromArn`` and ``ReturnPathArn``; in v2 ``ConfigurationSetName``,
-    ``EmailTags``, ``FromEmailAddressIdentityArn`` and
-    ``FeedbackForwardingEmailAddressIdentityArn``.
+    ``EmailTags``, ``FromEmailAddressIdentityArn`` (from ``source_arn``, which authorizes
+    the envelope sender, else ``from_arn``), ``FeedbackForwardingEmailAddressIdentityArn`` and
+    ``ListManagementOptions`` (``contact_list``, ``topic``; v1 has no
+    parameter for them: its SES reads the header, which stays in the message).
     """
 
     configuration_set: str | None = None
@@ -34,6 +37,10 @@ class SesParameters:
     source_arn: str | None = None
     from_arn: str | None = None
     return_path_arn: str | None = None
+    contact_list: str | None = None
+    """``X-SES-LIST-MANAGEMENT-OPTIONS``' contact list name."""
+    topic: str | None = None
+    """... and its ``topic=`` (only with a contact list)."""
 
 
 NO_PARAMETERS = SesParameters()
@@ -73,6 +80,8 @@ class SendQuota:
     """``UNLIMITED`` (-1) for an account without a daily quota."""
     max_send_rate: float
     sent_last_24_hours: float
+    sending_enabled: bool = True
+    """v2 GetAccount's ``SendingEnabled``; GetSendQuota does not say (True)."""
 
 
 UNLIMITED: Final = -1.0
