@@ -181,7 +181,8 @@ class Entry:
             "bounce_of": self.bounce_of,
         }
         try:
-            text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False)
+            # Compact: the C encoder (an indent takes Python's, ten times slower).
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
         except TypeError as exc:
             raise ValueError(f"entry {self.id!r} cannot be written: {exc}") from None
         return text.encode() + b"\n"

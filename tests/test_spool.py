@@ -889,7 +889,7 @@ def _literal(old: bytes, new: bytes) -> bytes:
     return text.replace(old, new)
 
 
-_RECEIVED = b'"received": 1700000000.25'
+_RECEIVED = b'"received":1700000000.25'
 GARBLED: dict[str, bytes] = {
     "empty": b"",
     "truncated": make_entry("BAD001").to_json()[:60],
