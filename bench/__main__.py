@@ -16,8 +16,9 @@ measure what the rest of issue 15's points 6-13 are judged by: ``workers``
 (7), ``latency`` (9, ``bench/paced.py``), ``ses-delay`` (10,
 ``bench/slowses.py``), ``memory`` (11, ``bench/bigmessages.py``),
 ``startup`` (12, ``bench/startup.py``) and ``rate-limit`` (13,
-``bench/ratelimit.py``). With neither option everything runs; with either,
-only what is named. The run ends with the verdict table
+``bench/ratelimit.py``); ``large`` measures issue 16's point 4 (30 MB
+messages through SES API v2, ``bench/bigmessages.py``). With neither
+option everything runs; with either, only what is named. The run ends with the verdict table
 (``bench/verdict.py``): each check, its must and stretch, the figure and
 whether it holds.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ FORMAT = 3
 """The JSON's shape: 2 added per-target summaries (``postfix``), ``ratios``,
 ``load_generator``, fsyncs and TLS handshakes per 1000; 3 added ``parts``
 (by name, with ``_`` for ``-``) and ``verdicts``; what 1 and 2 had is kept."""
-PARTS = ("workers", "latency", "ses-delay", "memory", "startup", "rate-limit")
+PARTS = ("workers", "latency", "ses-delay", "memory", "startup", "rate-limit", "large")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-size", type=int, default=bigmessages.SIZE, help="memory: bytes per message"
     )
     parser.add_argument(
+        "--large-size",
+        type=int,
+        default=bigmessages.LARGE_SIZE,
+        help="large: bytes per message (as many as --memory-messages)",
+    )
+    parser.add_argument(
         "--rate-window", type=float, default=ratelimit.WINDOW, help="rate-limit: seconds measured"
     )
     parser.add_argument(
@@ -111,8 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the temporary directory (logs, spool) and print its path",
     )
     args = parser.parse_args(argv)
-    for name in ("sessions", "count", "memory_messages", "memory_size", "startup_count",
-                 "startup_runs"):  # fmt: skip
+    for name in ("sessions", "count", "memory_messages", "memory_size", "large_size",
+                 "startup_count", "startup_runs"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1")
@@ -185,19 +193,20 @@ def run_part(
     name: str, args: argparse.Namespace, settings: Settings, workdir: Path,
     document: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    if name == "workers":
-        return run_workers(settings, workdir)
-    if name == "latency":
-        return run_paced(settings, workdir, _relay_maximum(document))
-    if name == "ses-delay":
-        return run_slow_ses(settings, workdir)
-    if name == "memory":
-        return bigmessages.run_big_messages(
+    parts: dict[str, Callable[[], dict[str, Any]]] = {
+        "workers": lambda: run_workers(settings, workdir),
+        "latency": lambda: run_paced(settings, workdir, _relay_maximum(document)),
+        "ses-delay": lambda: run_slow_ses(settings, workdir),
+        "memory": lambda: bigmessages.run_big_messages(
             settings, workdir, args.memory_messages, args.memory_size
-        )
-    if name == "startup":
-        return startup.run(workdir, args.startup_count, args.startup_runs)
-    return ratelimit.run_rate_limit(settings, workdir, args.rate_window)
+        ),
+        "large": lambda: bigmessages.run_big_messages(
+            settings, workdir, args.memory_messages, args.large_size, api="v2"
+        ),
+        "startup": lambda: startup.run(workdir, args.startup_count, args.startup_runs),
+        "rate-limit": lambda: ratelimit.run_rate_limit(settings, workdir, args.rate_window),
+    }
+    return parts[name]()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,15 +8,18 @@ carrying a fresh MessageId (a GetSendQuota gets a generous quota). Nothing is
 verified or decoded: recipients are counted from the number of
 ``Destinations.member.N`` parameter names in the form body (base64 and its
 ``%2B %2F %3D`` escapes never contain a ``.``, so the message cannot fake one).
+An SES API v2 SendEmail (``POST /v2/email/outbound-emails``, raw content) is
+answered with a fresh MessageId too, and counted with the SendRawEmails
+(recipients from ``Destination.ToAddresses``; no Throttling).
 
 ``--max-rate R`` makes it SES's sending rate: a token bucket of R recipients
 per second holding ``R * (1 + BURST_SLACK)`` (one second's worth, plus room
 for the jitter between the relay's clock and this one); a SendRawEmail with
 more recipients than the bucket holds is answered ``400 Throttling`` (SES's
 "Maximum sending rate exceeded.") and counted in ``throttled``.
-``--digests`` decodes each SendRawEmail's ``RawMessage.Data`` and keeps its
-SHA-256 (hex) in ``digests``, so the driver can compare what arrived with
-what was sent.
+``--digests`` decodes each SendRawEmail's ``RawMessage.Data`` (a v2
+SendEmail's ``Content.Raw.Data``) and keeps its SHA-256 (hex) in
+``digests``, so the driver can compare what arrived with what was sent.
 
 A second, plain-HTTP listener serves ``GET /stats`` as JSON, so reading the
 counts costs no TLS connection on the listener being measured: requests,
@@ -52,6 +55,7 @@ from aiohttp.web_protocol import RequestHandler
 
 XMLNS = "http://ses.amazonaws.com/doc/2010-12-01/"
 RECIPIENT_PARAM = b"Destinations.member."
+V2_SEND_PATH = "/v2/email/outbound-emails"
 BURST_SLACK = 0.2
 """With ``--max-rate``: the bucket holds this fraction of a second's worth
 more than one second's, for the jitter between two clocks and a network."""
@@ -101,6 +105,12 @@ def raw_message_digest(body: bytes) -> str:
     return hashlib.sha256(base64.b64decode(form["RawMessage.Data"][0], validate=True)).hexdigest()
 
 
+def v2_raw_message_digest(body: bytes) -> str:
+    """SHA-256 (hex) of the decoded ``Content.Raw.Data`` of a v2 SendEmail body."""
+    data = json.loads(body)["Content"]["Raw"]["Data"]
+    return hashlib.sha256(base64.b64decode(data, validate=True)).hexdigest()
+
+
 def send_raw_email_body(message_id: str, request_id: str) -> bytes:
     return (
         f'<SendRawEmailResponse xmlns="{XMLNS}"><SendRawEmailResult>'
@@ -146,6 +156,8 @@ class FastFakeSes:
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         message_id, request_id = self.new_ids()
+        if request.path == V2_SEND_PATH:
+            return self._send_email(body, message_id, request_id)
         if b"Action=SendRawEmail" in body:
             recipients = body.count(RECIPIENT_PARAM)
             if self.bucket is not None and not self.bucket.take(recipients):
@@ -166,6 +178,16 @@ class FastFakeSes:
             answer = send_quota_body(request_id)
         return web.Response(
             body=answer, content_type="text/xml", headers={"x-amzn-RequestId": request_id}
+        )
+
+    def _send_email(self, body: bytes, message_id: str, request_id: str) -> web.StreamResponse:
+        """SES API v2 SendEmail (raw content): counted with the SendRawEmails."""
+        self.stats.send_raw_email += 1
+        self.stats.recipients += len(json.loads(body)["Destination"]["ToAddresses"])
+        if self.digests:
+            self.stats.digests.append(v2_raw_message_digest(body))
+        return web.json_response(
+            {"MessageId": message_id}, headers={"x-amzn-RequestId": request_id}
         )
 
     def snapshot(self) -> dict[str, Any]:

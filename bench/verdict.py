@@ -152,15 +152,24 @@ def _slow_ses(document: dict[str, Any]) -> Iterator[Check]:
 
 
 def _memory(document: dict[str, Any]) -> Iterator[Check]:
-    part = document.get("parts", {}).get("memory") or {}
+    yield from _big_messages(document, "memory", "11", 7 << 20)
+
+
+def _large(document: dict[str, Any]) -> Iterator[Check]:
+    yield from _big_messages(document, "large", "16.4", 30_000_000)
+
+
+def _big_messages(document: dict[str, Any], name: str, point: str, size: int) -> Iterator[Check]:
+    part = document.get("parts", {}).get(name) or {}
     rss = part.get("peak_rss_mb")
-    label = f"{part.get('messages', 10)} concurrent {part.get('message_size', 7 << 20) / 2**20:.1f}"
-    yield Check("11", f"{label} MiB messages: relay peak RSS (MiB)", Bound(high=150.0),
+    label = f"{part.get('messages', 10)} concurrent {part.get('message_size', size) / 2**20:.1f}"
+    api = f" via {part['api']}" if "api" in part else ""
+    yield Check(point, f"{label} MiB messages{api}: relay peak RSS (MiB)", Bound(high=150.0),
                 Bound(high=100.0), rss, _fmt(rss, 1))  # fmt: skip
     identical = part.get("identical")
     value = None if identical is None else float(identical)
     shown = f"{'identical' if identical else 'DIFFERENT'} ({part.get('delivered')} delivered)"
-    yield Check("11", "the same messages reach SES byte-identical (1 = yes)", Bound(1.0), None,
+    yield Check(point, "the same messages reach SES byte-identical (1 = yes)", Bound(1.0), None,
                 value, shown)  # fmt: skip
 
 
@@ -198,7 +207,9 @@ def _rate_limit(document: dict[str, Any]) -> Iterator[Check]:
                 None, cpu, _fmt(None if cpu is None else cpu * 100, 1, " %"))  # fmt: skip
 
 
-JUDGES = (_throughput, _workers, _cpu, _latency, _slow_ses, _memory, _startup, _rate_limit)
+JUDGES = (
+    _throughput, _workers, _cpu, _latency, _slow_ses, _memory, _startup, _rate_limit, _large,
+)  # fmt: skip
 
 
 def verdicts(document: dict[str, Any]) -> list[dict[str, Any]]:

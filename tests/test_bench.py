@@ -30,10 +30,11 @@ from bench.verdict import verdicts
 from tests.daemon import REPO
 
 FIGURES = ("msgs_per_s", "p50_ms", "p99_ms", "cpu_s_per_1000", "peak_rss_mb")
-PARTS = ["latency", "ses-delay", "memory", "rate-limit", "workers"]
+PARTS = ["latency", "ses-delay", "memory", "rate-limit", "workers", "large"]
 TINY_PARTS = [
     *(option for part in PARTS for option in ("--part", part)),
-    "--memory-messages", "2", "--memory-size", "65536", "--rate-window", "0.3",
+    "--memory-messages", "2", "--memory-size", "65536", "--large-size", "100000",
+    "--rate-window", "0.3",
 ]  # fmt: skip
 
 
@@ -133,6 +134,10 @@ def assert_parts(report: dict[str, Any], stdout: str) -> None:
     assert (memory["messages"], memory["accepted"], memory["delivered"]) == (2, 2, 2)
     assert memory["message_size"] >= 65536
     assert memory["identical"] is True
+    large = parts["large"]
+    assert (large["api"], large["accepted"], large["delivered"]) == ("v2", 2, 2)
+    assert large["message_size"] >= 100000
+    assert large["identical"] is True
     rate = parts["rate_limit"]
     assert rate["fill_errors"] == {}
     assert rate["throttled"] == 0
