@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -41,10 +42,17 @@ def peer_address(session: Any) -> str:
     when the session came through one), in the form ``client_address`` uses."""
     peer = getattr(session, "peer", None)
     host = peer[0] if isinstance(peer, tuple) and peer else peer
+    return _shown_host(host) if isinstance(host, str) else str(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_host(host: str) -> str:
+    """``peer_address`` of a host string; cached, as every line of a session
+    asks again (a bounded cache: many clients only evict each other)."""
     try:
-        address = ipaddress.ip_address(host)  # type: ignore[arg-type]
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return str(host)
+        return host
     return _shown(address)
 
 
