@@ -17,7 +17,6 @@ in well under a second), and retrying on a pooled connection.
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +30,7 @@ from yarl import URL
 from relay.config import SesConfig
 from relay.errors import CredentialsError, HttpTransportError, SesError
 from relay.log import ses_log
+from relay.ses.body import ChunkedBody
 from relay.ses.classify import no_credentials, transport_error, unanswered
 from relay.ses.credentials import CredentialProvider
 from relay.ses.http import new_session, request
@@ -55,7 +55,6 @@ __all__ = ["SendQuota", "SendResult", "SesClient", "backoff_delay", "endpoint_ur
 T = TypeVar("T")
 
 SERVICE = "ses"
-LARGE_BODY = 1 << 20
 
 
 def endpoint_url(config: SesConfig) -> URL:
@@ -132,8 +131,16 @@ class SesClient:
 
     async def send(self, request: SendRequest, *, deadline: float | None = None) -> SendResult:
         """SendRawEmail of one batch; ``deadline`` (seconds) bounds the whole
-        call, retries included."""
-        body = send_raw_email_body(request)
+        call, retries included.
+
+        The body is made in chunks from the message (``relay.ses.body``):
+        measured once in a thread (its size and payload hash), then made
+        again as each attempt sends it, a chunk at a time on the loop."""
+        raw = request.raw_message
+        body = await asyncio.to_thread(
+            ChunkedBody.measure,
+            lambda: send_raw_email_body(request, raw.chunks()),
+        )
         result = await self._call(
             "SendRawEmail", body, parse_send_raw_email, deadline, queue_id=request.queue_id
         )
@@ -163,7 +170,7 @@ class SesClient:
     async def _call(
         self,
         action: str,
-        body: bytes,
+        body: bytes | ChunkedBody,
         parse: Callable[[bytes], T],
         deadline: float | None,
         *,
@@ -185,7 +192,7 @@ class SesClient:
     async def _retried(
         self,
         action: str,
-        body: bytes,
+        body: bytes | ChunkedBody,
         parse: Callable[[bytes], T],
         deadline: float | None,
         failures: list[SesError],
@@ -194,7 +201,7 @@ class SesClient:
         config = self._config
         budget = deadline if deadline is not None else config.request_timeout * config.max_attempts
         ends = self._monotonic() + budget
-        body_sha256 = payload_hash(body)
+        body_sha256 = body.sha256 if isinstance(body, ChunkedBody) else payload_hash(body)
         refreshed = False
         attempt = 0
         while True:
@@ -223,7 +230,12 @@ class SesClient:
                 await self._sleep(delay)
 
     async def _observed(
-        self, action: str, body: bytes, body_sha256: str, parse: Callable[[bytes], T], budget: float
+        self,
+        action: str,
+        body: bytes | ChunkedBody,
+        body_sha256: str,
+        parse: Callable[[bytes], T],
+        budget: float,
     ) -> T:
         """``_attempt``, told to ``observe``."""
         if self._observe is None:
@@ -238,7 +250,11 @@ class SesClient:
         return result
 
     async def _attempt(
-        self, body: bytes, body_sha256: str, parse: Callable[[bytes], T], budget: float
+        self,
+        body: bytes | ChunkedBody,
+        body_sha256: str,
+        parse: Callable[[bytes], T],
+        budget: float,
     ) -> T:
         config = self._config
         timeout = min(budget, config.request_timeout)
@@ -259,8 +275,6 @@ class SesClient:
             now=self._clock(),
         )
         headers["Host"] = self._host
-        # aiohttp writes a large body in chunks only from a file-like object.
-        data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
         try:
             status, answer = await request(
                 self.session,
@@ -268,7 +282,7 @@ class SesClient:
                 self._url,
                 what="SES",
                 headers=headers,
-                data=data,
+                data=body,
                 seconds=timeout,
                 connect_seconds=config.connect_timeout,
                 limit=config.max_response_size,
