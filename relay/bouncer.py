@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 
 from relay.clock import Clock
 from relay.config import Config
-from relay.dsn import FailedRecipient, bounce_sender, build_dsn, should_bounce
+from relay.dsn import ORIGINAL_NEEDED, FailedRecipient, bounce_sender, build_dsn, should_bounce
 from relay.errors import SmtpReply, SpoolError
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.oneline import LOG_TEXT_LIMIT, one_line
+from relay.ses.sender import RawMessage
 from relay.spool import Batch, Entry, Spool
 
 NO_REASON = SmtpReply(554, "5.0.0", "delivery failed")
@@ -41,7 +42,9 @@ class Bouncer:
         """Whether a failure of ``entry`` is reported to its sender."""
         return should_bounce(entry.sender, self._config.delivery.bounces)
 
-    async def queue(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> Entry | None:
+    async def queue(
+        self, entry: Entry, message: RawMessage, failed: Sequence[Batch]
+    ) -> Entry | None:
         """Write the DSN ``entry.bounce`` to the envelope sender (sent with the
         null sender) unless it is in the spool already. The entry to move to
         the dead-letter area (without ``bounce`` if none can be built), or
@@ -54,12 +57,17 @@ class Bouncer:
         except SpoolError as exc:
             delivery_log.error("%s: cannot look for its bounce %s: %s", entry.id, dsn_id, exc)
             return None
+        try:
+            original = await asyncio.to_thread(message.head, ORIGINAL_NEEDED)
+        except OSError as exc:
+            delivery_log.error("%s: cannot read it for its bounce: %s", entry.id, exc)
+            return None
         now = self._clock.wall()
         hostname = self._config.smtp.hostname
         bounce_from = bounce_sender(self._config.delivery.bounce_sender, entry.source, hostname)
         try:
             report = build_dsn(
-                original=message,
+                original=original,
                 queue_id=entry.id,
                 sender=entry.sender,
                 failed=[

@@ -61,16 +61,17 @@ from relay.outcome import (
 from relay.queueid import new_id
 from relay.record import Record
 from relay.schedule import expired
-from relay.ses.sender import SendRequest, SesSender
+from relay.ses.sender import RawMessage, SendRequest, SesSender
 from relay.space import STORAGE_FULL, FreeSpace
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
+from relay.spoolfile import MessageFile
 from relay.workers import Workers
 
 RESCAN_CHUNK = 4096
 """Ids a rescan lists in a thread before scheduling them on the loop."""
 
 
-def request_for(entry: Entry, message: bytes, batch: Batch) -> SendRequest:
+def request_for(entry: Entry, message: RawMessage, batch: Batch) -> SendRequest:
     return SendRequest(message, batch.recipients, entry.source, entry.ses, queue_id=entry.id)
 
 
@@ -79,7 +80,7 @@ class _Attempt:
     """One delivery attempt's view of an entry, updated as batches finish."""
 
     entry: Entry
-    message: bytes
+    message: RawMessage
     errors: dict[int, SesError]
     starved: bool = False
     """A batch got no sending-rate token in time (not sent, not an error)."""
@@ -171,7 +172,11 @@ class Delivery:
 
     # -- the DATA path
 
-    async def accept(self, entry: Entry, message: bytes) -> DataReply:
+    def new_message(self, entry_id: str) -> MessageFile:
+        """The file a message arriving by DATA is written to (``SpoolError``)."""
+        return self._spool.new_message(entry_id)
+
+    async def accept(self, entry: Entry, message: MessageFile) -> DataReply:
         """Commit, then try SES inline; the reply for the client's DATA.
 
         The work runs in its own task: if the client hangs up (aiosmtpd then
@@ -186,24 +191,34 @@ class Delivery:
             task.add_done_callback(_log_orphan_failure)
             raise
 
-    async def _accept(self, entry: Entry, message: bytes) -> DataReply:
+    async def _accept(self, entry: Entry, message: MessageFile) -> DataReply:
+        # The message is sent from its own descriptor of the file: the commit
+        # closes the file's (in its thread, whatever becomes of this task).
         try:
-            await asyncio.to_thread(self._spool.put, entry, message)
-        except SpoolError as exc:
-            delivery_log.error("%s: not accepted: %s", entry.id, exc)
+            raw = message.reader()
+        except OSError as exc:
+            message.discard()
+            delivery_log.error("%s: not accepted: %s", entry.id, exc.strerror or exc)
             self._space.look_again()
             return DataReply.refused(STORAGE_FULL)
-        self._workers.claim(entry.id)
-        try:
-            attempt = await self._attempt(entry, message, self._config.delivery.inline_timeout)
-            return await self._settle(attempt, inline=True)
-        except Exception:
-            # Committed: the background keeps the promise, so 250 is the truth.
-            delivery_log.exception("%s: inline delivery failed unexpectedly", entry.id)
-            self._workers.schedule(entry.id, self._later())
-            return queued_reply(entry)
-        finally:
-            self._workers.release(entry.id)
+        with raw:
+            try:
+                await asyncio.to_thread(self._spool.put, entry, message)
+            except SpoolError as exc:
+                delivery_log.error("%s: not accepted: %s", entry.id, exc)
+                self._space.look_again()
+                return DataReply.refused(STORAGE_FULL)
+            self._workers.claim(entry.id)
+            try:
+                attempt = await self._attempt(entry, raw, self._config.delivery.inline_timeout)
+                return await self._settle(attempt, inline=True)
+            except Exception:
+                # Committed: the background keeps the promise, so 250 is the truth.
+                delivery_log.exception("%s: inline delivery failed unexpectedly", entry.id)
+                self._workers.schedule(entry.id, self._later())
+                return queued_reply(entry)
+            finally:
+                self._workers.release(entry.id)
 
     # -- the background
 
@@ -234,21 +249,22 @@ class Delivery:
             delivery_log.error("%s: cannot load: %s", entry_id, exc)
             self._workers.schedule(entry_id, self._later())
             return
-        if expired(entry.received, self._clock.wall(), self._config.delivery.max_age):
-            # Given up on: what is still pending fails, and is bounced.
-            pending = entry.pending()
-            entry = expire(entry)
-            for index in pending:
-                msglog.expired(entry, entry.batches[index])
-            await self._record.save(entry)
-            await self._settle(_Attempt(entry, message, {}))
-            return
-        budget = self._config.ses.request_timeout * self._config.ses.max_attempts
-        await self._settle(await self._attempt(entry, message, budget))
+        with message:
+            if expired(entry.received, self._clock.wall(), self._config.delivery.max_age):
+                # Given up on: what is still pending fails, and is bounced.
+                pending = entry.pending()
+                entry = expire(entry)
+                for index in pending:
+                    msglog.expired(entry, entry.batches[index])
+                await self._record.save(entry)
+                await self._settle(_Attempt(entry, message, {}))
+                return
+            budget = self._config.ses.request_timeout * self._config.ses.max_attempts
+            await self._settle(await self._attempt(entry, message, budget))
 
     # -- attempts
 
-    async def _attempt(self, entry: Entry, message: bytes, budget: float) -> _Attempt:
+    async def _attempt(self, entry: Entry, message: RawMessage, budget: float) -> _Attempt:
         """Send every pending batch at once, each within ``budget`` seconds;
         write each outcome to the spool as it arrives."""
         attempt = _Attempt(entry, message, {})
@@ -332,7 +348,7 @@ class Delivery:
                 await self._give_up(entry, attempt.message, failed)
         return queued_reply(entry)
 
-    async def _give_up(self, entry: Entry, message: bytes, failed: Sequence[Batch]) -> None:
+    async def _give_up(self, entry: Entry, message: RawMessage, failed: Sequence[Batch]) -> None:
         """Bounce the failed recipients and move the entry to the dead-letter area.
 
         Exactly one bounce, across crashes: its id is recorded in the entry

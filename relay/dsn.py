@@ -42,6 +42,11 @@ from relay.message import split_header
 SUBJECT = "Undelivered Mail Returned to Sender"
 MAX_HEADER_BYTES = 32 * 1024
 """Most bytes of the original header block returned."""
+ORIGINAL_NEEDED = MAX_HEADER_BYTES + 1
+"""Bytes of the original message ``build_dsn`` reads: given its first
+``ORIGINAL_NEEDED`` bytes, it makes the same notification as given all of it
+(a field is returned only if it ends within ``MAX_HEADER_BYTES``, and one more
+byte says whether the next line goes on with it)."""
 MAX_DIAGNOSTIC = 1000
 """Most characters of one recipient's diagnostic kept."""
 _WIDTH = 76
@@ -117,7 +122,8 @@ def build_dsn(
     now: datetime,
     message_id: str,
 ) -> bytes:
-    """The DSN to ``sender`` for the ``failed`` recipients of ``original``.
+    """The DSN to ``sender`` for the ``failed`` recipients of ``original``
+    (the message, or its first ``ORIGINAL_NEEDED`` bytes or more).
 
     ``message_id`` is the DSN's own Message-ID (``<id@host>``; brackets are
     added when missing). ``sender``, ``bounce_from``, ``reporting_mta``,

@@ -7,8 +7,6 @@ Each hook is a thin adapter: the decisions live in ``relay.policy``,
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,9 +16,10 @@ from typing import Any
 from relay.addresses import ascii_address
 from relay.config import Config
 from relay.delivery import Delivery
-from relay.errors import MessageRefused
-from relay.log import smtp_log
-from relay.message import cheap_to_prepare, plan_batches, prepare
+from relay.errors import MessageRefused, SpoolError
+from relay.incoming import IncomingMessage
+from relay.log import delivery_log, smtp_log
+from relay.message import PreparedMessage, plan_batches, prepare_header
 from relay.metrics import RelayMetrics
 from relay.outcome import DataReply
 from relay.policy import AUTH_REQUIRED, RELAY_DENIED, AccessPolicy
@@ -82,14 +81,44 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        started = time.monotonic()
-        size = len(envelope.content or b"")
+    async def handle_DATA_START(self, server: Any, session: Any, envelope: Any) -> IncomingMessage:
+        """DATA starts: the message's file in the spool, which it goes to as it arrives."""
         queue_id = self._queue_id()
         try:
-            answer = await self._relay(queue_id, session, envelope)
+            file = self._delivery.new_message(queue_id)
+        except SpoolError as exc:
+            delivery_log.error("%s: not accepted: %s", queue_id, exc)
+            self._space.look_again()
+            raise MessageRefused(STORAGE_FULL) from None
+        message_id = f"<{queue_id}@{self._config.smtp.hostname}>"
+
+        def prepare(header: bytes, rest: bytes) -> PreparedMessage:
+            return prepare_header(
+                header,
+                rest,
+                now=self._clock(),
+                message_id=lambda: message_id,
+                defaults=self._defaults,
+            )
+
+        return IncomingMessage(
+            queue_id,
+            file,
+            header_size_limit=self._config.smtp.header_size_limit,
+            prepare=prepare,
+        )
+
+    async def handle_DATA(
+        self, server: Any, session: Any, envelope: Any, message: IncomingMessage
+    ) -> str:
+        started = time.monotonic()
+        queue_id = message.queue_id
+        try:
+            answer = await self._relay(queue_id, session, envelope, message)
         except MessageRefused as refused:
             answer = DataReply.refused(refused.reply)
+        message.discard()  # refused before delivery took it: nothing is left
+        size = message.size
         self._metrics.message(answer, size=size, recipients=len(envelope.rcpt_tos))
         delay = time.monotonic() - started
         if smtp_log.isEnabledFor(logging.INFO):  # its fields are built only when logged
@@ -116,23 +145,16 @@ class RelayHandler:
             )
         return str(answer.reply)
 
-    async def _relay(self, queue_id: str, session: Any, envelope: Any) -> DataReply:
+    async def _relay(
+        self, queue_id: str, session: Any, envelope: Any, incoming: IncomingMessage
+    ) -> DataReply:
         client, user = client_address(session), session_user(session)
-        content: bytes = envelope.content
-        prepared = functools.partial(
-            prepare,
-            content,
-            now=self._clock(),
-            message_id=lambda: f"<{queue_id}@{self._config.smtp.hostname}>",
-            defaults=self._defaults,
-            header_size_limit=self._config.smtp.header_size_limit,
-        )
-        # Up to max_message_size of work: a large header block or message is
-        # prepared off the event loop, so that it never holds up the other
-        # sessions; the usual small one here, sparing a thread hop.
-        message = prepared() if cheap_to_prepare(content) else await asyncio.to_thread(prepared)
-        # Only the message as SES gets it stays in memory while it is delivered.
-        envelope.content = envelope.original_content = message.raw
+        try:
+            message = await incoming.finish()
+        except SpoolError as exc:
+            delivery_log.error("%s: not accepted: %s", queue_id, exc)
+            self._space.look_again()
+            return DataReply.refused(STORAGE_FULL)
         self._policy.check_header_senders(message.originators, user)
         self._policy.check_identity_headers(message.identity_headers(), client, user)
         source = envelope.mail_from or ascii_address(message.from_address, "sender")
@@ -152,4 +174,4 @@ class RelayHandler:
             batches=tuple(Batch(recipients=batch) for batch in batches),
             ses=message.ses,
         )
-        return await self._delivery.accept(entry, message.raw)
+        return await self._delivery.accept(entry, incoming.take())

@@ -15,6 +15,12 @@ address lists. Anything else is refused with 550 5.6.0 naming the field, so
 that the relay and every mail reader see the same senders. Time and memory
 are linear in the size of the message, and the header block is at most
 ``header_size_limit`` bytes (552 5.3.4 beyond).
+
+Only the header block is needed: a message arriving in pieces goes through
+``HeaderSplitter``, which holds the header block alone (at most
+``header_size_limit`` bytes and the start of the line after it) and says
+where it ends; ``prepare_header`` then makes the header as SES gets it, and
+the rest follows unchanged. ``prepare`` does both for a whole message.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import email.utils
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from relay.addrlist import parse_address_list, parse_mailbox_list
@@ -47,15 +53,15 @@ _SES_HEADERS = frozenset({CONFIGURATION_SET, MESSAGE_TAGS, *IDENTITY_HEADERS})
 _REMOVED = _SES_HEADERS | {"bcc", "resent-bcc"}
 
 INLINE_HEADER_LIMIT = 8192
-"""A message whose header block ends within this many bytes is cheap to
-``prepare`` (``cheap_to_prepare``). The cost is in the address fields: a
-To: field of 8 KiB (some 300 addresses) takes about 5 ms, one GIL switch
-interval; 64 KiB of them about 45 ms."""
-INLINE_MESSAGE_LIMIT = 1 << 20
-"""... and whose whole size is at most this (``prepare`` may copy the body once)."""
+"""A header block of at most this many bytes is cheap to prepare
+(``cheap_to_prepare``). The cost is in the address fields: a To: field of
+8 KiB (some 300 addresses) takes about 5 ms, one GIL switch interval;
+64 KiB of them about 45 ms."""
 
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 """RFC 5322 ftext (printable US-ASCII but ':'), then obs-optional's white space."""
+_MAY_BE_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]*|[\x21-\x39\x3b-\x7e]+[ \t]*")
+"""The start of a line that more bytes could still make a field (``_FIELD_NAME``)."""
 _CONTINUATION = frozenset(b" \t")
 _LABELS = {"from": "From:", "sender": "Sender:", "to": "To:", "cc": "Cc:"}
 
@@ -84,6 +90,8 @@ class PreparedMessage:
     """A message ready for SES."""
 
     raw: bytes
+    """The message as SES gets it (``prepare``); from ``prepare_header``, only
+    its header block, up to and with the empty line (the rest follows as it came)."""
     from_address: str
     """The first mailbox of the From: field."""
     originators: tuple[tuple[str, str], ...]
@@ -106,23 +114,11 @@ def refuse(code: int, enhanced: str, text: str) -> MessageRefused:
     return MessageRefused(SmtpReply(code, enhanced, text))
 
 
-def cheap_to_prepare(raw: bytes) -> bool:
-    """Whether ``prepare(raw)`` is bounded, cheap work: the header block ends
-    within ``INLINE_HEADER_LIMIT`` bytes (an empty line is found there, or the
-    message is no longer) and the message is at most ``INLINE_MESSAGE_LIMIT``.
-
-    The caller runs such a message's ``prepare`` on the event loop (a thread
-    hop would cost more than the work) and any other in a thread. The header
-    block is not parsed here: it ends at the latest at its first empty line.
-    """
-    size = len(raw)
-    if size > INLINE_MESSAGE_LIMIT:
-        return False
-    return (
-        size <= INLINE_HEADER_LIMIT
-        or raw.find(b"\n\r\n", 0, INLINE_HEADER_LIMIT) >= 0
-        or raw.find(b"\n\n", 0, INLINE_HEADER_LIMIT) >= 0
-    )
+def cheap_to_prepare(header: bytes) -> bool:
+    """Whether ``prepare_header`` of this header block is bounded, cheap work
+    (at most ``INLINE_HEADER_LIMIT`` bytes): the caller runs it on the event
+    loop (a thread hop would cost more than the work), any other in a thread."""
+    return len(header) <= INLINE_HEADER_LIMIT
 
 
 def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
@@ -130,40 +126,110 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
 
     A line that is neither a field nor a continuation ends the header block.
     """
-    fields, end = header_fields(raw)
-    return fields, raw[end:]
+    splitter = HeaderSplitter()
+    splitter.feed(raw, final=True)
+    fields = header_fields(splitter.header)
+    return fields, raw[len(splitter.header) :]
 
 
-def header_fields(raw: bytes, size_limit: int | None = None) -> tuple[list[HeaderField], int]:
-    """The header fields, and where the rest (the empty line and the body) starts.
+def header_fields(header: bytes) -> list[HeaderField]:
+    """The fields of a header block (as ``HeaderSplitter`` cuts it out).
 
     A field starts with a line ``name:`` (``name :`` too, RFC 5322 obs-optional)
-    and goes on with the lines that start with a space or a tab. Any other line
-    ends the header block. Linear: each field is cut out of ``raw`` once. A
-    header block longer than ``size_limit`` bytes raises ``MessageRefused``
-    (552 5.3.4) as soon as the scan passes the limit.
+    and goes on with the lines that start with a space or a tab. Linear: each
+    field is cut out of ``header`` once.
     """
     fields: list[HeaderField] = []
     name = ""  # of the field being read
     field_start = start = 0
-    size = len(raw)
+    size = len(header)
     while start < size:
-        end = raw.find(b"\n", start)
+        end = header.find(b"\n", start)
         end = size if end < 0 else end + 1
-        if not (name and raw[start] in _CONTINUATION):
+        if not (name and header[start] in _CONTINUATION):
             if name:
-                fields.append(HeaderField(name, raw[field_start:start]))
-                name = ""
-            found = _FIELD_NAME.match(raw, start, end)
-            if found is None:
-                break
+                fields.append(HeaderField(name, header[field_start:start]))
+            found = _FIELD_NAME.match(header, start, end)
+            if found is None:  # not a header block: nothing more of it is a field
+                return fields
             name, field_start = found.group(1).decode("ascii"), start
-        if size_limit is not None and end > size_limit:
-            raise refuse(552, "5.3.4", f"message header exceeds {size_limit} bytes")
         start = end
     if name:
-        fields.append(HeaderField(name, raw[field_start:start]))
-    return fields, start
+        fields.append(HeaderField(name, header[field_start:start]))
+    return fields
+
+
+class HeaderSplitter:
+    """Finds where the header block of a message arriving in pieces ends,
+    holding no more than the header block and the start of the line after it.
+
+    A header field starts with a line ``name:`` and goes on with the lines
+    that start with a space or a tab; the first other line ends the header
+    block (it is where the rest, usually the empty line and the body, starts).
+    With ``size_limit``, every line of the header block must end within the
+    first ``size_limit`` bytes, and the line after it must show within them
+    (and one more byte) that it is no field; otherwise ``MessageRefused``
+    (552 5.3.4), as soon as the bytes that decide it have arrived, whatever
+    the pieces. So at most ``size_limit + 1`` bytes are held before the end
+    is known, and at most one piece more when it is.
+    """
+
+    __slots__ = ("_buffer", "_in_field", "_limit", "_start", "header", "split")
+
+    def __init__(self, size_limit: int | None = None) -> None:
+        self._limit = size_limit
+        self._buffer = bytearray()
+        self._start = 0
+        """Where the first line not classified yet starts."""
+        self._in_field = False
+        self.split = False
+        """The end of the header block is known: ``header`` holds it."""
+        self.header = b""
+
+    def feed(self, piece: bytes, *, final: bool = False) -> bytes:
+        """Take the next piece (``final``: the last); once the header block's
+        end is known (``split``), return what follows it so far, and every
+        later piece as it is. ``MessageRefused`` when the header block is too long."""
+        if self.split:
+            return piece
+        buffer = self._buffer
+        buffer += piece
+        size, limit, start = len(buffer), self._limit, self._start
+        while start < size:
+            end = buffer.find(b"\n", start) + 1
+            if not end:
+                # An unfinished line is classified only at the end, or once
+                # the bytes that decide it under the limit have arrived.
+                if not final and (limit is None or size <= limit or size - start < 2):
+                    break
+                end = size
+            if not (self._in_field and buffer[start] in _CONTINUATION):
+                if _FIELD_NAME.match(buffer, start, end) is None:
+                    if (
+                        limit is not None
+                        and end > limit
+                        and _MAY_BE_FIELD.fullmatch(buffer, start, limit + 1)
+                    ):
+                        raise _header_too_big(limit)
+                    return self._split_at(start)
+                self._in_field = True
+            if limit is not None and end > limit:
+                raise _header_too_big(limit)
+            start = end
+        self._start = start
+        return self._split_at(start) if final else b""
+
+    def _split_at(self, end: int) -> bytes:
+        buffer = self._buffer
+        self.header = bytes(buffer[:end])
+        rest = bytes(buffer[end:])
+        self._buffer = bytearray()
+        self.split = True
+        return rest
+
+
+def _header_too_big(limit: int) -> MessageRefused:
+    return refuse(552, "5.3.4", f"message header exceeds {limit} bytes")
 
 
 def prepare(
@@ -174,13 +240,36 @@ def prepare(
     defaults: SesParameters = NO_PARAMETERS,
     header_size_limit: int | None = None,
 ) -> PreparedMessage:
-    """The message as SES gets it; raises ``MessageRefused`` (5xx) if unusable.
+    """The whole message as SES gets it (``raw`` itself when nothing
+    changes); see ``prepare_header``."""
+    splitter = HeaderSplitter(header_size_limit)
+    rest = splitter.feed(raw, final=True)
+    prepared = prepare_header(
+        splitter.header, rest, now=now, message_id=message_id, defaults=defaults
+    )
+    if prepared.raw == splitter.header:
+        return replace(prepared, raw=raw)
+    return replace(prepared, raw=prepared.raw + rest)
 
-    ``message_id`` makes a ``<unique@host>`` id for a message without one.
-    ``defaults`` are the configured parameters that headers may override.
-    ``header_size_limit``: most bytes of header fields (None: no limit).
+
+def prepare_header(
+    header: bytes,
+    rest: bytes,
+    *,
+    now: datetime,
+    message_id: Callable[[], str],
+    defaults: SesParameters = NO_PARAMETERS,
+) -> PreparedMessage:
+    """The header block as SES gets it, up to the rest of the message, which
+    follows unchanged; ``MessageRefused`` (5xx) if the message is unusable.
+
+    ``header`` is the header block (``HeaderSplitter.header``); ``rest`` the
+    start of what follows it (at least the line after it, when there is one:
+    ``HeaderSplitter.feed`` returns that much). ``message_id`` makes a
+    ``<unique@host>`` id for a message without one. ``defaults`` are the
+    configured parameters that headers may override.
     """
-    fields, body_at = header_fields(raw, header_size_limit)
+    fields = header_fields(header)
     by_name: dict[str, list[HeaderField]] = {}
     for field in fields:
         by_name.setdefault(field.name.lower(), []).append(field)
@@ -193,26 +282,24 @@ def prepare(
     if sender_field is not None and len(sender) != 1:
         raise refuse(550, "5.6.0", "Sender: header must hold exactly one mailbox")
     ses = _ses_parameters(by_name, defaults)
-    newline = b"\r\n" if raw.find(b"\r\n") >= 0 or not raw else b"\n"
+    crlf = b"\r\n" in header or b"\r\n" in rest or not (header or rest)
+    newline = b"\r\n" if crlf else b"\n"
     headers = [f.raw for f in fields if f.name.lower() not in _REMOVED]
     changed = len(headers) < len(fields)
     if headers and not headers[-1].endswith(b"\n"):
         headers[-1] += newline
         changed = True
-    kept: list[bytes | memoryview] = list(headers)
     if "date" not in by_name:
-        kept.append(b"Date: " + email.utils.format_datetime(now).encode() + newline)
+        headers.append(b"Date: " + email.utils.format_datetime(now).encode() + newline)
         changed = True
     if "message-id" not in by_name:
-        kept.append(b"Message-ID: " + message_id().encode() + newline)
+        headers.append(b"Message-ID: " + message_id().encode() + newline)
         changed = True
-    if not raw.startswith((b"\r\n", b"\n"), body_at):  # no empty line: make one
-        kept.append(newline)
+    if not rest.startswith((b"\r\n", b"\n")):  # no empty line: make one
+        headers.append(newline)
         changed = True
-    if body_at < len(raw):
-        kept.append(memoryview(raw)[body_at:])  # the body is copied once, by join
     return PreparedMessage(
-        raw=b"".join(kept) if changed else raw,
+        raw=b"".join(headers) if changed else header,
         from_address=senders[0],
         originators=(
             *(("From:", address) for address in senders),

@@ -16,6 +16,7 @@ import asyncio
 from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
 from relay.groupcommit import GroupCommit
 from relay.log import delivery_log
+from relay.ses.sender import RawMessage
 from relay.spool import QUEUE, Entry, Spool
 
 
@@ -71,9 +72,9 @@ class Record:
         entry = await asyncio.to_thread(self._spool.load, entry_id)
         return recall(entry, self._unsaved.get(entry_id))
 
-    async def message(self, entry_id: str) -> bytes:
-        """A queued entry's message; ``UnreadableEntry`` when only its
-        envelope is left."""
+    async def message(self, entry_id: str) -> RawMessage:
+        """A queued entry's message, open to read in chunks (close it);
+        ``UnreadableEntry`` when only its envelope is left."""
         return await asyncio.to_thread(self._message, entry_id)
 
     async def remove(self, entry: Entry) -> None:
@@ -92,9 +93,9 @@ class Record:
         """``entry_id`` left the queue: nothing more to remember of it."""
         self._unsaved.pop(entry_id, None)
 
-    def _message(self, entry_id: str) -> bytes:
+    def _message(self, entry_id: str) -> RawMessage:
         try:
-            return self._spool.message(entry_id)
+            return self._spool.open_message(entry_id)
         except NoSuchEntry:
             if self._spool.find(entry_id) == QUEUE:  # the envelope is still there
                 raise UnreadableEntry("its message file is missing") from None

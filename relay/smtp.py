@@ -19,6 +19,9 @@ DATA is read in 64 KiB chunks by ``relay.dataread.DataReader`` (dot
 unstuffing, size limit, bare CR/LF and NUL rules, SMTP smuggling); the bytes
 that follow the end marker in the last chunk are the client's pipelined
 commands and go back to the front of the stream's buffer (``unread``).
+The message is never gathered here: it goes as it arrives to the sink the
+handler gives when DATA starts (``DataSink``; the relay's writes it to the
+spool), which gets it back in the DATA hook, or is discarded.
 The replies to pipelined commands go out in one write (``push``).
 
 Replies given here (the handler's own replies come on top):
@@ -63,7 +66,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException
@@ -859,9 +862,16 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        sink: DataSink = await self.call_hook("DATA_START")  # MessageRefused: its reply
+        try:
+            await self._read_data(sink)
+        finally:
+            sink.discard()  # unless the DATA hook took the message
+
+    async def _read_data(self, sink: DataSink) -> None:
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         settings = self.settings
-        data = DataReader(settings.max_message_size, settings.bare_newline)
+        data = DataReader(settings.max_message_size, settings.bare_newline, write=sink.write)
         stream = self.reader
         with self._awaiting_client(settings.data_timeout, REPLY_DATA_TIMEOUT):
             while not data.done:
@@ -872,6 +882,8 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
                 used = data.feed(chunk)
                 if used < len(chunk):
                     self.unread(chunk[used:])
+                if not data.failed:
+                    await sink.settle()
         refusal = (
             REPLY_TOO_BIG
             if data.too_big
@@ -882,16 +894,32 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
             else None
         )
         if refusal is not None:
+            sink.discard()  # before the reply: nothing of it is left once the client hears
             self.reset_envelope()
             await self.push(refusal)
             return
-        envelope.content = envelope.original_content = data.message
-        del data
         try:
-            status = await self.call_hook("DATA")
+            status = await self.call_hook("DATA", sink)
         finally:
             self.reset_envelope()
         await self.push("250 2.0.0 OK" if status is MISSING else status)
+
+
+class DataSink(Protocol):
+    """Where a DATA transfer's message goes as it arrives: the handler's
+    ``handle_DATA_START(server, session, envelope)`` returns one (or raises
+    ``MessageRefused``), and ``handle_DATA(server, session, envelope, sink)``
+    gets it back at the end of DATA (``relay.incoming.IncomingMessage``)."""
+
+    def write(self, piece: bytes) -> None:
+        """The next piece of the message (dot-unstuffed, within the limits)."""
+
+    async def settle(self) -> None:
+        """Called after each chunk read, while the client waits: the sink's
+        own work on what it got so far."""
+
+    def discard(self) -> None:
+        """DATA is over: drop what is left unless ``handle_DATA`` took it."""
 
 
 REFUSALS_NOT_LOGGED: Final = frozenset({500, 501, 502, 503, 504})

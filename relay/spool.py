@@ -4,7 +4,8 @@ Layout under ``spool.path`` (readable with ordinary tools)::
 
     lock                 held (flock) by the running daemon; holds its PID
     reload.json          the daemon's answer to its last reload (``relay.reloadrecord``)
-    tmp/                 entries being written; emptied at start
+    tmp/                 entries being written (a message as its DATA arrives:
+                         ``relay.spoolfile``); emptied at start
     queue/ID.eml         the message exactly as SES gets it
     queue/ID.json        its envelope and delivery state (see ``Entry``)
     dead/ID.eml, .json   messages given up on, kept for ``queue show``/``retry``
@@ -56,7 +57,8 @@ from relay.errors import (
 from relay.groupcommit import SharedSync
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
-from relay.ses.sender import NO_PARAMETERS, SesParameters
+from relay.ses.sender import NO_PARAMETERS, RawMessage, SesParameters
+from relay.spoolfile import MessageFile
 
 FORMAT_VERSION = 1
 QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
@@ -497,8 +499,23 @@ class Spool:
 
     # -- writing
 
-    def put(self, entry: Entry, message: bytes) -> None:
+    def new_message(self, entry_id: str) -> MessageFile:
+        """A new file in ``tmp/`` for the message of ``entry_id``, to write as
+        it arrives and commit with ``put`` (``relay.spoolfile``); ``SpoolError``
+        when it cannot be created. Creating a file is cheap enough for the
+        event loop: this one call may be made there."""
+        try:
+            return MessageFile(_tmp_path(self.dir(TMP), entry_id, "eml"))
+        except OSError as exc:
+            raise _failed(f"cannot write spool entry {entry_id}", exc) from None
+
+    def put(self, entry: Entry, message: bytes | MessageFile) -> None:
         """Commit a new entry durably; ``SpoolError`` leaves nothing behind.
+
+        ``message`` is the message's bytes, or its file from ``new_message``,
+        written whole: it is fsync'd and renamed into ``queue/`` (and marked
+        committed), and closed in any case (removed on failure): take its
+        ``reader`` first to send it.
 
         ``ValueError`` (and nothing written) for an entry that could not be
         read back: a bad id, no batches, values JSON cannot hold.
@@ -510,25 +527,37 @@ class Spool:
         and fails (none is left half-visible)."""
         envelope = _checked(entry)
         tmp, queue = self.dir(TMP), self.dir(QUEUE)
-        eml_tmp, json_tmp = _tmp_path(tmp, entry.id, "eml"), _tmp_path(tmp, entry.id, "json")
+        json_tmp = _tmp_path(tmp, entry.id, "json")
+        if isinstance(message, MessageFile):
+            eml_tmp = message.path
+        else:
+            eml_tmp = _tmp_path(tmp, entry.id, "eml")
         eml, json_path = queue / f"{entry.id}.eml", queue / f"{entry.id}.json"
         committed: list[Path] = []
         try:
             if json_path.exists() or eml.exists():
                 raise FileExistsError(errno.EEXIST, "an entry with this id exists")
-            _write_synced(eml_tmp, message)
+            if isinstance(message, MessageFile):
+                message.sync()
+            else:
+                _write_synced(eml_tmp, message)
             _write_synced(json_tmp, envelope)
             os.rename(eml_tmp, eml)
             committed.append(eml)
             os.rename(json_tmp, json_path)
             committed.insert(0, json_path)
             self._synced[QUEUE]()
+            if isinstance(message, MessageFile):
+                message.commit(eml)
         except OSError as exc:
             _unlink_quietly(*committed, eml_tmp, json_tmp)
             if committed:
                 with contextlib.suppress(OSError):
                     self._synced[QUEUE]()
             raise _failed(f"cannot write spool entry {entry.id}", exc) from None
+        finally:
+            if isinstance(message, MessageFile):
+                message.discard()
 
     def update(self, entry: Entry, area: str = QUEUE) -> None:
         """Replace an existing entry's envelope and state durably.
@@ -748,11 +777,25 @@ class Spool:
             raise _failed(f"cannot read spool entry {entry_id}", exc) from None
 
     def message(self, entry_id: str, area: str = QUEUE) -> bytes:
+        """An entry's whole message (for ``ses-relay queue show``; delivery
+        reads it in chunks: ``open_message``)."""
         _check_area(area)
         if not is_valid(entry_id):
             raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
         try:
             return (self.dir(area) / f"{entry_id}.eml").read_bytes()
+        except FileNotFoundError:
+            raise NoSuchEntry(f"no message {entry_id} in {area}/") from None
+        except OSError as exc:
+            raise _failed(f"cannot read message {entry_id}", exc) from None
+
+    def open_message(self, entry_id: str, area: str = QUEUE) -> RawMessage:
+        """An entry's message, open to read in chunks (close it when done)."""
+        _check_area(area)
+        if not is_valid(entry_id):
+            raise NoSuchEntry(f"no spool entry {entry_id!r}: not an id")
+        try:
+            return RawMessage.open(self.dir(area) / f"{entry_id}.eml")
         except FileNotFoundError:
             raise NoSuchEntry(f"no message {entry_id} in {area}/") from None
         except OSError as exc:

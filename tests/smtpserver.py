@@ -2,7 +2,10 @@
 
 ``async with smtp_server(max_recipients=3) as server:`` starts
 ``loop.create_server(smtp_factory(...))`` on a free port; ``server.handler``
-records what reached the handler. ``RawClient`` speaks SMTP over a plain
+records what reached the handler. The handler streams each message to a
+file as the relay does (``relay.incoming.IncomingMessage`` over a
+``relay.spoolfile.MessageFile`` in ``handler.spool``), its header kept as
+it came, and reads it back at the end of DATA. ``RawClient`` speaks SMTP over a plain
 stream, byte for byte (smtplib rewrites line endings), and reads replies.
 """
 
@@ -10,18 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
+from relay.incoming import IncomingMessage
 from relay.limiter import ConnectionLimiter
+from relay.message import PreparedMessage
+from relay.ses.sender import NO_PARAMETERS
 from relay.session import client_address
 from relay.smtp import RelaySMTP, smtp_factory
+from relay.spoolfile import MessageFile
 
 TIMEOUT = 10.0
 """Upper bound on any one wait in these tests; they take milliseconds."""
@@ -54,6 +65,10 @@ class RecordingHandler:
     data_started: asyncio.Event = field(default_factory=asyncio.Event)
     data_release: asyncio.Event | None = None
     """If set, handle_DATA waits for it (to hold a hook open)."""
+    spool: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="smtpserver-")))
+    """Where messages are written as they arrive (empty between transactions)."""
+    header_size_limit: int = 1 << 20
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
 
     def _maybe_fail(self, hook: str) -> None:
         error = self.fail_on.get(hook)
@@ -78,21 +93,50 @@ class RecordingHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA_START(self, server: Any, session: Any, envelope: Any) -> IncomingMessage:
+        self._maybe_fail("DATA_START")
+        number = next(self._numbers)
+        return IncomingMessage(
+            f"M{number}",
+            MessageFile(self.spool / f"M{number}.eml"),
+            header_size_limit=self.header_size_limit,
+            prepare=as_received,
+        )
+
+    async def handle_DATA(
+        self, server: Any, session: Any, envelope: Any, message: IncomingMessage
+    ) -> str:
         self.data_started.set()
         if self.data_release is not None:
             await asyncio.wait_for(self.data_release.wait(), TIMEOUT)
         self._maybe_fail("DATA")
-        assert isinstance(envelope.content, bytes)
+        await message.finish()
+        file = message.take()
+        try:
+            with file.reader() as raw:
+                content = b"".join(raw.chunks())
+        finally:
+            file.discard()
         self.messages.append(
             Received(
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
-                content=envelope.content,
+                content=content,
                 client=client_address(session),
             )
         )
         return self.replies.pop(0) if self.replies else "250 2.0.0 OK"
+
+    def files(self) -> list[str]:
+        """The message files left in ``spool`` (none once a DATA is over)."""
+        return sorted(path.name for path in self.spool.iterdir())
+
+
+def as_received(header: bytes, rest: bytes) -> PreparedMessage:
+    """A header "prepared" as it came: the file holds what the client sent."""
+    return PreparedMessage(
+        raw=header, from_address="", originators=(), header_count=0, ses=NO_PARAMETERS
+    )
 
 
 @dataclass
@@ -141,6 +185,8 @@ async def smtp_server(
         limiter.close_all()
         await limiter.wait_idle(TIMEOUT)
         await server.wait_closed()
+        if isinstance(handler, RecordingHandler):
+            shutil.rmtree(handler.spool, ignore_errors=True)
 
 
 class RawClient:

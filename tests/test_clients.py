@@ -42,6 +42,7 @@ from bench.postfix import MASTER_SERVICES
 from relay.app import Relay
 from relay.auth import hash_password
 from relay.handler import RelayHandler
+from relay.incoming import IncomingMessage
 from tests.fakeses import FakeSes, RecordedRequest
 from tests.relayd import running_relay
 
@@ -105,12 +106,21 @@ class Site:
 def received(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every message body the relay's DATA hook was given, as the client sent it."""
     seen: list[bytes] = []
+    pieces: dict[str, list[bytes]] = {}
     original = RelayHandler.handle_DATA
+    original_write = IncomingMessage.write
 
-    async def spy(self: RelayHandler, server: Any, session: Any, envelope: Any) -> str:
-        seen.append(bytes(envelope.content))
-        return await original(self, server, session, envelope)
+    def write(self: IncomingMessage, piece: bytes) -> None:
+        pieces.setdefault(self.queue_id, []).append(piece)
+        original_write(self, piece)
 
+    async def spy(
+        self: RelayHandler, server: Any, session: Any, envelope: Any, message: IncomingMessage
+    ) -> str:
+        seen.append(b"".join(pieces.pop(message.queue_id, [])))
+        return await original(self, server, session, envelope, message)
+
+    monkeypatch.setattr(IncomingMessage, "write", write)
     monkeypatch.setattr(RelayHandler, "handle_DATA", spy)
     return seen
 

@@ -86,8 +86,10 @@ class Harness:
             batches=tuple(Batch(to[n : n + batch_size]) for n in range(0, len(to), batch_size)),
             ses=ses,
         )
+        file = self.delivery.new_message(entry.id)  # as DATA writes it
+        file.write(MESSAGE)
         async with asyncio.timeout(WAIT):  # the fake clock never moves by itself
-            return await self.delivery.accept(entry, MESSAGE), entry.id
+            return await self.delivery.accept(entry, file), entry.id
 
     async def load(self, entry_id: str, area: str = QUEUE) -> Entry:
         return await asyncio.to_thread(self.spool.load, entry_id, area)
@@ -442,11 +444,14 @@ class FakeSender:
 
     def __init__(self, *errors: SesError, max_send_rate: float = 14.0) -> None:
         self.requests: list[SendRequest] = []
+        self.messages: list[bytes] = []
+        """Each request's message, read as a sender reads it."""
         self.errors = list(errors)
         self.max_send_rate = max_send_rate
 
     async def send(self, request: SendRequest, *, deadline: float) -> SendResult:
         self.requests.append(request)
+        self.messages.append(b"".join(request.raw_message.chunks()))
         if self.errors:
             raise self.errors.pop(0)
         return SendResult(f"0100-fake-{len(self.requests)}", "req")
@@ -470,10 +475,11 @@ async def test_a_sender_gets_every_batch_with_the_messages_ses_parameters(
         answer, queue_id = await relay.accept(["a@example.net", "b@example.net"], 1, PARAMETERS)
     assert answer.outcome == "sent"
     assert answer.reply.text.startswith(f"Ok: {queue_id} sent as 0100-fake-")
-    assert sorted(sender.requests, key=lambda r: r.destinations) == [
-        SendRequest(MESSAGE, ("a@example.net",), SENDER, PARAMETERS),
-        SendRequest(MESSAGE, ("b@example.net",), SENDER, PARAMETERS),
+    assert sorted((r.destinations, r.source, r.ses) for r in sender.requests) == [
+        (("a@example.net",), SENDER, PARAMETERS),
+        (("b@example.net",), SENDER, PARAMETERS),
     ]
+    assert sender.messages == [MESSAGE, MESSAGE]
     assert fake_ses.requests == []
 
 

@@ -259,13 +259,13 @@ async def test_only_a_large_header_is_prepared_off_the_event_loop(
     header block of more than 8 KiB (the cost is in its address fields) in a
     thread. Both reach SES as sent."""
     threads: list[bool] = []
-    prepare = relay.handler.prepare
+    prepare = relay.handler.prepare_header
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread() is threading.main_thread())
         return prepare(*args, **kwargs)
 
-    monkeypatch.setattr(relay.handler, "prepare", recorded)
+    monkeypatch.setattr(relay.handler, "prepare_header", recorded)
     small = message("From: a@example.com\r\n")
     large = message("From: a@example.com\r\n" + "X-Many: y\r\n" * 1000)
     async with running_relay(tmp_path, fake_ses) as running:

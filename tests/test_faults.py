@@ -536,6 +536,34 @@ async def test_kill_mid_data_never_delivers_that_message(
     expect_once(model, recipients("canary"))
 
 
+async def test_kill_mid_data_leaves_only_a_partial_file_that_start_removes(
+    tmp_path: Path, fake_ses: FakeSes, model: SesModel
+) -> None:
+    """DATA goes to the spool as it arrives (issue 15 point 5): a kill -9 in
+    the middle leaves the part received in tmp/, never in queue/, and the
+    next start removes it."""
+    config, spool = setup(tmp_path, fake_ses)
+    env = daemon_env(fake_ses)
+    raw = message("partial", size=400_000)
+    async with running_daemon(config, env) as daemon, RawClient.connect(daemon) as client:
+        await client.start_data(recipients("partial"))
+        await client.write(raw[: len(raw) // 2])
+        await wait_until(
+            lambda: sum(p.stat().st_size for p in (spool / "tmp").iterdir()) >= len(raw) // 4,
+            "the message to reach its file in tmp/",
+        )
+        assert await daemon.kill_and_wait() == -9
+    assert queued(spool) == []
+    [partial] = list((spool / "tmp").iterdir())
+    assert partial.read_bytes().startswith(b"From: App <app@example.com>\r\n")
+    async with running_daemon(config, env) as daemon:
+        assert check_spool(spool) == []  # tmp/ emptied at start
+        reply = await send(daemon, recipients("after"), message("after"))
+        assert reply.sent, reply
+    expect_never(model, recipients("partial"))
+    expect_once(model, recipients("after"))
+
+
 async def test_kill_after_spooling_before_the_reply_still_delivers(
     tmp_path: Path, fake_ses: FakeSes, model: SesModel
 ) -> None:

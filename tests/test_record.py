@@ -101,7 +101,8 @@ async def test_an_outcome_that_cannot_be_written_is_remembered_until_it_is(
     assert f"{queued.id}: cannot record delivery state: " in caplog.text
     assert spool.load(queued.id) == queued  # not on disk
     assert await record.envelope(queued.id) == decided  # but not forgotten
-    assert await record.message(queued.id) == MESSAGE
+    with await record.message(queued.id) as message:
+        assert b"".join(message.chunks()) == MESSAGE
 
     mend_writes(spool)
     assert await record.save(decided) is True

@@ -19,7 +19,7 @@ from relay.config import SesConfig
 from relay.errors import CredentialsError, Disposition, SesError, SesTransportError
 from relay.ses.client import SendQuota, SendResult, SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.sender import SendRequest, SesParameters
+from relay.ses.sender import RawMessage, SendRequest, SesParameters
 from relay.ses.sigv4 import Credentials
 from tests.fakeses import (
     Delay,
@@ -88,7 +88,7 @@ class CountingProvider:
 
 
 def simple_request(**overrides: object) -> SendRequest:
-    return replace(SendRequest(raw_message=MESSAGE), **overrides)  # type: ignore[arg-type]
+    return replace(SendRequest(raw_message=RawMessage.of(MESSAGE)), **overrides)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- round trips
@@ -97,7 +97,7 @@ def simple_request(**overrides: object) -> SendRequest:
 async def test_send_raw_email_round_trip_with_every_parameter(fake_ses: FakeSes) -> None:
     fake_ses.script(Succeed(message_id="0100018c-test-message-id-000000"))
     request = SendRequest(
-        raw_message=MESSAGE,
+        raw_message=RawMessage.of(MESSAGE),
         destinations=("alice@example.net", "bob@example.org", "carol+tag@xn--bcher-kva.example"),
         source="Ops Team <ops@example.com>",
         ses=SesParameters(
@@ -133,7 +133,7 @@ async def test_send_raw_email_round_trip_with_every_parameter(fake_ses: FakeSes)
 
 async def test_minimal_request_sends_only_what_is_set(fake_ses: FakeSes) -> None:
     async with client_for(fake_ses) as client:
-        result = await client.send(SendRequest(raw_message=MESSAGE))
+        result = await client.send(SendRequest(raw_message=RawMessage.of(MESSAGE)))
     assert result.message_id
     [seen] = fake_ses.requests
     assert seen.signature_ok
@@ -145,7 +145,7 @@ async def test_large_message_round_trips_exactly(fake_ses: FakeSes) -> None:
     body = os.urandom(7_864_320 - 200)  # just under the relay's default size limit
     message = b"Subject: big\r\n\r\n" + body
     async with client_for(fake_ses) as client:
-        await client.send(SendRequest(raw_message=message), deadline=20)
+        await client.send(SendRequest(raw_message=RawMessage.of(message)), deadline=20)
     [seen] = fake_ses.requests
     assert seen.signature_ok
     assert seen.raw_message == message

@@ -17,7 +17,7 @@ from relay.config import SesConfig
 from relay.errors import SesError, SesTransportError
 from relay.ses.client import SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.sender import SendRequest
+from relay.ses.sender import RawMessage, SendRequest
 from relay.ses.sigv4 import Credentials
 from tests.fakeses import (
     GARBAGE_BODY,
@@ -39,7 +39,9 @@ from tests.fakeses import (
 )
 
 REQUEST = SendRequest(
-    raw_message=b"From: a@example.com\r\nTo: b@example.com\r\nSubject: t\r\n\r\nhi\r\n",
+    raw_message=RawMessage.of(
+        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: t\r\n\r\nhi\r\n"
+    ),
     destinations=("b@example.com",),
 )
 

@@ -15,7 +15,7 @@ from relay.config import SesConfig
 from relay.errors import Disposition, SesError
 from relay.ses.client import SesClient
 from relay.ses.credentials import StaticProvider
-from relay.ses.sender import SendRequest, SesParameters
+from relay.ses.sender import RawMessage, SendRequest, SesParameters
 from relay.ses.sigv4 import Credentials
 from tests.motoses import MotoSes
 
@@ -68,7 +68,7 @@ async def test_sent_message_reads_back_from_moto(moto_ses: MotoSes) -> None:
         "Hello + / = & % caf\u00e9\r\n"
     ).encode()
     request = SendRequest(
-        raw_message=message,
+        raw_message=RawMessage.of(message),
         destinations=("alice@example.net", "bob@example.org", "hidden-bcc@example.com"),
         source=sender,
     )
@@ -91,7 +91,7 @@ async def test_verified_email_identity_with_every_parameter(moto_ses: MotoSes) -
     await asyncio.to_thread(moto_ses.verify_email_identity, sender)
     message = f"From: {sender}\r\nTo: x@example.net\r\nSubject: tags\r\n\r\nbody\r\n".encode()
     request = SendRequest(
-        raw_message=message,
+        raw_message=RawMessage.of(message),
         destinations=("x@example.net",),
         source=sender,
         # No spaces here: moto checks signatures over the form re-encoded with
@@ -115,7 +115,7 @@ async def test_get_send_quota_from_moto(moto_ses: MotoSes) -> None:
 async def test_unverified_sender_is_permanent_message_rejected(moto_ses: MotoSes) -> None:
     sender = f"nobody@{unique_domain()}"
     request = SendRequest(
-        raw_message=f"From: {sender}\r\nTo: x@example.net\r\n\r\nhi\r\n".encode(),
+        raw_message=RawMessage.of(f"From: {sender}\r\nTo: x@example.net\r\n\r\nhi\r\n".encode()),
         destinations=("x@example.net",),
         source=sender,
     )
@@ -134,7 +134,7 @@ async def test_too_many_recipients_is_permanent(moto_ses: MotoSes) -> None:
     domain = unique_domain()
     await asyncio.to_thread(moto_ses.verify_domain_identity, domain)
     request = SendRequest(
-        raw_message=f"From: a@{domain}\r\nSubject: many\r\n\r\nhi\r\n".encode(),
+        raw_message=RawMessage.of(f"From: a@{domain}\r\nSubject: many\r\n\r\nhi\r\n".encode()),
         destinations=tuple(f"r{i}@example.net" for i in range(51)),
         source=f"a@{domain}",
     )
@@ -151,7 +151,9 @@ async def test_wrong_secret_is_a_deferrable_signature_error(moto_ses: MotoSes) -
     client = moto_client(moto_ses, wrong)
     async with client:
         with pytest.raises(SesError) as caught:
-            await client.send(SendRequest(raw_message=b"Subject: x\r\n\r\nx\r\n"), deadline=15)
+            await client.send(
+                SendRequest(raw_message=RawMessage.of(b"Subject: x\r\n\r\nx\r\n")), deadline=15
+            )
     error = caught.value
     assert error.code == "SignatureDoesNotMatch"
     assert error.http_status == 403

@@ -18,7 +18,7 @@ import pytest
 from relay.config import SesConfig
 from relay.errors import Disposition, SesError
 from relay.ses.credentials import StaticProvider
-from relay.ses.sender import SendRequest, SesParameters
+from relay.ses.sender import RawMessage, SendRequest, SesParameters
 from relay.ses.sigv4 import Credentials
 from relay.ses.v2 import SesV2Client
 from tests.motoses import MotoSes
@@ -50,7 +50,7 @@ async def test_send_email_reaches_moto_with_its_sender_and_recipients(moto_ses: 
         "Hello + / = & caf\u00e9\r\n"
     ).encode()
     request = SendRequest(
-        raw_message=raw,
+        raw_message=RawMessage.of(raw),
         destinations=("alice@example.net", "hidden@example.com"),
         source=sender,
         ses=SesParameters(configuration_set="ignored-by-moto", tags=(("app", "t"),)),
@@ -70,7 +70,9 @@ async def test_an_unverified_sender_is_a_permanent_refusal(moto_ses: MotoSes) ->
     raw = f"From: {sender}\r\nTo: a@example.net\r\nSubject: x\r\n\r\nbody\r\n".encode()
     async with moto_v2_client(moto_ses) as client:
         with pytest.raises(SesError) as caught:
-            await client.send(SendRequest(raw, ("a@example.net",), sender), deadline=15)
+            await client.send(
+                SendRequest(RawMessage.of(raw), ("a@example.net",), sender), deadline=15
+            )
     assert caught.value.code == "MessageRejected"
     assert caught.value.disposition is Disposition.PERMANENT
 

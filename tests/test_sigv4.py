@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.ses.query import FORM_CONTENT_TYPE, encode_form, send_raw_email_body
-from relay.ses.sender import SendRequest
+from relay.ses.sender import RawMessage, SendRequest
 from relay.ses.sigv4 import Credentials, derive_signing_key, payload_hash, sign_request
 
 EXAMPLE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -241,9 +241,10 @@ def test_matches_botocore(
 
 def test_ses_request_matches_botocore() -> None:
     """The exact shape the client sends: service ``ses``, host ``email.<region>...``."""
-    body = send_raw_email_body(
-        SendRequest(b"Subject: hi\r\n\r\nbody\r\n", ("a@example.com",), source="b@example.com")
+    request = SendRequest(
+        RawMessage.of(b"Subject: hi\r\n\r\nbody\r\n"), ("a@example.com",), source="b@example.com"
     )
+    body = b"".join(send_raw_email_body(request, request.raw_message.chunks()))
     for credentials in (CREDS, TEMP_CREDS):
         expected = botocore_sign(
             credentials=credentials,
@@ -267,7 +268,8 @@ def test_ses_request_matches_botocore() -> None:
 
 def test_ten_megabyte_body() -> None:
     raw = random.Random(7).randbytes(7_864_320)
-    body = send_raw_email_body(SendRequest(raw, ("to@example.com",), source="f@example.com"))
+    request = SendRequest(RawMessage.of(raw), ("to@example.com",), source="f@example.com")
+    body = b"".join(send_raw_email_body(request, request.raw_message.chunks()))
     assert len(body) > 10_000_000
     chunked = hashlib.sha256()
     for start in range(0, len(body), 1 << 20):

@@ -1536,7 +1536,7 @@ async def test_reflection_tables_are_right_and_dir_is_whole() -> None:
         loop=asyncio.get_running_loop(),
     )
     assert protocol.event_handler is handler
-    assert set(protocol._handle_hooks) == {"MAIL", "RCPT", "DATA"}
+    assert set(protocol._handle_hooks) == {"MAIL", "RCPT", "DATA_START", "DATA"}
     assert protocol._handle_hooks["DATA"] == handler.handle_DATA
     assert set(protocol._auth_methods) == {"PLAIN", "LOGIN"}
     assert set(protocol._smtp_methods) >= {"EHLO", "MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"}

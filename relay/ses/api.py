@@ -39,7 +39,7 @@ class AutoSender:
         self._v2 = v2
 
     async def send(self, request: SendRequest, *, deadline: float) -> SendResult:
-        if fits_v1(len(request.raw_message)):
+        if fits_v1(request.raw_message.size):
             return await self._v1.send(request, deadline=deadline)
         return await self._v2.send(request, deadline=deadline)
 

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from relay.errors import SesError
 from relay.log import ses_log
+from relay.ses.body import ChunkedBody
 from relay.ses.http import Answer
 from relay.ses.query import (
     FORM_CONTENT_TYPE,
@@ -23,14 +24,14 @@ from relay.ses.responses import (
     parse_send_raw_email,
 )
 from relay.ses.sender import SendQuota, SendRequest, SendResult
-from relay.ses.transport import Call, SignedApi, backoff_delay, endpoint_url
+from relay.ses.transport import Call, SignedApi, backoff_delay, endpoint_url, message_body
 
 __all__ = ["SendQuota", "SendResult", "SesClient", "backoff_delay", "endpoint_url"]
 
 T = TypeVar("T")
 
 
-def _query(action: str, body: bytes) -> Call:
+def _query(action: str, body: bytes | ChunkedBody) -> Call:
     return Call(action, "POST", "", body, FORM_CONTENT_TYPE)
 
 
@@ -47,8 +48,12 @@ class SesClient(SignedApi):
 
     async def send(self, request: SendRequest, *, deadline: float | None = None) -> SendResult:
         """SendRawEmail of one batch; ``deadline`` (seconds) bounds the whole
-        call, retries included."""
-        call = _query("SendRawEmail", send_raw_email_body(request))
+        call, retries included. The body is made from the message's chunks
+        (``relay.ses.transport.message_body``), never as a whole copy of a
+        large one."""
+        raw = request.raw_message
+        body = await message_body(lambda: send_raw_email_body(request, raw.chunks()), raw.size)
+        call = _query("SendRawEmail", body)
         result = await self._call(
             call, _body(parse_send_raw_email), deadline, queue_id=request.queue_id
         )

@@ -8,16 +8,19 @@ httpcore's in ``map_httpcore_exceptions``.
 from __future__ import annotations
 
 import asyncio
-import io
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import aiohttp.abc
+import aiohttp.payload
 from yarl import URL
 
 from relay import __version__
 from relay.errors import HttpTransportError
+from relay.ses.body import ChunkedBody
 from relay.tls import client_tls_context
 
 USER_AGENT = f"ses-relay/{__version__}"
@@ -37,6 +40,31 @@ def new_session(
         raise_for_status=False,
         skip_auto_headers=("Accept-Encoding",),
     )
+
+
+class _ChunkedPayload(aiohttp.payload.Payload):
+    """A ``ChunkedBody`` as aiohttp sends it: ``Content-Length`` from its size
+    (never chunked transfer encoding), the chunks written as they are made,
+    afresh each time it is sent."""
+
+    _autoclose = True
+
+    def __init__(self, body: ChunkedBody) -> None:
+        super().__init__(body)
+        self._size = body.size
+        self._body = body
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        for chunk in self._body.chunks():
+            await writer.write(chunk)
+
+    async def write_with_length(
+        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        await self.write(writer)  # its length is the Content-Length it declared
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a chunked request body is never read whole")
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
@@ -77,7 +105,7 @@ async def request(
     *,
     what: str,
     headers: Mapping[str, str],
-    data: bytes | io.BytesIO | None = None,
+    data: bytes | ChunkedBody | None = None,
     seconds: float,
     connect_seconds: float | None = None,
     read_seconds: float | None = None,
@@ -106,7 +134,7 @@ async def fetch(
     *,
     what: str,
     headers: Mapping[str, str],
-    data: bytes | io.BytesIO | None = None,
+    data: bytes | ChunkedBody | None = None,
     seconds: float,
     connect_seconds: float | None = None,
     read_seconds: float | None = None,
@@ -121,6 +149,7 @@ async def fetch(
     message names ``what`` and the endpoint's origin, never its path or query
     (a container endpoint's may hold a secret)."""
     origin = url.origin()
+    payload: Any = _ChunkedPayload(data) if isinstance(data, ChunkedBody) else data
     limits = aiohttp.ClientTimeout(
         total=seconds, sock_connect=connect_seconds, sock_read=read_seconds
     )
@@ -128,7 +157,7 @@ async def fetch(
         async with (
             asyncio.timeout(seconds),
             session.request(
-                method, url, headers=headers, data=data, timeout=limits, allow_redirects=False
+                method, url, headers=headers, data=payload, timeout=limits, allow_redirects=False
             ) as response,
         ):
             body = await read_capped(response, limit)

@@ -2,16 +2,17 @@
 
 Bodies are built by hand: the message goes in as base64 with only ``+``, ``/``
 and ``=`` escaped, which is far cheaper than ``urllib.parse.urlencode``.
+A SendRawEmail body is produced in chunks from the message's chunks
+(``send_raw_email_body``; see ``relay.ses.body``), never whole.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from urllib.parse import quote
 
+from relay.ses.body import base64_chunks
 from relay.ses.sender import SendRequest
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "get_identity_verification_attributes_body",
     "get_send_quota_body",
     "percent_encode",
+    "raw_message_data",
     "send_raw_email_body",
+    "send_raw_email_head",
 ]
 
 API_VERSION = "2010-12-01"
@@ -30,9 +33,6 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 _GET_SEND_QUOTA = b"Action=GetSendQuota&Version=" + API_VERSION.encode()
 _SEND_RAW_EMAIL = b"Action=SendRawEmail&Version=" + API_VERSION.encode()
 _BARE = re.compile(r"[A-Za-z0-9._~-]*").fullmatch  # needs no escaping
-_BASE64_CHUNK = 3 * 256 * 1024
-"""Message bytes encoded at a time (a multiple of 3: the pieces join into one
-base64 text): the body is built with one chunk's worth of temporary copies."""
 
 
 def percent_encode(value: str) -> str:
@@ -49,21 +49,17 @@ def encode_form(params: Sequence[tuple[str, str]]) -> bytes:
     return "&".join(pairs).encode("ascii")
 
 
-def _write_raw_message_data(out: io.BytesIO, raw_message: bytes) -> None:
-    """Base64 of the message, form-escaped (the only non-bare base64 bytes are
-    ``+/=``), written to ``out`` a chunk at a time."""
-    view = memoryview(raw_message)
-    for start in range(0, len(view), _BASE64_CHUNK):
-        out.write(
-            base64.b64encode(view[start : start + _BASE64_CHUNK])
-            .replace(b"+", b"%2B")
-            .replace(b"/", b"%2F")
-            .replace(b"=", b"%3D")
-        )
+def raw_message_data(raw: Iterable[bytes]) -> Iterator[bytes]:
+    """``RawMessage.Data``'s value for the message in ``raw`` chunks: its
+    base64, form-escaped (the only base64 bytes that are not bare are
+    ``+/=``), a piece per chunk."""
+    for piece in base64_chunks(raw):
+        yield piece.replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
 
 
-def send_raw_email_body(request: SendRequest) -> bytes:
-    """The form body of a SendRawEmail call for one batch.
+def send_raw_email_head(request: SendRequest) -> bytes:
+    """The form body of a SendRawEmail call for one batch up to the message:
+    it ends with ``RawMessage.Data=``.
 
     Parameters follow the SES model's order, except ``RawMessage.Data``,
     which comes last. Unset (``None``) parameters are omitted; an empty
@@ -88,13 +84,15 @@ def send_raw_email_body(request: SendRequest) -> bytes:
     if ses.configuration_set is not None:
         params.append(("ConfigurationSetName", ses.configuration_set))
     head = _SEND_RAW_EMAIL + b"&" + encode_form(params) + b"&" if params else _SEND_RAW_EMAIL + b"&"
-    # Built in a BytesIO: getvalue() hands over its buffer without a copy, so a
-    # 10 MB message costs its encoded size once, not twice.
-    body = io.BytesIO()
-    body.write(head)
-    body.write(b"RawMessage.Data=")
-    _write_raw_message_data(body, request.raw_message)
-    return body.getvalue()
+    return head + b"RawMessage.Data="
+
+
+def send_raw_email_body(request: SendRequest, raw: Iterable[bytes]) -> Iterator[bytes]:
+    """The form body of a SendRawEmail call for one batch, in chunks:
+    ``send_raw_email_head``, then ``raw_message_data`` of ``raw`` (the
+    chunks of ``request.raw_message``)."""
+    yield send_raw_email_head(request)
+    yield from raw_message_data(raw)
 
 
 def get_send_quota_body() -> bytes:

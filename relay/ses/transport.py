@@ -19,11 +19,10 @@ pooled connection.
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -35,19 +34,35 @@ from yarl import URL
 from relay.config import SesConfig
 from relay.errors import CredentialsError, HttpTransportError, SesError
 from relay.log import ses_log
+from relay.ses.body import ChunkedBody
 from relay.ses.classify import no_credentials, transport_error, unanswered
 from relay.ses.credentials import CredentialProvider
 from relay.ses.http import Answer, fetch, new_session
 from relay.ses.sigv4 import payload_hash, sign_request
 from relay.tls import client_tls_context
 
-__all__ = ["Call", "SignedApi", "backoff_delay", "endpoint_url"]
+__all__ = ["Call", "SignedApi", "backoff_delay", "endpoint_url", "message_body"]
 
 T = TypeVar("T")
 
 SERVICE = "ses"
 """The signing name of both APIs (the host's prefix is ``email``)."""
-LARGE_BODY = 1 << 20
+WHOLE_BODY_MESSAGE = 256 * 1024
+"""A message up to this size has its request body built whole, on the loop
+(one read of its file, no thread hop: most mail); a larger one's body is
+measured in a thread and made in chunks as it is sent."""
+
+
+async def message_body(
+    chunks: Callable[[], Iterable[bytes]], message_size: int
+) -> bytes | ChunkedBody:
+    """A request body carrying a message of ``message_size`` bytes, made by
+    ``chunks()``: whole for a small message, else a ``ChunkedBody`` (its size
+    and payload hash from a first pass in a thread; the chunks made again,
+    a few at a time, as each attempt sends it)."""
+    if message_size <= WHOLE_BODY_MESSAGE:
+        return b"".join(chunks())
+    return await asyncio.to_thread(ChunkedBody.measure, chunks)
 
 
 def endpoint_url(config: SesConfig) -> URL:
@@ -69,7 +84,7 @@ class Call:
     """The operation's name, for metrics and log lines."""
     method: str
     path: str
-    body: bytes
+    body: bytes | ChunkedBody
     content_type: str | None
 
 
@@ -172,7 +187,8 @@ class SignedApi(ABC):
         config = self._config
         budget = deadline if deadline is not None else config.request_timeout * config.max_attempts
         ends = self._monotonic() + budget
-        body_sha256 = payload_hash(call.body)
+        body = call.body
+        body_sha256 = body.sha256 if isinstance(body, ChunkedBody) else payload_hash(body)
         refreshed = False
         attempt = 0
         while True:
@@ -238,9 +254,7 @@ class SignedApi(ABC):
             now=self._clock(),
         )
         headers["Host"] = self._host
-        body = call.body
-        # aiohttp writes a large body in chunks only from a file-like object.
-        data = None if not body else body if len(body) <= LARGE_BODY else io.BytesIO(body)
+        data = call.body or None
         try:
             answer = await fetch(
                 self.session,

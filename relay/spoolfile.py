@@ -1,0 +1,101 @@
+"""A new message's file in the spool's ``tmp/`` area, written as it arrives.
+
+``Spool.new_message`` creates it when DATA starts; the message goes in by
+``write`` in pieces, then ``Spool.put`` commits it (``sync``: the data's
+fsync, then the rename into ``queue/``, and closes it) or ``discard``
+removes it. Nothing of it is visible in ``queue/`` before the commit, and a
+file left in ``tmp/`` by a crash is removed at the next start (``Spool.open``).
+
+``write`` runs on the event loop: the pieces are gathered into writes of
+``WRITE_SIZE`` bytes, which the page cache takes at once; only ``sync``
+(the fsync) waits for the disk, and runs in a thread. A failed write
+(``ENOSPC``, ``EIO``) raises ``SpoolError`` and leaves the file to ``discard``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Final
+
+from relay.errors import SpoolError
+from relay.ses.sender import RawMessage
+
+WRITE_SIZE: Final = 64 * 1024
+"""Bytes gathered before a write to the file."""
+
+
+class MessageFile:
+    """One new message's file: see the module docstring."""
+
+    __slots__ = ("_fd", "_pending", "committed", "path", "size")
+
+    def __init__(self, path: Path) -> None:
+        """Create ``path`` (it must not exist); ``OSError`` when it cannot be."""
+        self.path = path
+        self._fd: int | None = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        self._pending = bytearray()
+        self.size = 0
+        """Bytes written so far."""
+        self.committed = False
+        """``Spool.put`` made it a queued message (``path`` is in ``queue/``)."""
+
+    def write(self, data: bytes) -> None:
+        """Add ``data``; ``SpoolError`` when the file cannot take it."""
+        self._pending += data
+        self.size += len(data)
+        if len(self._pending) >= WRITE_SIZE:
+            try:
+                self._flush()
+            except OSError as exc:
+                raise SpoolError(
+                    f"cannot write spool file {self.path.name}: {exc.strerror or exc}",
+                    errno=exc.errno,
+                ) from None
+
+    def sync(self) -> None:
+        """Write what is gathered and fsync the file (blocking)."""
+        self._flush()
+        os.fsync(self._descriptor())
+
+    def commit(self, target: Path) -> None:
+        """Now queued as ``target`` (``Spool.put``, after its last fsync)."""
+        self.path = target
+        self.committed = True
+
+    def reader(self) -> RawMessage:
+        """The message as written so far, to send once committed: a
+        descriptor of its own, still readable after ``discard`` (close it).
+        ``OSError`` when the gathered bytes cannot be written."""
+        self._flush()
+        return RawMessage(self.size, fd=os.dup(self._descriptor()))
+
+    def discard(self) -> None:
+        """Close the file, and remove it unless it was committed. Never raises;
+        a second call does nothing."""
+        fd, self._fd = self._fd, None
+        self._pending = bytearray()
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if not self.committed:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path.name}: the message file is closed")
+        return self._fd
+
+    def _flush(self) -> None:
+        pending = self._pending
+        fd = self._descriptor()
+        written = 0
+        with memoryview(pending) as view:
+            while written < len(view):
+                written += os.write(fd, view[written:])
+        pending.clear()
