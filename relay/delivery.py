@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from relay import msglog
@@ -153,6 +153,12 @@ class Delivery:
         an outage (``Account.retry_now``) and try what is due."""
         self.account.retry_now()
         await self.rescan()
+
+    def take_over(self, entry_ids: Iterable[str]) -> None:
+        """Deliver entries moved into the spool while it runs (a partition
+        adopted, ``relay.partitions``), from now."""
+        for entry_id in entry_ids:
+            self._workers.schedule(entry_id, 0.0)
 
     async def rescan(self) -> None:
         """Schedule every entry in the queue (start-up, and ``ses-relay queue
