@@ -236,8 +236,11 @@ class RelayDownstream:
         return delivered
 
     def queue_empty(self) -> bool:
+        """No entry queued, in the spool or a worker's partition (``smtp.workers``)."""
         try:
-            return not any((self.spool / "queue").glob("*.json"))
+            return not any(self.spool.glob("queue/*.json")) and not any(
+                self.spool.glob("worker-*/queue/*.json")
+            )
         except OSError:
             return False
 

@@ -1,9 +1,9 @@
 """Point 7: the relay with ``smtp.workers = 2``.
 
-Runs only where the relay's configuration has ``smtp.workers`` (not built
-yet: then the result says so and nothing runs). When it has: the relay
-with two workers under each throughput scenario's load, its msg/s over the
-same scenario's ceiling and Postfix figures of this run.
+Runs only where the relay's configuration has ``smtp.workers`` (an older
+relay: then the result says "not built" and nothing runs): the relay with
+two workers under each throughput scenario's load, its msg/s over the same
+scenario's ceiling and Postfix figures of this run.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ import asyncio
 import getpass
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from relay import __version__
@@ -111,6 +113,14 @@ def load_checked(path: str | None, env: Mapping[str, str]) -> Config:
 
 
 def serve_command(config: Config, env: Mapping[str, str]) -> int:
+    if config.smtp.workers > 1:
+        # Every process of the relay keeps its metrics in files there
+        # (relay.metrics): set before prometheus_client is imported.
+        metrics_dir = Path(tempfile.mkdtemp(prefix="ses-relay-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        from relay.supervisor import supervise
+
+        return asyncio.run(supervise(config, os.environ, metrics_dir))
     from relay.app import serve
 
     return asyncio.run(serve(config, env))

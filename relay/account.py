@@ -6,7 +6,9 @@ the shared rate; an error of the whole account (daily quota, sending paused,
 credentials refused) or an outage (``relay.outage``) pauses all delivery, so
 that queued mail does not hammer SES with calls bound to fail. A batch takes
 sending-rate tokens (``token``) before it is sent; how long it waited is
-told to ``waited`` (``ses_relay_send_rate_wait_seconds``). Time comes from the one
+told to ``waited`` (``ses_relay_send_rate_wait_seconds``). With
+``smtp.workers = N`` each worker sends at 1/N of the rate (configured or
+MaxSendRate), so the account's rate holds in total. Time comes from the one
 injected clock: pauses and the rate run on its monotonic time, ``resume_at``
 says in wall time when sending may go on.
 """
@@ -47,7 +49,9 @@ class Account:
         self._clock = clock
         self._sender = sender
         self._waited = waited
-        self.rate = SendRate(clock=clock, rate=config.ses.max_send_rate)
+        self._share = config.smtp.workers
+        """Each of ``smtp.workers`` processes sends at its share of the account's rate."""
+        self.rate = SendRate(clock=clock, rate=config.ses.max_send_rate / self._share)
         self.outage = Outage(first=config.delivery.retry_min, longest=config.delivery.retry_max)
         self.quota: SendQuota | None = None
         """The account's quota as GetSendQuota last said (``ses.max_send_rate = 0``)."""
@@ -146,7 +150,7 @@ class Account:
                 )
             else:
                 self.quota = quota
-                self.rate.set_rate(quota.max_send_rate)
+                self.rate.set_rate(quota.max_send_rate / self._share)
                 if not quota.sending_enabled:
                     self.react(sending_disabled())
             await self._clock.sleep(every)

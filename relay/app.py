@@ -2,7 +2,11 @@
 
 ``Relay`` is the running relay (used by ``serve`` and by the tests);
 ``serve`` runs one in the foreground until SIGTERM or SIGINT, reloads it on
-SIGHUP, and tells systemd how it is (``relay.sdnotify``).
+SIGHUP, and tells systemd how it is (``relay.sdnotify``). With
+``smtp.workers > 1`` each worker process is a ``Relay`` with a
+``WorkerRole`` (``relay.supervisor`` starts them): its own spool partition,
+listeners shared with the others (SO_REUSEPORT), and a report socket the
+parent reads for ``/metrics`` and ``/readyz`` in place of its own HTTP server.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import functools
 import os
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -32,6 +39,7 @@ from relay.httpserver import HttpServer, Readiness
 from relay.log import configure as configure_logging
 from relay.log import delivery_log, smtp_log
 from relay.metrics import RelayMetrics, State
+from relay.partitions import adopt_orphans, partition_path, partition_paths
 from relay.reload import Outcome, plan_reload
 from relay.resources import Resources, load_resources
 from relay.sdnotify import Notifier, keep_alive, ready, reloading, stopping, watchdog_interval
@@ -42,17 +50,40 @@ from relay.ses.http import new_session
 from relay.smtp import ConnectionLimiter, RelaySMTP, smtp_factory
 from relay.space import FreeSpace, floor_for
 from relay.spool import Census, Spool
+from relay.workerstate import report_json
 
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight SMTP sessions get to finish after SIGTERM."""
+ADOPT_INTERVAL = 10.0
+"""Seconds between a worker's looks for partitions whose worker is gone."""
+PARTITION_LOCK_WAIT = 30.0
+"""Seconds a worker waits for its partition's lock (another worker may be
+adopting it, while this one was down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """Worker ``index`` of ``count`` (``smtp.workers``)."""
+
+    index: int
+    count: int
+    listen: tuple[str, ...]
+    """``smtp.listen`` with any port 0 replaced by the one the parent chose."""
+    tls_listen: tuple[str, ...]
+    report_path: str
+    """The Unix socket where this worker tells the parent its state."""
 
 
 class Relay:
     """A running relay. ``async with Relay(config, env) as relay: ...``"""
 
-    def __init__(self, config: Config, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, config: Config, env: Mapping[str, str], role: WorkerRole | None = None
+    ) -> None:
         self.config = config
         self._env = env
+        self.role = role
+        self._report: asyncio.Server | None = None
         self._servers: list[asyncio.Server] = []
         self._http: aiohttp.ClientSession | None = None
         self._credentials: RefreshingProvider | None = None
@@ -86,12 +117,14 @@ class Relay:
         """Open the spool (its lock first: a second daemon stops here, before
         anything else is set up), resume its queue, then listen. A failure
         undoes whatever was started."""
-        config = self.config
+        config, role = self.config, self.role
         resources = load_resources(config)
+        root = Path(config.spool.path)
         try:
-            self.spool = Spool(config.spool.path)
+            self.spool = Spool(root if role is None else partition_path(root, role.index))
+            wait = PARTITION_LOCK_WAIT if role is not None else 0.05
             try:
-                await asyncio.to_thread(self.spool.open)
+                await asyncio.to_thread(functools.partial(self.spool.open, lock_wait=wait))
             except SpoolLocked:
                 raise
             except SpoolError as exc:
@@ -112,6 +145,7 @@ class Relay:
                 self.spool.free_bytes, floor_for(config.smtp.max_message_size), SystemClock()
             )
             await self.space.refresh()
+            await self._adopt(every=role is None, reason="left from a run with more workers")
             self.delivery = Delivery(
                 config, self.spool, ses.sender, space=self.space, metrics=self.metrics
             )
@@ -123,15 +157,19 @@ class Relay:
                 )
             self._use(config, resources)
             loop = asyncio.get_running_loop()
-            for address in config.smtp.listen:
+            for address in config.smtp.listen if role is None else role.listen:
                 self.smtp_addresses.append(
                     await self._listen(loop, address, resources, implicit_tls=False)
                 )
-            for address in config.smtp.tls_listen:
+            for address in config.smtp.tls_listen if role is None else role.tls_listen:
                 self.tls_addresses.append(
                     await self._listen(loop, address, resources, implicit_tls=True)
                 )
-            self._http_server = HttpServer(self.metrics, self._readiness)
+            if role is not None:
+                self._report = await asyncio.start_unix_server(self._tell, role.report_path)
+                self._in_background(self._adopt_now_and_then())
+                return
+            self._http_server = HttpServer(self._exposition, self._checks)
             self.metrics_address = await self._http_server.start(config.metrics.listen)
             smtp_log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
         except BaseException:
@@ -195,6 +233,7 @@ class Relay:
                 port,
                 ssl=resources.tls_context if implicit_tls else None,
                 reuse_address=True,
+                reuse_port=self.role is not None,
             )
         except OSError as exc:
             raise RelayError(f"cannot listen on {address}: {exc.strerror or exc}") from None
@@ -296,6 +335,57 @@ class Relay:
         if self._http_server is not None:
             await self._http_server.stop()
             self._http_server = None
+        if self._report is not None:
+            self._report.close()
+            await self._report.wait_closed()
+            self._report = None
+
+    async def _adopt(self, *, every: bool, reason: str) -> None:
+        """Take over the partitions (``relay.partitions``) whose lock is free:
+        with ``every``, all of them but this worker's own; else those of
+        workers beyond ``smtp.workers``."""
+        spool, role = self.spool, self.role
+        assert spool is not None
+        root = Path(self.config.spool.path)
+        own = None if role is None else partition_path(root, role.index)
+        count = 0 if role is None else role.count
+        candidates = [
+            path
+            for path in await asyncio.to_thread(partition_paths, root)
+            if path != own and (every or int(path.name.rpartition("-")[2]) >= count)
+        ]
+        if not candidates:
+            return
+        adopted = await asyncio.to_thread(adopt_orphans, spool, candidates, reason=reason)
+        if self.delivery is not None:
+            self.delivery.take_over(adopted)
+
+    async def _adopt_now_and_then(self) -> None:
+        """A worker: adopt, every ``ADOPT_INTERVAL``, the partitions of
+        workers that are gone (crashed and not restarted)."""
+        while True:
+            await asyncio.sleep(ADOPT_INTERVAL)
+            try:
+                await self._adopt(every=True, reason="its worker is gone")
+            except SpoolError as exc:
+                delivery_log.error("%s", exc)
+
+    async def _tell(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The report socket: this worker's state and readiness, then close."""
+        try:
+            state = await asyncio.to_thread(self._state)
+            writer.write(report_json(state, self._readiness()))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _exposition(self) -> bytes:
+        return await asyncio.to_thread(self.metrics.exposition)
+
+    async def _checks(self) -> Readiness:
+        return self._readiness()
 
     def _state(self) -> State:
         """The spool's contents, delivery and connections, for a scrape (runs in
@@ -362,9 +452,13 @@ class Relay:
             await asyncio.gather(work, cut, return_exceptions=True)
 
     def retry_now(self) -> None:
-        """Re-read the queue and try what is due (``ses-relay queue retry``)."""
-        if self.delivery is not None:
-            self._in_background(self.delivery.retry_now())
+        """Re-read the queue and try what is due (``ses-relay queue retry``);
+        a worker first adopts the partitions of workers that are gone."""
+        if self.delivery is None:
+            return
+        if self.role is not None:
+            self._in_background(self._adopt(every=True, reason="its worker is gone"))
+        self._in_background(self.delivery.retry_now())
 
     def _in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
@@ -403,8 +497,11 @@ REPEATED_SIGNAL = 1.0
 """Seconds after the first SIGTERM/SIGINT before another one ends the grace."""
 
 
-async def serve(config: Config, env: Mapping[str, str]) -> int:
+async def serve(config: Config, env: Mapping[str, str], role: WorkerRole | None = None) -> int:
     """Run until SIGTERM or SIGINT; then stop gracefully and return 0.
+
+    A worker (``role``) says "ready" on its standard output, a pipe from the
+    parent, instead of to systemd, and leaves counting reloads to the parent.
 
     Logs to stderr as ``config.log`` says, and as the new configuration says
     after each reload. SIGHUP reloads (``Relay.reload``). Under systemd (``$NOTIFY_SOCKET``)
@@ -412,13 +509,15 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     RELOADING=1 and READY=1 around each reload, STOPPING=1 when it begins to
     stop, and WATCHDOG=1 from the event loop when ``WatchdogSec=`` asks.
     """
-    configure_logging(config.log.format, config.log.level)
+    worker = role is not None
+    configure_logging(config.log.format, config.log.level, pid=worker)
+    name = "ses-relay" if role is None else f"ses-relay worker {role.index}"
     stop = asyncio.Event()
     reload_wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    relay = Relay(config, env)
+    relay = Relay(config, env, role)
     notifier = Notifier.from_env(env)
     # Before the spool lock is taken: `ses-relay queue retry` signals whoever holds it.
     loop.add_signal_handler(signal.SIGUSR1, relay.retry_now)
@@ -428,8 +527,11 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     watchdog: asyncio.Task[None] | None = None
     try:
         async with relay:
-            smtp_log.info("ses-relay ready")
+            smtp_log.info("%s ready", name)
             notifier.send(ready(relay.summary()))
+            if worker:
+                sys.stdout.write("ready\n")
+                sys.stdout.flush()
             if interval is not None:  # until the relay has stopped
                 watchdog = asyncio.create_task(keep_alive(notifier, interval))
             reloads = asyncio.create_task(_reloads(relay, reload_wanted, notifier))
@@ -455,7 +557,7 @@ async def serve(config: Config, env: Mapping[str, str]) -> int:
     finally:
         if watchdog is not None:
             await _cancel(watchdog)
-    smtp_log.info("ses-relay stopped", extra={"event": "stopped"})
+    smtp_log.info("%s stopped", name, extra={"event": "stopped"})
     return 0
 
 
@@ -474,9 +576,12 @@ async def _reloads(relay: Relay, wanted: asyncio.Event, notifier: Notifier) -> N
         began = time.monotonic_ns()
         notifier.send(reloading(began // 1000, "reloading"))
         outcome = await relay.reload()
-        relay.metrics.config_reload(refused=outcome.refused)
+        if relay.role is None:  # the parent of workers counts each reload once
+            relay.metrics.config_reload(refused=outcome.refused)
         if relay.spool is not None:  # for `ses-relay reload`
             record = reloadrecord.Record(os.getpid(), began, outcome)
             await asyncio.to_thread(reloadrecord.write, relay.spool.path, record)
-        configure_logging(relay.config.log.format, relay.config.log.level)
+        configure_logging(
+            relay.config.log.format, relay.config.log.level, pid=relay.role is not None
+        )
         notifier.send(ready(f"{outcome.status()}; {relay.summary()}"))

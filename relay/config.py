@@ -116,6 +116,10 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+MAX_WORKERS = 64
+"""The most ``smtp.workers`` there may be."""
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
     """The ``[smtp]`` section: the listener."""
@@ -158,6 +162,9 @@ class SmtpConfig:
     """Recipients per SendRawEmail call, header addresses counted (SES: 50)."""
     identity_header_networks: tuple[str, ...] = checked((), each(network))
     """Clients that may use X-SES-SOURCE-ARN / -FROM-ARN / -RETURN-PATH-ARN."""
+    workers: int = checked(1, in_range(1, MAX_WORKERS))
+    """Processes sharing the listeners (SO_REUSEPORT), each with its own spool
+    partition (``relay.supervisor``); 1 is one process and the plain spool."""
 
 
 @dataclass(frozen=True, slots=True)

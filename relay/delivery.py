@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from relay import msglog
@@ -127,7 +127,6 @@ class Delivery:
             follow = self.account.follow_quota(self._config.delivery.quota_refresh)
             self._tasks.append(asyncio.create_task(follow, name="relay-quota"))
         self._tasks.append(asyncio.create_task(self.rescan(), name="relay-rescan"))
-        self._tasks.append(asyncio.create_task(self.rescan(), name="relay-rescan"))
 
     async def quiesce(self) -> None:
         """Start no new attempt; return when the attempts in flight are done
@@ -154,6 +153,12 @@ class Delivery:
         an outage (``Account.retry_now``) and try what is due."""
         self.account.retry_now()
         await self.rescan()
+
+    def take_over(self, entry_ids: Iterable[str]) -> None:
+        """Deliver entries moved into the spool while it runs (a partition
+        adopted, ``relay.partitions``), from now."""
+        for entry_id in entry_ids:
+            self._workers.schedule(entry_id, 0.0)
 
     async def rescan(self) -> None:
         """Schedule every entry in the queue (start-up, and ``ses-relay queue

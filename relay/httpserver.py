@@ -12,8 +12,7 @@ load balancer must keep sending it here.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.config import split_host_port
 from relay.errors import RelayError
-from relay.metrics import RelayMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +32,17 @@ class Readiness:
     """SES delivery: "ok" or what pauses it; shown, never a reason to be unready."""
 
 
-Checks = Callable[[], Readiness]
+Checks = Callable[[], Awaitable[Readiness]]
+Exposition = Callable[[], Awaitable[bytes]]
+"""The ``/metrics`` page (``RelayMetrics.exposition``, off the event loop)."""
 
 
 class HttpServer:
-    """Serves the metrics and health endpoints of one relay."""
+    """Serves the metrics and health endpoints of one relay (of the parent,
+    for all its workers, with ``smtp.workers > 1``)."""
 
-    def __init__(self, metrics: RelayMetrics, checks: Checks) -> None:
-        self._metrics = metrics
+    def __init__(self, exposition: Exposition, checks: Checks) -> None:
+        self._exposition = exposition
         self._checks = checks
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_page)
@@ -69,14 +70,14 @@ class HttpServer:
         await self._runner.cleanup()
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(self._metrics.exposition)
+        body = await self._exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        readiness = self._checks()
+        readiness = await self._checks()
         checks = dict(readiness.checks)
         ready = all(result == "ok" for result in checks.values())
         return web.json_response(

@@ -78,17 +78,24 @@ def event_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """``TIME LEVEL LOGGER: MESSAGE``."""
+    """``TIME LEVEL LOGGER: MESSAGE``, or ``TIME LEVEL LOGGER[PID]: MESSAGE``
+    (a worker of ``smtp.workers``)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, *, pid: bool = False) -> None:
+        process = "[%(process)d]" if pid else ""
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return timestamp(record)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line."""
+    """One JSON object per record, on one line (with ``pid`` from a worker of
+    ``smtp.workers``)."""
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
@@ -97,6 +104,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._pid:
+            document["pid"] = record.process
         document |= event_fields(record)
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
@@ -108,16 +117,18 @@ class JsonFormatter(logging.Formatter):
 _handler: logging.Handler | None = None
 
 
-def configure(format: str = "text", level: str = "info") -> None:
+def configure(format: str = "text", level: str = "info", *, pid: bool = False) -> None:
     """Log to stderr (journald and container runtimes collect it there) in
-    ``format`` from ``level`` up. Called again (a reload), it changes the
-    format and level of the same handler."""
+    ``format`` from ``level`` up, each line with the process id with ``pid``
+    (the workers of ``smtp.workers``, whose lines go to the same stream).
+    Called again (a reload), it changes the format and level of the same
+    handler."""
     global _handler  # noqa: PLW0603 (one handler per process)
     root = logging.getLogger()
     if _handler is None:
         _handler = logging.StreamHandler(sys.stderr)
         root.addHandler(_handler)
-    _handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
+    _handler.setFormatter(JsonFormatter(pid=pid) if format == "json" else TextFormatter(pid=pid))
     root.setLevel(level.upper())
     # aiosmtpd logs every command and connection at INFO on "mail.log", and
     # AUTH exchanges at DEBUG: never below WARNING, whatever log.level says.

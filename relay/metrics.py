@@ -9,6 +9,15 @@ by ``StateCollector``, which runs in a thread (``exposition``), never on
 the event loop. Names follow Prometheus conventions: ``ses_relay_`` prefix,
 base units, ``_total`` counters. Each relay has its own registry (tests run
 several in one process).
+
+With ``smtp.workers = N > 1`` the counters, histograms and gauges of every
+process live in prometheus_client's multiprocess mode (files in
+``PROMETHEUS_MULTIPROC_DIR``, set by ``relay.supervisor`` before this is
+imported): the parent's ``/metrics`` sums them (``MultiProcessCollector``),
+and a worker's counts stay in the total after it dies. The gauges read at
+scrape (``State``) are per worker, in its memory: the parent asks each
+worker for its ``State`` and exposes their combination
+(``relay.workerstate.combine``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from relay import __version__
@@ -50,13 +60,20 @@ BOUNCE_OUTCOMES = ("queued", "sent", "failed")
 class RelayMetrics:
     """The metrics a relay updates as it works."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """``multiprocess_dir``: expose what every process of the relay wrote
+        there (the parent of workers), not this process's registry alone."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._exposed = self.registry
+        if multiprocess_dir is not None:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         build = Gauge(
             "ses_relay_build_info",
             "Always 1; the labels say which ses-relay and Python run.",
             ["version", "python"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         build.labels(__version__, platform.python_version()).set(1)
         self._messages = Counter(
@@ -142,6 +159,7 @@ class RelayMetrics:
             "0 when the last reload was refused (the configuration file is not what runs), "
             "else 1 (also before any reload).",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self._last_reload_ok.set(1)
         for outcome in ("sent", "queued", "deferred", "rejected"):
@@ -194,11 +212,11 @@ class RelayMetrics:
 
     def add_state(self, read: Callable[[], State]) -> None:
         """Read the relay's state at every scrape (``read`` runs in a thread)."""
-        self.registry.register(StateCollector(read))
+        self._exposed.register(StateCollector(read))
 
     def exposition(self) -> bytes:
         """The text format; blocking (reads the spool): call it in a thread."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
 
 @dataclass(frozen=True, slots=True)

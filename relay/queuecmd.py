@@ -1,7 +1,8 @@
 """``ses-relay queue``: list, show, retry and delete spooled messages.
 
 Like Postfix's ``mailq`` and ``postsuper``, it works on the spool while the
-daemon runs: it never takes the daemon's lock, changes envelopes only
+daemon runs, on every spool partition of ``smtp.workers`` (``relay.partitions``):
+it never takes a daemon's lock, changes envelopes only
 through ``Spool.modify`` / ``Spool.requeue`` (which re-read them under the
 entry's lock, so nothing the daemon writes is lost), and after ``retry``
 sends the daemon SIGUSR1 so it re-reads the queue and tries those messages
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 
 from relay.config import Config
 from relay.errors import NoSuchEntry, SpoolError, UnreadableEntry
+from relay.partitions import SpoolSet
 from relay.queueid import as_typed
 from relay.spool import AREAS, DEAD, MAX_HISTORY, QUEUE, Entry, Spool, ses_json
 
@@ -346,17 +348,17 @@ class Console:
         print(f"ses-relay: queue: warning: {text}", file=self.err)
 
 
-def open_spool(config: Config) -> Spool:
-    """The configured spool, without the daemon's lock. A missing spool is
-    an error (a wrong ``-c`` or ``$STATE_DIRECTORY`` would otherwise show an
-    empty queue)."""
+def open_spool(config: Config) -> SpoolSet:
+    """The configured spool and its workers' partitions (``smtp.workers``),
+    without any daemon's lock. A missing spool is an error (a wrong ``-c``
+    or ``$STATE_DIRECTORY`` would otherwise show an empty queue)."""
     path = Path(config.spool.path).absolute()
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
         raise SpoolError(f"spool {path} {problem} ({spool_origin(config)})")
-    spool = Spool(path)
-    spool.open(lock=False)
-    return spool
+    spools = SpoolSet(Spool(path))
+    spools.open()
+    return spools
 
 
 def spool_origin(config: Config) -> str:
@@ -366,7 +368,7 @@ def spool_origin(config: Config) -> str:
     return f"spool.path in {config.source}"
 
 
-def warn_if_unused(spool: Spool, config: Config, console: Console) -> None:
+def warn_if_unused(spool: SpoolSet, config: Config, console: Console) -> None:
     """Say so when no daemon has ever used the spool read: likely not the
     daemon's (a ``./spool`` left behind, a missing ``-c``)."""
     if not spool.used_by_daemon():
@@ -376,7 +378,7 @@ def warn_if_unused(spool: Spool, config: Config, console: Console) -> None:
         )
 
 
-def collect(spool: Spool, areas: Iterable[str] = AREAS) -> list[Listed]:
+def collect(spool: SpoolSet, areas: Iterable[str] = AREAS) -> list[Listed]:
     """Every readable entry, queue first, each area oldest first."""
     found: list[Listed] = []
     for area in areas:
@@ -389,7 +391,7 @@ def no_such(entry_id: str) -> str:
     return f"{printable(entry_id)}: no such message in the queue or the dead-letter area"
 
 
-def run_list(spool: Spool, console: Console, now: float, *, as_json: bool) -> int:
+def run_list(spool: SpoolSet, console: Console, now: float, *, as_json: bool) -> int:
     messages = collect(spool)
     path = str(spool.path)
     console.out.write(listing_json(messages, path) if as_json else format_list(messages, now, path))
@@ -397,7 +399,7 @@ def run_list(spool: Spool, console: Console, now: float, *, as_json: bool) -> in
 
 
 def run_show(
-    spool: Spool, console: Console, entry_id: str, now: float, *, body: bool, as_json: bool
+    spool: SpoolSet, console: Console, entry_id: str, now: float, *, body: bool, as_json: bool
 ) -> int:
     entry_id = as_typed(entry_id)
     for _ in range(RACE_RETRIES):
@@ -422,7 +424,7 @@ def run_show(
     return EXIT_FAILURE
 
 
-def retry_one(spool: Spool, entry_id: str, now: float) -> str | None:
+def retry_one(spool: SpoolSet, entry_id: str, now: float) -> str | None:
     """Make one entry due now; the area it was in, or None when not found."""
     for _ in range(RACE_RETRIES):
         area = spool.find(entry_id)
@@ -440,7 +442,7 @@ def retry_one(spool: Spool, entry_id: str, now: float) -> str | None:
 
 
 def run_retry(
-    spool: Spool,
+    spool: SpoolSet,
     console: Console,
     ids: Sequence[str],
     now: float,
@@ -482,7 +484,7 @@ def run_retry(
 
 
 def notify_daemon(
-    spool: Spool,
+    spool: Spool | SpoolSet,
     console: Console,
     count: int,
     *,
@@ -556,7 +558,7 @@ def wait_for_handler(
         time.sleep(0.05)
 
 
-def delete_one(spool: Spool, entry_id: str) -> list[str]:
+def delete_one(spool: SpoolSet, entry_id: str) -> list[str]:
     """Remove an entry wherever it is; the areas it was removed from."""
     removed: list[str] = []
     for _ in range(RACE_RETRIES):
@@ -569,7 +571,7 @@ def delete_one(spool: Spool, entry_id: str) -> list[str]:
     return removed
 
 
-def run_delete(spool: Spool, console: Console, ids: Sequence[str]) -> int:
+def run_delete(spool: SpoolSet, console: Console, ids: Sequence[str]) -> int:
     code = EXIT_OK
     for entry_id in dict.fromkeys(as_typed(i) for i in ids):
         try:

@@ -393,11 +393,11 @@ class Spool:
 
     # -- life cycle
 
-    def open(self, *, lock: bool = True) -> None:
+    def open(self, *, lock: bool = True, lock_wait: float = _LOCK_RETRY) -> None:
         """Create the layout; with ``lock`` (the daemon) take the lock and
         recover: empty ``tmp/``, finish interrupted moves, remove messages
         whose envelope was never committed. ``SpoolLocked`` when another
-        daemon holds the lock."""
+        daemon holds the lock for ``lock_wait`` seconds."""
         try:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             for area in (TMP, QUEUE, DEAD, QUARANTINE):
@@ -406,7 +406,7 @@ class Spool:
             with contextlib.suppress(PermissionError):  # a parent we may only traverse
                 _sync_dir(self.path.parent)
             if lock and self._lock_fd is None:
-                self._lock()
+                self._lock(lock_wait)
                 try:
                     self._recover()
                 except BaseException:
@@ -415,10 +415,10 @@ class Spool:
         except OSError as exc:
             raise _failed(f"spool {self.path}", exc) from None
 
-    def _lock(self) -> None:
+    def _lock(self, wait: float) -> None:
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            deadline = time.monotonic() + _LOCK_RETRY
+            deadline = time.monotonic() + wait
             while not _try_flock(fd, fcntl.LOCK_EX):
                 if time.monotonic() >= deadline:
                     holder = _read_pid(fd)
@@ -660,6 +660,46 @@ class Spool:
                 _sync_dir(src)
         except OSError as exc:
             raise _failed(f"cannot move spool entry {entry.id}", exc) from None
+
+    def adopt(self, source: Spool, area: str) -> list[str]:
+        """Move every committed entry of ``source``'s ``area`` into this
+        spool's (a partition whose worker is gone: the caller holds
+        ``source``'s lock); return the ids moved.
+
+        Each message is linked in first, then its envelope renamed across
+        (the commit: at every moment the envelope is in exactly one of the
+        two spools, so the entry is neither lost nor delivered twice), then
+        the source's link is removed. A crash between leaves a message
+        without its envelope in one spool, which that spool's next ``open``
+        removes. Each entry moves under its lock, so a ``queue`` command
+        changing it meanwhile is not lost; one already in this spool stays."""
+        _check_area(area)
+        src, dst = source.dir(area), self.dir(area)
+        try:
+            ids = [i for i in source.ids(area) if not (dst / f"{i}.json").exists()]
+            for entry_id in ids:  # the messages first, all covered by one fsync
+                with contextlib.suppress(FileNotFoundError):
+                    _link_into(src / f"{entry_id}.eml", dst / f"{entry_id}.eml", self.dir(TMP))
+            _sync_dir(dst)
+            moved = []
+            for entry_id in ids:
+                with (
+                    contextlib.suppress(NoSuchEntry, FileNotFoundError),  # deleted meanwhile
+                    source._locked(entry_id, area),
+                ):
+                    os.rename(src / f"{entry_id}.json", dst / f"{entry_id}.json")
+                    moved.append(entry_id)
+            _sync_dir(dst)
+            _sync_dir(src)
+            done = set(moved)
+            for entry_id in ids:  # the source's links; this spool's of what did not move
+                left = src if entry_id in done else dst
+                (left / f"{entry_id}.eml").unlink(missing_ok=True)
+            _sync_dir(src)
+            _sync_dir(dst)
+        except OSError as exc:
+            raise _failed(f"cannot adopt the entries of {source.path}", exc) from None
+        return moved
 
     def requeue(self, entry_id: str, change: Callable[[Entry], Entry]) -> Entry:
         """Move a dead entry back to ``queue/`` with ``change`` applied to its

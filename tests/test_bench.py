@@ -144,12 +144,15 @@ def assert_parts(report: dict[str, Any], stdout: str) -> None:
     assert rate["delivered_recipients"] > 0
     assert rate["backlog_left"] is True
     assert rate["log_warnings_errors"] == 0, rate["log_examples"]
-    assert parts["workers"]["built"] in (True, False)
+    workers = parts["workers"]
+    assert workers["built"] is True
+    per_message = workers["10k-1rcpt-per-message"]
+    assert per_message["errors"] == {}
+    assert per_message["delivered"] == per_message["accepted_total"] >= 20
     rows = {(row["point"], row["what"]): row for row in report["verdicts"]}
     for (point, what), row in rows.items():
-        if point == "7" and not parts["workers"]["built"]:
-            assert row["status"] == "not built", row
-        elif point == "12" or what.startswith("persistent:"):  # not in this run
+        if point == "12" or what.startswith("persistent:") or "/Postfix" in what:
+            # not in this run (no Postfix target either)
             assert row["status"] == "not run", row
         else:
             assert row["status"] in ("pass", "FAIL"), row
