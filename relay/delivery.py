@@ -42,6 +42,7 @@ from relay.bouncer import Bouncer
 from relay.clock import Clock, SystemClock
 from relay.config import Config
 from relay.errors import Disposition, NoSuchEntry, SesError, SpoolError, UnreadableEntry
+from relay.groupcommit import GroupCommit
 from relay.log import delivery_log
 from relay.metrics import RelayMetrics
 from relay.outcome import (
@@ -110,6 +111,10 @@ class Delivery:
         self.account = Account(config, clock, sender, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
         self._record = Record(spool)
+        self._commits = GroupCommit(spool.commit, "relay-spool-commits")
+        """New entries staged on the loop are made durable together: one
+        thread hop and one fsync of ``queue/`` for the messages that arrive
+        while a commit runs (no thread runs Python per message)."""
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
         """Following the account's quota (``ses.max_send_rate = 0``)."""
@@ -145,7 +150,8 @@ class Delivery:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        # A removal already in a thread ends before the spool may be closed.
+        # A commit or removal already in a thread ends before the spool may be closed.
+        await self._commits.idle()
         await self._record.idle()
 
     async def retry_now(self) -> None:
@@ -176,6 +182,12 @@ class Delivery:
             delivery_log.info("queue: %d messages to deliver", count)
 
     # -- the DATA path
+
+    @property
+    def waiting_for_commit(self) -> int:
+        """New messages written and waiting for the next commit (which they
+        will share) while one runs."""
+        return self._commits.waiting
 
     def new_message(self, entry_id: str) -> MessageFile:
         """The file a message arriving by DATA is written to (``SpoolError``)."""
@@ -208,7 +220,7 @@ class Delivery:
             return DataReply.refused(STORAGE_FULL)
         with raw:
             try:
-                await asyncio.to_thread(self._spool.put, entry, message)
+                await self._commits.submit(self._spool.stage(entry, message))
             except SpoolError as exc:
                 delivery_log.error("%s: not accepted: %s", entry.id, exc)
                 self._space.look_again()

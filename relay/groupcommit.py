@@ -5,17 +5,19 @@ request starts a commit at once (no added latency when the relay is idle);
 the requests that arrive while it runs wait, and go together in the next
 one. Two forms, for two kinds of work:
 
-* ``SharedSync``, for threads: each caller makes its own change in its own
-  thread (a new entry's files written and fsync'd in parallel, where the
-  file system's journal merges the fsyncs), then waits for one fsync of the
-  directory that covers it, which a single caller runs for all the callers
-  that finished their change meanwhile.
-* ``GroupCommit``, for coroutines whose whole change is cheap (unlinking a
-  delivered entry): the requests that arrive together go to one blocking
-  commit in one thread hop, which ends with that shared fsync.
+* ``GroupCommit``, for coroutines: the requests that arrive together go to
+  one blocking commit in one thread hop (new entries staged on the event
+  loop, fsync'd and renamed together; delivered entries unlinked), which
+  ends with one fsync of the directory. The relay's threads then run almost
+  no Python per message: threads that do, each hop its own, cost more CPU
+  fighting the event loop for the GIL than the file system work itself.
+* ``SharedSync``, for threads: callers that change a directory in threads
+  of their own (a ``queue`` command, a bounce) wait for one fsync of it that
+  covers them all, which a single caller runs for all the callers that
+  finished their change meanwhile.
 
 Neither knows the spool: they are given the blocking functions to run (see
-``Spool.put``, ``Spool.remove_many``).
+``Spool.commit``, ``Spool.remove_many``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ class GroupCommit(Generic[Request]):
         self._name = name
         self._waiting: list[tuple[Request, asyncio.Future[None]]] = []
         self._running: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a commit that has not started yet."""
+        return len(self._waiting)
 
     async def submit(self, request: Request) -> None:
         """Return once a commit covering ``request`` succeeded; raise its error

@@ -1,4 +1,5 @@
-"""The durable queue on local disk. Blocking calls: run them off the event loop.
+"""The durable queue on local disk. Blocking calls: run them off the event loop
+(but ``stage``, made for it).
 
 Layout under ``spool.path`` (readable with ordinary tools)::
 
@@ -11,10 +12,10 @@ Layout under ``spool.path`` (readable with ordinary tools)::
     dead/ID.eml, .json   messages given up on, kept for ``queue show``/``retry``
     quarantine/          entries that could not be read, kept for a person
 
-An entry is committed when ``queue/ID.json`` exists: ``put`` writes both
-files in ``tmp/``, fsyncs them, renames the message first and the envelope
-last, and fsyncs ``queue/`` (once for all the puts that run at once; none
-is acknowledged before that fsync). A ``.eml`` without its
+An entry is committed when ``queue/ID.json`` exists: ``stage`` writes both
+files in ``tmp/`` (no fsync), ``commit`` fsyncs them, renames the message
+first and the envelope last, and fsyncs ``queue/`` (once for all the entries
+it commits; none is acknowledged before that fsync); ``put`` is the two. A ``.eml`` without its
 ``.json`` was never acknowledged: readers skip it and the daemon removes it
 at start. State changes rewrite the ``.json`` the same way (write, fsync,
 rename, fsync the directory). Every operation keeps "a ``.json`` implies
@@ -373,6 +374,22 @@ class Census:
     the queue is empty (or no queued id tells its time)."""
 
 
+@dataclass(slots=True)
+class StagedEntry:
+    """A new entry's files written in ``tmp/``, not yet durable (``Spool.stage``)."""
+
+    entry_id: str
+    message: MessageFile
+    json_tmp: Path
+    json_fd: int
+
+    def close(self) -> None:
+        """Close both files (a message not committed is removed)."""
+        self.message.discard()
+        with contextlib.suppress(OSError):
+            os.close(self.json_fd)
+
+
 class Spool:
     """The queue directory. Every method blocks: call it in a thread."""
 
@@ -510,54 +527,91 @@ class Spool:
             raise _failed(f"cannot write spool entry {entry_id}", exc) from None
 
     def put(self, entry: Entry, message: bytes | MessageFile) -> None:
-        """Commit a new entry durably; ``SpoolError`` leaves nothing behind.
+        """Commit a new entry durably; ``SpoolError`` leaves nothing behind:
+        ``stage`` then ``commit`` (see there), in the calling thread."""
+        [outcome] = self.commit([self.stage(entry, message)])
+        if outcome is not None:
+            raise outcome
+
+    def stage(self, entry: Entry, message: bytes | MessageFile) -> StagedEntry:
+        """Write a new entry's files in ``tmp/`` without waiting for the disk
+        (no fsync: cheap enough for the event loop, where the relay calls it);
+        ``commit`` makes it durable and visible. ``SpoolError`` leaves nothing
+        behind.
 
         ``message`` is the message's bytes, or its file from ``new_message``,
-        written whole: it is fsync'd and renamed into ``queue/`` (and marked
-        committed), and closed in any case (removed on failure): take its
-        ``reader`` first to send it.
+        written whole; either way it is closed by ``commit`` (or here, on
+        failure): take its ``reader`` first to send it.
 
         ``ValueError`` (and nothing written) for an entry that could not be
-        read back: a bad id, no batches, values JSON cannot hold.
-
-        Puts running at once in several threads write and fsync their files
-        in parallel and share one fsync of ``queue/`` (``SharedSync``): a put
-        returns only after an fsync that began after its renames succeeded;
-        when that fsync fails, every put it covered removes its files again
-        and fails (none is left half-visible)."""
+        read back: a bad id, no batches, values JSON cannot hold."""
         envelope = _checked(entry)
-        tmp, queue = self.dir(TMP), self.dir(QUEUE)
-        json_tmp = _tmp_path(tmp, entry.id, "json")
-        if isinstance(message, MessageFile):
-            eml_tmp = message.path
-        else:
-            eml_tmp = _tmp_path(tmp, entry.id, "eml")
-        eml, json_path = queue / f"{entry.id}.eml", queue / f"{entry.id}.json"
-        committed: list[Path] = []
+        queue = self.dir(QUEUE)
+        file = None
+        json_tmp = _tmp_path(self.dir(TMP), entry.id, "json")
         try:
-            if json_path.exists() or eml.exists():
+            if (queue / f"{entry.id}.json").exists() or (queue / f"{entry.id}.eml").exists():
                 raise FileExistsError(errno.EEXIST, "an entry with this id exists")
-            if isinstance(message, MessageFile):
-                message.sync()
+            file = message if isinstance(message, MessageFile) else self.new_message(entry.id)
+            if not isinstance(message, MessageFile):
+                file.write(message)
+            file.flush()
+            json_fd = os.open(json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(json_fd, envelope)
+            except BaseException:
+                os.close(json_fd)
+                json_tmp.unlink(missing_ok=True)
+                raise
+        except (OSError, SpoolError) as exc:
+            if file is not None:
+                file.discard()
+            elif isinstance(message, MessageFile):
+                message.discard()
+            if isinstance(exc, SpoolError):
+                raise
+            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
+        return StagedEntry(entry.id, file, json_tmp, json_fd)
+
+    def commit(self, staged: Sequence[StagedEntry]) -> list[SpoolError | None]:
+        """Make staged entries durable and visible together (group commit,
+        blocking: one thread hop for all of them): each one's files are
+        fsync'd and renamed into ``queue/``, the message first and the
+        envelope last, then one fsync of ``queue/`` covers them all. Returns
+        each one's outcome, in order; a failed one has nothing left behind
+        (a failed directory fsync fails, and removes, every entry it covered).
+        Every staged file is closed in any case."""
+        queue = self.dir(QUEUE)
+        outcomes: list[SpoolError | None] = [None] * len(staged)
+        renamed: list[int] = []
+        for index, item in enumerate(staged):
+            eml, json_path = queue / f"{item.entry_id}.eml", queue / f"{item.entry_id}.json"
+            moved: list[Path] = []
+            try:
+                item.message.sync()
+                os.fsync(item.json_fd)
+                os.rename(item.message.path, eml)
+                moved.append(eml)
+                os.rename(item.json_tmp, json_path)
+            except OSError as exc:
+                _unlink_quietly(*moved, item.message.path, item.json_tmp)
+                outcomes[index] = _failed(f"cannot write spool entry {item.entry_id}", exc)
             else:
-                _write_synced(eml_tmp, message)
-            _write_synced(json_tmp, envelope)
-            os.rename(eml_tmp, eml)
-            committed.append(eml)
-            os.rename(json_tmp, json_path)
-            committed.insert(0, json_path)
-            self._synced[QUEUE]()
-            if isinstance(message, MessageFile):
-                message.commit(eml)
-        except OSError as exc:
-            _unlink_quietly(*committed, eml_tmp, json_tmp)
-            if committed:
+                item.message.commit(eml)
+                renamed.append(index)
+        if renamed:
+            try:
+                self._synced[QUEUE]()
+            except OSError as exc:
+                for index in renamed:
+                    item = staged[index]
+                    _unlink_quietly(queue / f"{item.entry_id}.json", item.message.path)
+                    outcomes[index] = _failed(f"cannot write spool entry {item.entry_id}", exc)
                 with contextlib.suppress(OSError):
                     self._synced[QUEUE]()
-            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
-        finally:
-            if isinstance(message, MessageFile):
-                message.discard()
+        for item in staged:
+            item.close()
+        return outcomes
 
     def update(self, entry: Entry, area: str = QUEUE) -> None:
         """Replace an existing entry's envelope and state durably.
@@ -1054,13 +1108,17 @@ def _unlink_quietly(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def _write_synced(path: Path, data: bytes, *, newer_than: int | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        _write_all(fd, data)
         if newer_than is not None:
             _make_newer(fd, newer_than)
         os.fsync(fd)

@@ -49,7 +49,7 @@ class MessageFile:
         self.size += len(data)
         if len(self._pending) >= WRITE_SIZE:
             try:
-                self._flush()
+                self.flush()
             except OSError as exc:
                 raise SpoolError(
                     f"cannot write spool file {self.path.name}: {exc.strerror or exc}",
@@ -58,7 +58,7 @@ class MessageFile:
 
     def sync(self) -> None:
         """Write what is gathered and fsync the file (blocking)."""
-        self._flush()
+        self.flush()
         os.fsync(self._descriptor())
 
     def commit(self, target: Path) -> None:
@@ -70,7 +70,7 @@ class MessageFile:
         """The message as written so far, to send once committed: a
         descriptor of its own, still readable after ``discard`` (close it).
         ``OSError`` when the gathered bytes cannot be written."""
-        self._flush()
+        self.flush()
         return RawMessage(self.size, fd=os.dup(self._descriptor()))
 
     def discard(self) -> None:
@@ -91,7 +91,8 @@ class MessageFile:
             raise ValueError(f"{self.path.name}: the message file is closed")
         return self._fd
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is gathered (``OSError``); no fsync."""
         pending = self._pending
         fd = self._descriptor()
         written = 0

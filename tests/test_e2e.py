@@ -617,8 +617,6 @@ async def test_smuggling_never_reaches_ses_as_two_messages(
 # -- group commit: messages that arrive together share the spool's fsync ----------
 
 CLIENTS = 4
-"""Fewer than the default executor's threads on one core (5): the held put and
-the ones waiting for the next fsync each hold a thread."""
 
 
 async def send_any(relay: Relay, n: int) -> tuple[int, str]:
@@ -633,13 +631,13 @@ async def clients_held_at_the_commit(relay: Relay, gate: DirSyncGate) -> list[as
     """``CLIENTS`` clients sending at once, the first one's put held in its
     fsync of ``queue/``, the others' messages written and waiting together
     for the next fsync."""
-    assert relay.spool is not None
+    assert relay.delivery is not None
     gate.hold = True
     first = asyncio.create_task(send_any(relay, 0))
     assert await asyncio.to_thread(gate.entered.wait, 15)
     clients = [first, *(asyncio.create_task(send_any(relay, n)) for n in range(1, CLIENTS))]
     async with asyncio.timeout(15):
-        while relay.spool.waiting_for_sync() < CLIENTS - 1:
+        while relay.delivery.waiting_for_commit < CLIENTS - 1:
             await asyncio.sleep(0.01)
     assert gate.calls == 1
     assert not any(c.done() for c in clients)  # no reply while the fsync is held

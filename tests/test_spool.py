@@ -1817,3 +1817,47 @@ def test_list_management_options_survive_the_spool(spool: Spool) -> None:
     spool.put(make_entry("LIST01", ses=ses), MESSAGE)
     [entry] = spool.entries()
     assert entry.ses == ses
+
+
+# -- stage and commit: entries written on the event loop, made durable together
+
+
+def test_entries_committed_together_share_one_fsync_of_the_queue(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    staged = [spool.stage(make_entry(f"ABC10{n}"), f"message {n}\r\n".encode()) for n in range(3)]
+    assert sorted(os.listdir(spool.dir(QUEUE))) == []  # nothing visible before the commit
+    assert spool.commit(staged) == [None, None, None]
+    assert gate.calls == 1
+    assert sorted(entry_id for _, entry_id in gate.log) == ["ABC100", "ABC101", "ABC102"]
+    assert [spool.message(f"ABC10{n}") for n in range(3)] == [
+        f"message {n}\r\n".encode() for n in range(3)
+    ]
+    assert os.listdir(spool.dir(TMP)) == []
+
+
+def test_a_staged_entry_that_cannot_be_committed_fails_alone(spool: Spool) -> None:
+    good, bad = (
+        spool.stage(make_entry("C00D01"), b"kept\r\n"),
+        spool.stage(make_entry("BAD001"), b"x"),
+    )
+    bad.json_tmp.unlink()  # its envelope is gone: the rename into queue/ fails
+    outcomes = spool.commit([good, bad])
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], SpoolError)
+    assert "cannot write spool entry BAD001" in str(outcomes[1])
+    assert sorted(os.listdir(spool.dir(QUEUE))) == ["C00D01.eml", "C00D01.json"]
+    assert os.listdir(spool.dir(TMP)) == []
+
+
+def test_a_failed_fsync_of_the_queue_fails_every_entry_it_covered(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DirSyncGate(monkeypatch, spool.dir(QUEUE))
+    gate.fail = errno.EIO
+    staged = [spool.stage(make_entry(f"E10{n}00"), b"lost\r\n") for n in range(2)]
+    outcomes = spool.commit(staged)
+    assert [type(outcome) for outcome in outcomes] == [SpoolError, SpoolError]
+    assert sorted(os.listdir(spool.dir(QUEUE))) == []
+    assert os.listdir(spool.dir(TMP)) == []
