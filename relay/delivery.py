@@ -333,6 +333,9 @@ class Delivery:
         )
         match decision:
             case Forget():
+                # Closed first: the removal's unlink then frees the file in its
+                # thread, not a close of the last descriptor on the loop.
+                attempt.message.close()
                 await self._record.remove(entry)
                 if inline:
                     return sent_reply(entry)  # the handler logs the outcome with the reply
@@ -342,6 +345,7 @@ class Delivery:
             case Refuse(reply):
                 # SES took none of it: the client gets SES's refusal and keeps
                 # the message; nothing of ours remains.
+                attempt.message.close()
                 await self._record.remove(entry)
                 return DataReply.refused(reply)
             case Wait(at):
