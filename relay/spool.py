@@ -667,11 +667,7 @@ class Spool:
             if not is_valid(entry_id):
                 continue
             try:
-                with contextlib.ExitStack() as stack:
-                    with contextlib.suppress(NoSuchEntry):
-                        stack.enter_context(self._locked(entry_id, area))
-                    (directory / f"{entry_id}.json").unlink(missing_ok=True)
-                    (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+                _unlink_locked(os.fspath(directory), entry_id)
             except OSError as exc:
                 outcomes[index] = _failed(f"cannot remove spool entry {entry_id}", exc)
             else:
@@ -1100,6 +1096,26 @@ def _link_into(source: Path, target: Path, tmp: Path) -> None:
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
+
+
+def _unlink_locked(directory: str, entry_id: str) -> None:
+    """Unlink an entry's files, the envelope first, holding its lock when it
+    has a message file to hold it on (``Spool._locked``, lean: this runs for
+    every delivered message, in a thread that contends for the GIL)."""
+    eml = f"{directory}/{entry_id}.eml"
+    try:
+        fd: int | None = os.open(eml, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for path in (f"{directory}/{entry_id}.json", eml):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _unlink_quietly(*paths: Path) -> None:
