@@ -46,8 +46,10 @@ class Record:
         self._unsaved: dict[str, Entry] = {}
         """Entries whose latest state could not be written, by id."""
         self._removes = GroupCommit(spool.remove_many, "relay-spool-removes")
-        """Delivered entries removed together share one thread hop and the
-        spool's fsync of ``queue/`` (accepted messages share it in ``put``)."""
+        """Entries whose lock was busy (``unlink_now``), removed together in
+        one thread hop and one fsync of ``queue/``."""
+        self._syncs = GroupCommit(spool.sync_queue, "relay-spool-syncs")
+        """Delivered entries unlinked on the loop share one fsync of ``queue/``."""
 
     async def save(self, entry: Entry) -> bool:
         """Write ``entry``'s state; True when it is on disk."""
@@ -81,13 +83,17 @@ class Record:
         """``entry`` is done with (sent, or refused inline): out of the spool."""
         self.left(entry.id)
         try:
-            await self._removes.submit(entry.id)
+            if self._spool.unlink_now(entry.id):
+                await self._syncs.submit(entry.id)
+            else:
+                await self._removes.submit(entry.id)
         except SpoolError as exc:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
 
     async def idle(self) -> None:
         """Return when no removal is running in a thread (before the spool closes)."""
         await self._removes.idle()
+        await self._syncs.idle()
 
     def left(self, entry_id: str) -> None:
         """``entry_id`` left the queue: nothing more to remember of it."""

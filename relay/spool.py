@@ -654,6 +654,29 @@ class Spool:
         if outcome is not None:
             raise outcome
 
+    def unlink_now(self, entry_id: str) -> bool:
+        """Unlink a queued entry's files at once if no one holds its lock
+        (never waiting for it: made for the event loop, where a thread hop
+        costs more than the unlinks); False, and nothing done, when someone
+        does (``remove_many`` waits for it). Not durable until ``sync_queue``.
+        ``SpoolError`` when a file cannot be unlinked."""
+        try:
+            _unlink_locked(os.fspath(self.dir(QUEUE)), entry_id, wait=False)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _failed(f"cannot remove spool entry {entry_id}", exc) from None
+        return True
+
+    def sync_queue(self, changes: Sequence[object]) -> list[SpoolError | None]:
+        """One fsync of ``queue/`` for ``changes`` made to it (``unlink_now``):
+        every one's outcome, the same (a ``GroupCommit`` commit)."""
+        try:
+            self._synced[QUEUE]()
+        except OSError as exc:
+            return [_failed("cannot sync the spool's queue", exc)] * len(changes)
+        return [None] * len(changes)
+
     def remove_many(self, entry_ids: Sequence[str], area: str = QUEUE) -> list[SpoolError | None]:
         """Forget entries together (group commit): each one's files are
         unlinked under its lock, the envelope first, and one fsync of the
@@ -1098,10 +1121,11 @@ def _link_into(source: Path, target: Path, tmp: Path) -> None:
             raise
 
 
-def _unlink_locked(directory: str, entry_id: str) -> None:
+def _unlink_locked(directory: str, entry_id: str, *, wait: bool = True) -> None:
     """Unlink an entry's files, the envelope first, holding its lock when it
     has a message file to hold it on (``Spool._locked``, lean: this runs for
-    every delivered message, in a thread that contends for the GIL)."""
+    every delivered message). Without ``wait``, ``BlockingIOError`` and
+    nothing done when the lock is held."""
     eml = f"{directory}/{entry_id}.eml"
     try:
         fd: int | None = os.open(eml, os.O_RDONLY | os.O_CLOEXEC)
@@ -1109,7 +1133,7 @@ def _unlink_locked(directory: str, entry_id: str) -> None:
         fd = None
     try:
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         for path in (f"{directory}/{entry_id}.json", eml):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -1861,3 +1861,19 @@ def test_a_failed_fsync_of_the_queue_fails_every_entry_it_covered(
     assert [type(outcome) for outcome in outcomes] == [SpoolError, SpoolError]
     assert sorted(os.listdir(spool.dir(QUEUE))) == []
     assert os.listdir(spool.dir(TMP)) == []
+
+
+def test_unlink_now_leaves_an_entry_whose_lock_is_held(spool: Spool) -> None:
+    spool.put(make_entry("AB0001"), b"held\r\n")
+    spool.put(make_entry("AB0002"), b"free\r\n")
+    holder = os.open(spool.dir(QUEUE) / "AB0001.eml", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert spool.unlink_now("AB0001") is False  # an operator's command holds it
+        assert spool.unlink_now("AB0002") is True
+        assert spool.sync_queue(["AB0002"]) == [None]
+        assert sorted(os.listdir(spool.dir(QUEUE))) == ["AB0001.eml", "AB0001.json"]
+    finally:
+        os.close(holder)
+    assert spool.remove_many(["AB0001"]) == [None]
+    assert os.listdir(spool.dir(QUEUE)) == []
