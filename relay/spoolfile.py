@@ -69,7 +69,11 @@ class MessageFile:
     def reader(self) -> RawMessage:
         """The message as written so far, to send once committed: a
         descriptor of its own, still readable after ``discard`` (close it).
-        ``OSError`` when the gathered bytes cannot be written."""
+        ``OSError`` when the gathered bytes cannot be written. A message still
+        wholly gathered (at most ``WRITE_SIZE``: most mail) is given as its
+        bytes, which the file then only has to hold for a restart."""
+        if len(self._pending) == self.size:
+            return RawMessage.of(bytes(self._pending))
         self.flush()
         return RawMessage(self.size, fd=os.dup(self._descriptor()))
 
