@@ -70,6 +70,10 @@ from relay.workers import Workers
 
 RESCAN_CHUNK = 4096
 """Ids a rescan lists in a thread before scheduling them on the loop."""
+COMMITS = 4
+"""Commits of new entries running at once, each in its own thread: their
+fsyncs overlap (the journal merges them), so a message never waits for
+several others' fsyncs in a row."""
 
 
 def request_for(entry: Entry, message: RawMessage, batch: Batch) -> SendRequest:
@@ -111,10 +115,10 @@ class Delivery:
         self.account = Account(config, clock, sender, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
         self._record = Record(spool)
-        self._commits = GroupCommit(spool.commit, "relay-spool-commits")
+        self._commits = GroupCommit(spool.commit, "relay-spool-commits", concurrency=COMMITS)
         """New entries staged on the loop are made durable together: one
         thread hop and one fsync of ``queue/`` for the messages that arrive
-        while a commit runs (no thread runs Python per message)."""
+        while the commits run (no thread runs Python per message)."""
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
         """Following the account's quota (``ses.max_send_rate = 0``)."""
@@ -182,12 +186,6 @@ class Delivery:
             delivery_log.info("queue: %d messages to deliver", count)
 
     # -- the DATA path
-
-    @property
-    def waiting_for_commit(self) -> int:
-        """New messages written and waiting for the next commit (which they
-        will share) while one runs."""
-        return self._commits.waiting
 
     def new_message(self, entry_id: str) -> MessageFile:
         """The file a message arriving by DATA is written to (``SpoolError``)."""

@@ -91,18 +91,19 @@ class SharedSync:
 
 
 class GroupCommit(Generic[Request]):
-    """Batches the requests that arrive while a commit runs."""
+    """Batches the requests that arrive while a commit runs.
 
-    def __init__(self, commit: Commit[Request], name: str) -> None:
+    Up to ``concurrency`` commits run at once, each in its own thread: a
+    request that arrives while fewer run starts one at once (a lone message
+    waits for no one else's fsyncs), one that arrives while all run waits
+    for the first to end, and goes with the others that waited meanwhile."""
+
+    def __init__(self, commit: Commit[Request], name: str, *, concurrency: int = 1) -> None:
         self._commit = commit
         self._name = name
+        self._concurrency = concurrency
         self._waiting: list[tuple[Request, asyncio.Future[None]]] = []
-        self._running: asyncio.Task[None] | None = None
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a commit that has not started yet."""
-        return len(self._waiting)
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: Request) -> None:
         """Return once a commit covering ``request`` succeeded; raise its error
@@ -110,14 +111,16 @@ class GroupCommit(Generic[Request]):
         out of it; one cancelled later is committed all the same."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
-        if self._running is None:
-            self._running = asyncio.create_task(self._run(), name=self._name)
+        if len(self._running) < self._concurrency:
+            task = asyncio.create_task(self._run(), name=self._name)
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         await future
 
     async def idle(self) -> None:
         """Wait until no commit runs (requests whose waiters are gone included)."""
-        while self._running is not None:
-            await asyncio.shield(self._running)
+        while self._running:
+            await asyncio.wait(list(self._running))
 
     async def _run(self) -> None:
         batch: list[tuple[Request, asyncio.Future[None]]] = []
@@ -135,10 +138,10 @@ class GroupCommit(Generic[Request]):
                         future.set_result(None)
                     else:
                         future.set_exception(outcome)
-        finally:
-            self._running = None
-            # Left over only when this task is cancelled (the loop ends): the
-            # waiters learn nothing, as if their thread were cut off.
+        except asyncio.CancelledError:
+            # Only when the loop ends: the waiters learn nothing, as if their
+            # thread were cut off.
             for _, future in (*batch, *self._waiting):
                 future.cancel()
             self._waiting = []
+            raise

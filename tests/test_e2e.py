@@ -628,16 +628,16 @@ async def send_any(relay: Relay, n: int) -> tuple[int, str]:
 
 
 async def clients_held_at_the_commit(relay: Relay, gate: DirSyncGate) -> list[asyncio.Task[Any]]:
-    """``CLIENTS`` clients sending at once, the first one's put held in its
-    fsync of ``queue/``, the others' messages written and waiting together
-    for the next fsync."""
-    assert relay.delivery is not None
+    """``CLIENTS`` clients sending at once, the first one's commit held in
+    its fsync of ``queue/``, the others' messages written and renamed into
+    it, waiting for the next fsync."""
     gate.hold = True
     first = asyncio.create_task(send_any(relay, 0))
     assert await asyncio.to_thread(gate.entered.wait, 15)
     clients = [first, *(asyncio.create_task(send_any(relay, n)) for n in range(1, CLIENTS))]
     async with asyncio.timeout(15):
-        while relay.delivery.waiting_for_commit < CLIENTS - 1:
+        # Every message renamed into queue/, waiting for an fsync of it.
+        while len(list(gate.directory.glob("*.json"))) < CLIENTS:
             await asyncio.sleep(0.01)
     assert gate.calls == 1
     assert not any(c.done() for c in clients)  # no reply while the fsync is held
