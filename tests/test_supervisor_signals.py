@@ -200,3 +200,32 @@ async def test_queue_retry_reaches_every_worker(tmp_path: Path, fake_ses: FakeSe
         for pid in pids.values():
             retried = rf"\[{pid}\].*queue: \d+ messages to deliver"
             assert sum(1 for line in daemon.lines[mark:] if re.search(retried, line)) == 1
+
+
+async def smtp_counts(daemon: Daemon) -> tuple[float, float]:
+    """``ses_relay_smtp_connections_total{admitted}`` and the sum of
+    ``ses_relay_smtp_sessions_total`` over its outcomes."""
+    _, text = await scrape(daemon)
+    values = samples(text)
+    sessions = sum(v for (name, _), v in values.items() if name == "ses_relay_smtp_sessions_total")
+    return values[("ses_relay_smtp_connections_total", "admitted")], sessions
+
+
+async def test_smtp_counters_keep_a_restarted_workers_counts(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    path = config(tmp_path, fake_ses, 2)
+    async with running_daemon(path, daemon_env(fake_ses)) as daemon:
+        assert daemon.smtp is not None
+        await send(daemon, 11)
+        before = await smtp_counts(daemon)
+        assert before == (11, 11)
+
+        for index, old in worker_pids(daemon).items():
+            os.kill(old, signal.SIGKILL)
+            await daemon.wait_for_log(rf"worker {index} \(pid {old}\) exited unexpectedly", WAIT)
+            new = await daemon.wait_for_log(rf"worker {index} \(pid (?!{old}\))\d+\) ready", WAIT)
+            assert new
+        assert await smtp_counts(daemon) == before
+        await send(daemon, 2)
+        assert await smtp_counts(daemon) == (13, 13)
