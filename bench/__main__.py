@@ -13,7 +13,8 @@ counted with ``perf`` when it is installed and allowed.
 
 Besides the throughput scenarios (``--scenario``), the parts (``--part``)
 measure what the rest of issue 15's points 6-13 are judged by: ``workers``
-(7), ``latency`` (9, ``bench/paced.py``), ``ses-delay`` (10,
+(7: the scenarios named, or all, with two workers; printed beside the
+scenarios' targets where they ran), ``latency`` (9, ``bench/paced.py``), ``ses-delay`` (10,
 ``bench/slowses.py``), ``memory`` (11, ``bench/bigmessages.py``),
 ``startup`` (12, ``bench/startup.py``) and ``rate-limit`` (13,
 ``bench/ratelimit.py``); ``large`` measures issue 16's point 4 (30 MB
@@ -38,7 +39,7 @@ from bench.procs import run_in_temp_dir
 from bench.scenarios import LOADS, SCENARIOS, TARGETS, Settings, run_scenario
 from bench.slowses import run_slow_ses
 from bench.verdict import verdicts
-from bench.workers import run_workers
+from bench.workers import compared, run_workers
 
 FORMAT = 3
 """The JSON's shape: 2 added per-target summaries (``postfix``), ``ratios``,
@@ -194,7 +195,7 @@ def run_part(
     document: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     parts: dict[str, Callable[[], dict[str, Any]]] = {
-        "workers": lambda: run_workers(settings, workdir),
+        "workers": lambda: run_workers(settings, workdir, args.scenario or list(SCENARIOS)),
         "latency": lambda: run_paced(settings, workdir, _relay_maximum(document)),
         "ses-delay": lambda: run_slow_ses(settings, workdir),
         "memory": lambda: bigmessages.run_big_messages(
@@ -230,12 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {machine_info['load_average_at_start'][0]:.2f}, "
         f"load from {args.load}"
     )
-    print(report.table(document["scenarios"]))
-    print()
-    print(report.ratio_table(document["scenarios"]))
-    for note in report.notes(document["scenarios"]):
-        print(f"note: {note}")
-    print()
+    if document["scenarios"]:
+        print(report.table(document["scenarios"]))
+        print()
+        print(report.ratio_table(document["scenarios"]))
+        for note in report.notes(document["scenarios"]):
+            print(f"note: {note}")
+        print()
+    workers = compared(document)
+    if workers:
+        print(report.workers_table(workers))
+        print()
+        print(report.workers_ratio_table(workers))
+        print()
     print(report.verdict_table(document["verdicts"]))
     if args.json is not None:
         report.write_json(args.json, document)

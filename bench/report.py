@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import TARGETS
+from bench.workers import TARGET, WORKERS
 
 COLUMNS = (
     "scenario",
@@ -83,6 +84,30 @@ def ratio_table(results: Sequence[dict[str, Any]]) -> str:
     over another's."""
     rows = [[_name(r), *(_num(r.get("ratios", {}).get(k), 2) for k in RATIOS)] for r in results]
     return _markdown(("scenario", *RATIOS), rows)
+
+
+WORKERS_COLUMNS = COLUMNS[:6] + COLUMNS[8:]
+WORKERS_RATIOS = tuple(f"{WORKERS} workers/{target} msg/s" for target in TARGETS)
+
+
+def workers_table(entries: Sequence[dict[str, Any]]) -> str:
+    """Point 7: per scenario, the relay with workers beside the ceiling, the
+    one-process relay and Postfix where they ran (``bench.workers.compared``)."""
+    order = ("ceiling", "relay", TARGET, "postfix")
+    rows = [
+        row(entry, target, entry[target])
+        for entry in entries
+        for target in order
+        if entry[target] is not None
+    ]
+    keep = [COLUMNS.index(column) for column in WORKERS_COLUMNS]
+    return _markdown(WORKERS_COLUMNS, [[cells[i] for i in keep] for cells in rows])
+
+
+def workers_ratio_table(entries: Sequence[dict[str, Any]]) -> str:
+    """Point 7: the workers' msg/s over each target's ("-" where it did not run)."""
+    rows = [[_name(e), *(_num(e["ratios"][t], 2) for t in TARGETS)] for e in entries]
+    return _markdown(("scenario", *WORKERS_RATIOS), rows)
 
 
 def notes(results: Sequence[dict[str, Any]]) -> list[str]:

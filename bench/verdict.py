@@ -3,7 +3,8 @@
 Each check reads one figure from the run's document (``python -m bench``'s
 JSON) and compares it with the point's must and, where there is one, its
 stretch. A figure the run did not measure is "not run"; point 7 is "not
-built" while the relay has no ``smtp.workers``.
+built" while the relay has no ``smtp.workers``, and judged against whichever
+of the ceiling and Postfix ran the same scenario in the run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from bench.workers import compared
 
 RATE_TOLERANCE = 0.05
 """Point 13: the delivered rate within this share of the configured one."""
@@ -95,17 +98,15 @@ def _throughput(document: dict[str, Any]) -> Iterator[Check]:
 
 
 def _workers(document: dict[str, Any]) -> Iterator[Check]:
+    """From the scenarios the workers part measured, against the targets that
+    ran them in this run (``bench.workers.compared``)."""
     part = document.get("parts", {}).get("workers")
     status = None if part is None or part["built"] else "not built"
+    entries = compared(document)
 
     def figure(mode: str, target: str) -> float | None:
-        if part is None or not part["built"] or (scenario := _scenario(document, mode)) is None:
-            return None
-        mine, theirs = part[scenario["scenario"]], scenario.get(target)
-        if theirs is None or mine["msgs_per_s"] is None or not theirs["msgs_per_s"]:
-            return None
-        ratio: float = round(mine["msgs_per_s"] / theirs["msgs_per_s"], 3)
-        return ratio
+        entry = next((e for e in entries if e["mode"] == mode), None)
+        return None if entry is None else entry["ratios"][target]
 
     checks = (
         ("per-message: 2 workers/Postfix msg/s", "per-message", "postfix", Bound(1.0), None),

@@ -100,14 +100,14 @@ class Relay:
         self._factories: list[Callable[[], RelaySMTP]] = []
         """Sessions of each listener (``smtp.listen``, then ``smtp.tls_listen``),
         made from the configuration in force; ``reload`` replaces them."""
+        self.metrics = RelayMetrics()
         self.limiter = ConnectionLimiter(
-            config.smtp.max_connections, config.smtp.max_connections_per_client
+            config.smtp.max_connections, config.smtp.max_connections_per_client, self.metrics
         )
         self.smtp_addresses: list[tuple[str, int]] = []
         """Where the plain (STARTTLS) listeners are, in ``smtp.listen`` order."""
         self.tls_addresses: list[tuple[str, int]] = []
         """Where the implicit-TLS listeners are, in ``smtp.tls_listen`` order."""
-        self.metrics = RelayMetrics()
         self.metrics.add_state(self._state)
         self._http_server: HttpServer | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -403,9 +403,6 @@ class Relay:
             quota=delivery.account.quota if delivery is not None else None,
             smtp_open=limiter.active,
             smtp_max=limiter.max_connections,
-            smtp_admitted=limiter.admitted,
-            smtp_refused=limiter.refused,
-            smtp_sessions=dict(limiter.sessions),
             credentials_expiry=credentials.seconds_left() if credentials is not None else None,
         )
 

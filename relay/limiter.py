@@ -2,7 +2,9 @@
 
 Bookkeeping over the connections it is given; no sockets.
 A connection is anything with ``shutdown`` and ``close_when_idle``
-(``relay.smtp.RelaySMTP``).
+(``relay.smtp.RelaySMTP``). What it admits, refuses and sees end is counted
+by its ``SmtpCounts`` (``relay.metrics.RelayMetrics``: counters that, with
+``smtp.workers``, outlive the worker that counted).
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ commands, a command over its limit, AUTH lock-out, a bad or untrusted PROXY
 header); the relay dropped it (its replies were not read); the STARTTLS
 handshake failed; the relay was stopping; or an unexpected error ended it."""
 SESSION_OUTCOMES: Final[tuple[SessionOutcome, ...]] = get_args(SessionOutcome)
+ConnectionOutcome = Literal["admitted", "refused"]
+"""A new connection (``ses_relay_smtp_connections_total``): admitted, or
+refused for a connection limit."""
+CONNECTION_OUTCOMES: Final[tuple[ConnectionOutcome, ...]] = get_args(ConnectionOutcome)
+
+
+class SmtpCounts(Protocol):
+    """Where the limiter counts connections and how sessions ended."""
+
+    def connection(self, outcome: ConnectionOutcome) -> None: ...
+    def session(self, outcome: SessionOutcome) -> None: ...
+
+
+class _NotCounted:
+    def connection(self, outcome: ConnectionOutcome) -> None:
+        pass
+
+    def session(self, outcome: SessionOutcome) -> None:
+        pass
 
 
 class _Closable(Protocol):
@@ -41,7 +62,9 @@ class ConnectionLimiter:
     when their transaction ends, and new connections get ``421``.
     """
 
-    def __init__(self, max_connections: int, max_per_client: int) -> None:
+    def __init__(
+        self, max_connections: int, max_per_client: int, counts: SmtpCounts | None = None
+    ) -> None:
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self._open: dict[_Closable, str | None] = {}
@@ -50,13 +73,7 @@ class ConnectionLimiter:
         self._idle.set()
         self.draining = False
         """Shutting down: every connection is told 421 as soon as it is idle."""
-        self.admitted = 0
-        """Connections admitted since start (for metrics)."""
-        self.refused = 0
-        """Connections refused for a limit since start (for metrics)."""
-        self.sessions: Counter[str] = Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
-        """Connections closed since start, by outcome (for metrics; every key
-        present from the start, so a scrape in another thread sees no new key)."""
+        self._counts = counts or _NotCounted()
 
     @property
     def active(self) -> int:
@@ -72,7 +89,7 @@ class ConnectionLimiter:
         if connection in self._open:
             return True
         if len(self._open) >= self.max_connections:
-            self.refused += 1
+            self._counts.connection("refused")
             return False
         self._open[connection] = None
         self._idle.clear()
@@ -85,11 +102,11 @@ class ConnectionLimiter:
         if self._open[connection] is not None:
             return True  # admitted already
         if self._per_client[client] >= self.max_per_client:
-            self.refused += 1
+            self._counts.connection("refused")
             return False
         self._per_client[client] += 1
         self._open[connection] = client
-        self.admitted += 1
+        self._counts.connection("admitted")
         return True
 
     def release(self, connection: _Closable) -> None:
@@ -106,7 +123,7 @@ class ConnectionLimiter:
 
     def ended(self, outcome: SessionOutcome) -> None:
         """A connection has closed (whether or not it was admitted)."""
-        self.sessions[outcome] += 1
+        self._counts.session(outcome)
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for every connection to close; True if they did."""

@@ -2,9 +2,9 @@
 
 Counters and histograms are updated as things happen (``RelayMetrics``'s
 ``message``, ``ses_call``, ``auth_attempt``, ``send_rate_wait``,
-``config_reload``); gauges of state (the spool's contents, a pause of all
-delivery, the credentials' expiry) and the counts the connection limiter
-keeps (connections, sessions by outcome) are read when Prometheus scrapes,
+``config_reload``, and ``connection`` and ``session`` from the connection
+limiter); gauges of state (the spool's contents, a pause of all delivery,
+the credentials' expiry, the connections open) are read when Prometheus scrapes,
 by ``StateCollector``, which runs in a thread (``exposition``), never on
 the event loop. Names follow Prometheus conventions: ``ses_relay_`` prefix,
 base units, ``_total`` counters. Each relay has its own registry (tests run
@@ -34,12 +34,13 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.auth import AUTH_OUTCOMES, AuthAttempt
+from relay.limiter import CONNECTION_OUTCOMES, SESSION_OUTCOMES, ConnectionOutcome, SessionOutcome
 from relay.outcome import DataReply
 from relay.ses.classify import metric_code
 from relay.ses.sender import SendQuota
@@ -58,7 +59,8 @@ BOUNCE_OUTCOMES = ("queued", "sent", "failed")
 
 
 class RelayMetrics:
-    """The metrics a relay updates as it works."""
+    """The metrics a relay updates as it works (also the connection limiter's
+    ``relay.limiter.SmtpCounts``)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         """``multiprocess_dir``: expose what every process of the relay wrote
@@ -154,6 +156,27 @@ class RelayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        connections = Counter(
+            "ses_relay_smtp_connections",
+            "SMTP connections, by outcome: admitted, or refused for a connection limit.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        sessions = Counter(
+            "ses_relay_smtp_sessions",
+            "SMTP connections that have closed, by how they ended: quit (the client "
+            "sent QUIT), disconnected (the client closed without QUIT), timeout "
+            "(idle, DATA, session or PROXY header time limit), refused (421 for a connection "
+            "limit, too many bad commands, a command over its limit or AUTH lock-out; "
+            "a bad or untrusted PROXY header), dropped (the client did not read its "
+            "replies), tls_failed (the STARTTLS handshake failed), shutdown (421 "
+            "while the relay stops), error (an unexpected error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        # One per connection: the children are looked up once, here.
+        self._connections = {o: connections.labels(o) for o in CONNECTION_OUTCOMES}
+        self._sessions = {o: sessions.labels(o) for o in SESSION_OUTCOMES}
         self._last_reload_ok = Gauge(
             "ses_relay_config_last_reload_successful",
             "0 when the last reload was refused (the configuration file is not what runs), "
@@ -204,6 +227,14 @@ class RelayMetrics:
         self._reloads.labels("refused" if refused else "applied").inc()
         self._last_reload_ok.set(0 if refused else 1)
 
+    def connection(self, outcome: ConnectionOutcome) -> None:
+        """A new SMTP connection was admitted, or refused for a limit."""
+        self._connections[outcome].inc()
+
+    def session(self, outcome: SessionOutcome) -> None:
+        """An SMTP connection has closed (``relay.limiter.SESSION_OUTCOMES``)."""
+        self._sessions[outcome].inc()
+
     def ses_call(self, action: str, code: str, seconds: float) -> None:
         """One HTTP call to SES: ``code`` is SES's error code, "" on success."""
         outcome = "error" if code else "success"
@@ -236,10 +267,6 @@ class State:
     smtp_open: int
     smtp_max: int
     """``smtp.max_connections``."""
-    smtp_admitted: int
-    smtp_refused: int
-    smtp_sessions: Mapping[str, int]
-    """SMTP sessions ended, by outcome (``relay.limiter.SESSION_OUTCOMES``)."""
     credentials_expiry: float | None
     """Seconds until the current AWS credentials expire (negative once they have);
     None for keys that never expire, or before any were fetched."""
@@ -293,14 +320,6 @@ class StateCollector(Collector):
                  quota.max_send_rate),
             ):  # fmt: skip
                 yield GaugeMetricFamily(f"ses_relay_ses_quota_{name}", text, value=number)
-        yield _by_label(
-            CounterMetricFamily(
-                "ses_relay_smtp_connections",
-                "SMTP connections, by outcome: admitted, or refused for a connection limit.",
-                labels=["outcome"],
-            ),
-            {"admitted": state.smtp_admitted, "refused": state.smtp_refused},
-        )
         yield GaugeMetricFamily(
             "ses_relay_smtp_connections_open", "SMTP connections open now.", value=state.smtp_open
         )
@@ -308,20 +327,6 @@ class StateCollector(Collector):
             "ses_relay_smtp_connections_max",
             "smtp.max_connections: connections open at once before new ones get 421.",
             value=state.smtp_max,
-        )
-        yield _by_label(
-            CounterMetricFamily(
-                "ses_relay_smtp_sessions",
-                "SMTP connections that have closed, by how they ended: quit (the client "
-                "sent QUIT), disconnected (the client closed without QUIT), timeout "
-                "(idle, DATA, session or PROXY header time limit), refused (421 for a connection "
-                "limit, too many bad commands, a command over its limit or AUTH lock-out; "
-                "a bad or untrusted PROXY header), dropped (the client did not read its "
-                "replies), tls_failed (the STARTTLS handshake failed), shutdown (421 "
-                "while the relay stops), error (an unexpected error).",
-                labels=["outcome"],
-            ),
-            state.smtp_sessions,
         )
         if state.credentials_expiry is not None:
             yield GaugeMetricFamily(
@@ -332,9 +337,7 @@ class StateCollector(Collector):
             )
 
 
-def _by_label(
-    family: GaugeMetricFamily | CounterMetricFamily, values: Mapping[str, float]
-) -> Metric:
+def _by_label(family: GaugeMetricFamily, values: Mapping[str, float]) -> Metric:
     """``family`` (one label) with a sample per label value."""
     for label, number in values.items():
         family.add_metric([label], number)

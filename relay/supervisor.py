@@ -240,6 +240,7 @@ class Supervisor:
             assert process.stdout is not None
             if await process.stdout.readline() == b"ready\n":
                 worker.ready = True
+                smtp_log.info("worker %d (pid %d) ready", worker.index, process.pid)
                 await self._notify()
             status = await process.wait()
             process.stdin.close()

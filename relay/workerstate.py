@@ -4,7 +4,7 @@ relay's view made of them. Pure.
 A worker answers on its report socket with ``report_json``: its ``State``
 (the gauges read at scrape, ``relay.metrics``) and its ``Readiness``. The
 parent's ``/metrics`` shows ``combine`` of every worker's state: counts
-that add up across workers are summed (spool entries, connections, the
+that add up across workers are summed (spool entries, open connections, the
 sending rate, since each worker sends at its share), the age of the oldest
 message and a pause of all delivery are the longest, the account's quota
 is the same for all (the latest any worker read), and the credentials'
@@ -14,7 +14,6 @@ expiry is the soonest. ``/readyz`` is ready when every worker runs and is.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -26,7 +25,7 @@ from relay.ses.sender import SendQuota
 
 def report_json(state: State, readiness: Readiness) -> bytes:
     document = {
-        "state": asdict(state) | {"smtp_sessions": dict(state.smtp_sessions)},
+        "state": asdict(state),
         "readiness": {"checks": dict(readiness.checks), "ses": readiness.ses},
     }
     return json.dumps(document).encode()
@@ -46,9 +45,6 @@ def report_from_json(text: bytes) -> tuple[State, Readiness]:
 
 def combine(states: Sequence[State]) -> State:
     """The relay's state from its workers' (none answered: all zero)."""
-    sessions: Counter[str] = Counter()
-    for state in states:
-        sessions.update(state.smtp_sessions)
     quotas = [s.quota for s in states if s.quota is not None]
     expiries = [s.credentials_expiry for s in states if s.credentials_expiry is not None]
     return State(
@@ -60,9 +56,6 @@ def combine(states: Sequence[State]) -> State:
         quota=max(quotas, key=lambda q: q.sent_last_24_hours) if quotas else None,
         smtp_open=sum(s.smtp_open for s in states),
         smtp_max=sum(s.smtp_max for s in states),
-        smtp_admitted=sum(s.smtp_admitted for s in states),
-        smtp_refused=sum(s.smtp_refused for s in states),
-        smtp_sessions=dict(sessions),
         credentials_expiry=min(expiries) if expiries else None,
     )
 

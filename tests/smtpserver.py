@@ -27,7 +27,7 @@ from typing import Any
 from relay.auth import Authenticator
 from relay.config import SmtpConfig
 from relay.incoming import IncomingMessage
-from relay.limiter import ConnectionLimiter
+from relay.limiter import ConnectionLimiter, ConnectionOutcome, SessionOutcome
 from relay.message import PreparedMessage
 from relay.ses.sender import NO_PARAMETERS
 from relay.session import client_address
@@ -140,12 +140,30 @@ def as_received(header: bytes, rest: bytes) -> PreparedMessage:
 
 
 @dataclass
+class Tally:
+    """The connections the limiter admitted and refused (``relay.limiter.SmtpCounts``)."""
+
+    admitted: int = 0
+    refused: int = 0
+
+    def connection(self, outcome: ConnectionOutcome) -> None:
+        if outcome == "admitted":
+            self.admitted += 1
+        else:
+            self.refused += 1
+
+    def session(self, outcome: SessionOutcome) -> None:
+        pass
+
+
+@dataclass
 class Server:
     host: str
     port: int
     config: SmtpConfig
     handler: RecordingHandler
     limiter: ConnectionLimiter
+    counts: Tally
 
 
 def smtp_config(**overrides: Any) -> SmtpConfig:
@@ -164,7 +182,8 @@ async def smtp_server(
     """A listener with ``SmtpConfig(hostname="relay.test", **overrides)``."""
     config = smtp_config(**overrides)
     handler = handler if handler is not None else RecordingHandler()
-    limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_client)
+    counts = Tally()
+    limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_client, counts)
     factory = smtp_factory(
         config,
         handler,
@@ -179,7 +198,7 @@ async def smtp_server(
     )
     host, port = server.sockets[0].getsockname()[:2]
     try:
-        yield Server(host, port, config, handler, limiter)
+        yield Server(host, port, config, handler, limiter, counts)
     finally:
         server.close()
         limiter.close_all()

@@ -26,7 +26,9 @@ import pytest
 
 from bench import postfix, smtpsource
 from bench.load import Messages
+from bench.report import workers_ratio_table, workers_table
 from bench.verdict import verdicts
+from bench.workers import compared
 from tests.daemon import REPO
 
 FIGURES = ("msgs_per_s", "p50_ms", "p99_ms", "cpu_s_per_1000", "peak_rss_mb")
@@ -146,9 +148,21 @@ def assert_parts(report: dict[str, Any], stdout: str) -> None:
     assert rate["log_warnings_errors"] == 0, rate["log_examples"]
     workers = parts["workers"]
     assert workers["built"] is True
+    assert workers["modes"] == {"10k-1rcpt-per-message": "per-message"}  # what --scenario named
     per_message = workers["10k-1rcpt-per-message"]
     assert per_message["errors"] == {}
     assert per_message["delivered"] == per_message["accepted_total"] >= 20
+    # Printed beside the scenario's targets, with its ratios.
+    scenario = report["scenarios"][0]
+    printed = [row for row in cells(stdout) if row[:1] == ["10k-1rcpt-per-message"]]
+    for target, summary in (("ceiling", scenario["ceiling"]), ("relay", scenario["relay"]),
+                            ("relay, 2 workers", per_message)):  # fmt: skip
+        figures = [f"{summary['msgs_per_s']:.1f}", f"{summary['p50_ms']:.1f} / "
+                   f"{summary['p99_ms']:.1f}", f"{summary['cpu_s_per_1000']:.2f}",
+                   f"{summary['peak_rss_mb']:.1f}"]  # fmt: skip
+        assert ["10k-1rcpt-per-message", target, *figures] in [row[:6] for row in printed]
+    ratio = per_message["msgs_per_s"] / scenario["ceiling"]["msgs_per_s"]
+    assert ["10k-1rcpt-per-message", f"{ratio:.2f}"] in [row[:2] for row in printed]
     rows = {(row["point"], row["what"]): row for row in report["verdicts"]}
     for (point, what), row in rows.items():
         if point == "12" or what.startswith("persistent:") or "/Postfix" in what:
@@ -195,3 +209,66 @@ def test_generated_messages_have_only_crlf_line_ends() -> None:
         message = Messages(size).next()
         assert re.search(rb"\r(?!\n)|(?<!\r)\n", message) is None, size
         assert message.endswith(b"\r\n")
+
+
+def summary(msgs_per_s: float) -> dict[str, Any]:
+    """A target's figures, as ``bench.scenarios.measure`` gives them."""
+    return {
+        "msgs_per_s": msgs_per_s, "p50_ms": 4.0, "p99_ms": 9.5, "cpu_s_per_1000": 2.5,
+        "peak_rss_mb": 40.0, "accepted_total": 100, "delivered": 100, "drained": True,
+        "errors": {},
+    }  # fmt: skip
+
+
+def cells(text: str) -> list[list[str]]:
+    """The rows of the tables printed in ``text`` (not their headers), cell by cell."""
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    ]
+    return [row for row in rows if row and row[0] not in ("scenario", "point")]
+
+
+def test_the_workers_part_is_printed_and_judged_against_what_ran() -> None:
+    per_message, persistent = "10k-1rcpt-per-message", "10k-1rcpt-persistent"
+    workers = {
+        "built": True, "workers": 2, "ses_delay_ms": 0.0,
+        "modes": {per_message: "per-message", persistent: "persistent"},
+        per_message: summary(300.0), persistent: summary(500.0),
+    }  # fmt: skip
+    only_workers: dict[str, Any] = {"scenarios": [], "parts": {"workers": workers}}
+    rows = [r for r in verdicts(only_workers) if r["point"] == "7"]
+    assert [r["status"] for r in rows] == ["not run"] * 3  # nothing to compare with
+    figures = ["4.0 / 9.5", "2.50", "40.0", "100/100", "0"]
+    assert cells(workers_table(compared(only_workers))) == [
+        [per_message, "relay, 2 workers", "300.0", *figures],
+        [persistent, "relay, 2 workers", "500.0", *figures],
+    ]
+
+    # The per-message scenario ran with the ceiling and the one-process relay only.
+    scenario = {
+        "scenario": per_message, "mode": "per-message", "ses_delay_ms": 0.0,
+        "ceiling": summary(400.0), "relay": summary(200.0), "postfix": None,
+    }  # fmt: skip
+    document = only_workers | {"scenarios": [scenario]}
+    rows = [r for r in verdicts(document) if r["point"] == "7"]
+    assert [(r["what"], r["measured"], r["status"]) for r in rows] == [
+        ("per-message: 2 workers/Postfix msg/s", None, "not run"),
+        ("per-message: 2 workers/ceiling msg/s", 0.75, "pass"),
+        ("persistent: 2 workers/ceiling msg/s", None, "not run"),
+    ]
+    entries = compared(document)
+    assert cells(workers_table(entries)) == [
+        [per_message, "ceiling", "400.0", *figures],
+        [per_message, "relay", "200.0", *figures],
+        [per_message, "relay, 2 workers", "300.0", *figures],
+        [persistent, "relay, 2 workers", "500.0", *figures],
+    ]
+    ratios = workers_ratio_table(entries)
+    assert ratios.splitlines()[0].split("|")[2:5] == [
+        " 2 workers/ceiling msg/s ",
+        " 2 workers/relay msg/s ",
+        " 2 workers/postfix msg/s ",
+    ]
+    assert cells(ratios) == [[per_message, "0.75", "1.50", "-"], [persistent, "-", "-", "-"]]

@@ -1477,7 +1477,7 @@ async def test_proxy_header_from_an_untrusted_peer_is_refused(
         for client in clients:
             await client.close()
         assert await server.limiter.wait_idle(TIMEOUT)
-        assert server.limiter.admitted == 0
+        assert server.counts.admitted == 0
     assert server.handler.clients == []
     refusals = [
         r for r in caplog.records if "outside smtp.proxy_trusted_networks" in r.getMessage()

@@ -310,20 +310,18 @@ def test_the_spool_set_finds_entries_in_every_partition(tmp_path: Path) -> None:
 def state(**values: Any) -> State:
     base = State(
         queued=1, dead=0, oldest_age=5.0, pause_remaining=0.0, send_rate=2.0, quota=None,
-        smtp_open=1, smtp_max=10, smtp_admitted=3, smtp_refused=0,
-        smtp_sessions={"quit": 2}, credentials_expiry=None,
+        smtp_open=1, smtp_max=10, credentials_expiry=None,
     )  # fmt: skip
     return replace(base, **values)
 
 
 def test_states_combine_into_the_relays_totals() -> None:
     first = state(oldest_age=9.0, credentials_expiry=100.0)
-    second = state(queued=4, smtp_sessions={"quit": 1, "timeout": 1}, credentials_expiry=50.0)
+    second = state(queued=4, smtp_open=3, credentials_expiry=50.0)
     assert report_from_json(report_json(first, Readiness({"smtp": "ok"}, "ok")))[0] == first
     total = combine([first, second])
-    assert (total.queued, total.send_rate, total.smtp_max, total.smtp_admitted) == (5, 4.0, 20, 6)
+    assert (total.queued, total.send_rate, total.smtp_max, total.smtp_open) == (5, 4.0, 20, 4)
     assert (total.oldest_age, total.credentials_expiry) == (9.0, 50.0)
-    assert total.smtp_sessions == {"quit": 3, "timeout": 1}
     ok = Readiness({"smtp": "ok", "spool": "ok"}, "ok")
     assert combine_readiness({0: ok, 1: ok}, 2).checks == {"smtp": "ok", "spool": "ok"}
     assert combine_readiness({0: ok}, 2).checks["smtp"] == "worker 1: not running"
