@@ -20,7 +20,8 @@ what follows the header waits in memory meanwhile (the rest of one chunk).
 A refused header (``MessageRefused``) or a failed write (``SpoolError``:
 ENOSPC, EIO) stops the writing and removes the file at once; the reading
 goes on to the end of DATA, where ``finish`` raises it for the reply.
-``take`` hands the file to delivery (``Spool.put`` commits it); until then
+``take`` hands the file to delivery (``Spool.stage`` and ``commit`` make it
+durable); until then
 ``discard`` removes it, as the listener does whenever DATA ends otherwise
 (refused, client gone, timeout, error).
 """

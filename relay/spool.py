@@ -15,9 +15,9 @@ Layout under ``spool.path`` (readable with ordinary tools)::
 An entry is committed when ``queue/ID.json`` exists: ``stage`` writes both
 files in ``tmp/`` (no fsync), ``commit`` fsyncs them, renames the message
 first and the envelope last, and fsyncs ``queue/`` (once for all the entries
-it commits; none is acknowledged before that fsync); ``put`` is the two. A ``.eml`` without its
-``.json`` was never acknowledged: readers skip it and the daemon removes it
-at start. State changes rewrite the ``.json`` the same way (write, fsync,
+it commits; none is acknowledged before that fsync); ``put`` is the two.
+A ``.eml`` without its ``.json`` was never acknowledged: readers skip it and
+the daemon removes it at start. State changes rewrite the ``.json`` the same way (write, fsync,
 rename, fsync the directory). Every operation keeps "a ``.json`` implies
 its ``.eml``": the envelope is committed last and removed first.
 
@@ -518,7 +518,7 @@ class Spool:
 
     def new_message(self, entry_id: str) -> MessageFile:
         """A new file in ``tmp/`` for the message of ``entry_id``, to write as
-        it arrives and commit with ``put`` (``relay.spoolfile``); ``SpoolError``
+        it arrives and commit with ``stage`` and ``commit`` (``relay.spoolfile``); ``SpoolError``
         when it cannot be created. Creating a file is cheap enough for the
         event loop: this one call may be made there."""
         try:

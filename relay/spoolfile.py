@@ -1,10 +1,11 @@
 """A new message's file in the spool's ``tmp/`` area, written as it arrives.
 
 ``Spool.new_message`` creates it when DATA starts; the message goes in by
-``write`` in pieces, then ``Spool.put`` commits it (``sync``: the data's
-fsync, then the rename into ``queue/``, and closes it) or ``discard``
-removes it. Nothing of it is visible in ``queue/`` before the commit, and a
-file left in ``tmp/`` by a crash is removed at the next start (``Spool.open``).
+``write`` in pieces, then ``Spool.stage`` and ``Spool.commit`` (or ``put``,
+the two) make it durable (``sync``: the data's fsync, then the rename into
+``queue/``, and close it) or ``discard`` removes it. Nothing of it is
+visible in ``queue/`` before the commit, and a file left in ``tmp/`` by a
+crash is removed at the next start (``Spool.open``).
 
 ``write`` runs on the event loop: the pieces are gathered into writes of
 ``WRITE_SIZE`` bytes, which the page cache takes at once; only ``sync``
@@ -41,7 +42,7 @@ class MessageFile:
         self.size = 0
         """Bytes written so far."""
         self.committed = False
-        """``Spool.put`` made it a queued message (``path`` is in ``queue/``)."""
+        """``Spool.commit`` made it a queued message (``path`` is in ``queue/``)."""
 
     def write(self, data: bytes) -> None:
         """Add ``data``; ``SpoolError`` when the file cannot take it."""
@@ -62,7 +63,7 @@ class MessageFile:
         os.fsync(self._descriptor())
 
     def commit(self, target: Path) -> None:
-        """Now queued as ``target`` (``Spool.put``, after its last fsync)."""
+        """Now queued as ``target`` (``Spool.commit``, after its last fsync)."""
         self.path = target
         self.committed = True
 
