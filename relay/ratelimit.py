@@ -155,13 +155,16 @@ class SendRate:
 
     # -- waiting
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait for ``tokens`` (recipients) and take them, after earlier callers."""
+    def try_acquire(self, tokens: int) -> bool:
+        """Take ``tokens`` (recipients) if they are there now and no one waits
+        before; False, and nothing taken, otherwise (then ``acquire``)."""
         if tokens < 0:
             raise ValueError("tokens must be 0 or more")
-        if tokens == 0:
-            return
-        if not self._queue and self._take_or_wait(tokens) == 0:
+        return tokens == 0 or (not self._queue and self._take_or_wait(tokens) == 0)
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait for ``tokens`` (recipients) and take them, after earlier callers."""
+        if self.try_acquire(tokens):
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(turn)

@@ -359,3 +359,19 @@ async def test_with_the_real_clock_and_sleep() -> None:
     elapsed = time.monotonic() - started
     assert 0.2 * 0.95 <= elapsed < 2.0
     assert len(sleeps) == 4
+
+
+async def test_try_acquire_takes_only_tokens_at_hand_and_never_jumps_the_queue() -> None:
+    clock = FakeClock(autojump=False)
+    limiter = bucket(clock, 14)
+    assert limiter.try_acquire(10)
+    assert not limiter.try_acquire(10)  # 4 left: nothing taken
+    assert limiter.tokens == pytest.approx(4)
+    waiter = asyncio.create_task(limiter.acquire(10))
+    await settle()
+    assert limiter.waiting == 1
+    assert not limiter.try_acquire(1)  # tokens are there, but someone waits first
+    assert limiter.tokens == pytest.approx(4)
+    waiter.cancel()
+    await settle()
+    assert limiter.try_acquire(0)
