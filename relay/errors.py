@@ -18,7 +18,7 @@ Every SesError carries its ``Disposition`` (what delivery should do next) and th
 SMTP reply the relay gives when the error decides a client's transaction.
 Lower-level errors are translated into these where they arise, each kind in
 one place: aiohttp's and the operating system's errors of a call to AWS in
-``relay.ses.http.request`` (into ``HttpTransportError``, which the SES client
+``relay.ses.http.fetch`` (into ``HttpTransportError``, which the SES client
 classifies and the credential sources report), the file system's in
 ``relay.spool``.
 """

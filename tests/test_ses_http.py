@@ -1,4 +1,4 @@
-"""``relay.ses.http.request``: the one place where aiohttp's and the OS's
+"""``relay.ses.http.fetch``: the one place where aiohttp's and the OS's
 errors become ``HttpTransportError``, against real hostile endpoints on loopback."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from relay.errors import HttpTransportError
-from relay.ses.http import new_session, request
+from relay.ses.http import fetch, new_session
 
 SECRET = "/creds/SECRET-PATH?token=SECRET-QUERY"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -63,9 +63,10 @@ async def fine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 
 async def call(session: aiohttp.ClientSession, url: URL, seconds: float = 2.0) -> tuple[int, bytes]:
-    return await request(
+    answer = await fetch(
         session, "GET", url, what="the endpoint", headers={}, seconds=seconds, limit=50
     )
+    return answer.status, answer.body
 
 
 @pytest.mark.parametrize(

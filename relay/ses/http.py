@@ -98,35 +98,6 @@ class Answer:
     body: bytes
 
 
-async def request(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    *,
-    what: str,
-    headers: Mapping[str, str],
-    data: bytes | ChunkedBody | None = None,
-    seconds: float,
-    connect_seconds: float | None = None,
-    read_seconds: float | None = None,
-    limit: int,
-) -> tuple[int, bytes]:
-    """``fetch``'s status and body."""
-    answer = await fetch(
-        session,
-        method,
-        url,
-        what=what,
-        headers=headers,
-        data=data,
-        seconds=seconds,
-        connect_seconds=connect_seconds,
-        read_seconds=read_seconds,
-        limit=limit,
-    )
-    return answer.status, answer.body
-
-
 async def fetch(
     session: aiohttp.ClientSession,
     method: str,

@@ -15,7 +15,7 @@ from yarl import URL
 from relay.errors import CredentialsError, CredentialsUnreachable, HttpTransportError
 from relay.ses.credentials.parsing import parse_sts_credentials, sts_endpoint
 from relay.ses.credentials.providers import Clock
-from relay.ses.http import request
+from relay.ses.http import fetch
 from relay.ses.query import FORM_CONTENT_TYPE, encode_form
 from relay.ses.sigv4 import Credentials, payload_hash, sign_request
 
@@ -55,7 +55,7 @@ async def http(
     """One request; the status and the body (capped at ``MAX_RESPONSE_SIZE``).
     No answer is ``CredentialsUnreachable``, a credentials error."""
     try:
-        return await request(
+        answer = await fetch(
             ctx.session,
             method,
             url,
@@ -69,6 +69,7 @@ async def http(
         )
     except HttpTransportError as exc:
         raise CredentialsUnreachable(str(exc), exc.cause) from None
+    return answer.status, answer.body
 
 
 async def sts_call(
