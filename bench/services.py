@@ -38,6 +38,7 @@ READY_TIMEOUT = 30.0
 """Seconds any process may take to say it is ready."""
 _ADDRESS = r"on 127\.0\.0\.1:(\d+)"
 MAX_SEND_RATE = 100000.0
+MESSAGES_PER_SESSION = 1_000_000
 """Recipients per second the relay may send: far above anything reached here."""
 DUMMY_ACCESS_KEY = "AKIABENCHFAKE0000000"
 DUMMY_SECRET_KEY = "benchSecretKeyNotChecked/bench0000000000"  # noqa: S105 - a dummy the fake never checks
@@ -172,11 +173,19 @@ Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def relay_config(directory: Path, ses: FakeSes, overrides: Overrides | None = None) -> Path:
-    """The relay's TOML: SMTP on a free port, the spool (fsync on, as always)
-    under ``directory``, SES at the fake with an explicit sending rate (so no
-    GetSendQuota call), then ``overrides``; everything else at its default."""
+    """The relay's TOML: SMTP on a free port without a limit of messages per
+    session, the spool (fsync on, as always) under ``directory``, SES at the
+    fake with an explicit sending rate (so no GetSendQuota call), then
+    ``overrides``; everything else at its default."""
     sections: dict[str, dict[str, Any]] = {
-        "smtp": {"listen": ["127.0.0.1:0"], "hostname": "relay.bench"},
+        # A persistent session of the load sends more messages than the default
+        # max_messages_per_session (1000) allows; the ceiling and Postfix have no
+        # such limit.
+        "smtp": {
+            "listen": ["127.0.0.1:0"],
+            "hostname": "relay.bench",
+            "max_messages_per_session": MESSAGES_PER_SESSION,
+        },
         "ses": {
             "endpoint": ses.url,
             "ca_bundle": str(ses.ca_pem),
