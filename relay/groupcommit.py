@@ -112,9 +112,7 @@ class GroupCommit(Generic[Request]):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if len(self._running) < self._concurrency:
-            task = asyncio.create_task(self._run(), name=self._name)
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running.add(asyncio.create_task(self._run(), name=self._name))
         await future
 
     async def idle(self) -> None:
@@ -145,3 +143,8 @@ class GroupCommit(Generic[Request]):
                 future.cancel()
             self._waiting = []
             raise
+        finally:
+            # At once, not in a done callback: a request that arrives after
+            # the loop above found nothing waiting must start a commit of its
+            # own, which it would not while this task still counted as running.
+            self._running.discard(asyncio.current_task())

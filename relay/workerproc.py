@@ -39,8 +39,14 @@ def main() -> int:
 
 
 def _stop_when_orphaned() -> None:
-    """Wait for the end of standard input (the parent's pipe), then stop."""
-    sys.stdin.buffer.read()
+    """Wait for the end of standard input (the parent's pipe), then stop.
+
+    Reads the descriptor itself: a daemon thread blocked in
+    ``sys.stdin.buffer.read()`` holds the buffer's lock, and the interpreter
+    aborts ("could not acquire lock ... at interpreter shutdown") when it
+    finalizes standard input at the worker's normal exit."""
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -833,6 +833,10 @@ class FakeSes:
     def pending_script(self) -> int:
         return len(self._script)
 
+    def clear_script(self) -> None:
+        """Forget the behaviours not used yet: every request succeeds again."""
+        self._script.clear()
+
     def add_key(self, access_key: str, secret_key: str, session_token: str | None = None) -> None:
         self.keys[access_key] = KnownKey(secret_key, session_token)
 

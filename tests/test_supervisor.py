@@ -176,7 +176,7 @@ async def test_a_killed_worker_is_restarted_and_its_queued_mail_delivered(
 async def test_when_workers_shrink_from_3_to_2_the_third_partition_is_delivered(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
-    ses = {"endpoint": UNREACHABLE}
+    ses = {"endpoint": UNREACHABLE, "max_attempts": 1}  # none still backing off at the stop
     path = config(tmp_path, fake_ses, 3, ses=ses)
     async with running_daemon(path, daemon_env(fake_ses)) as daemon:
         await send(daemon, 30)
@@ -201,7 +201,7 @@ async def test_when_workers_shrink_from_3_to_2_the_third_partition_is_delivered(
 async def test_the_queue_of_a_single_process_spool_moves_to_the_workers(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
-    path = config(tmp_path, fake_ses, 1, ses={"endpoint": UNREACHABLE})
+    path = config(tmp_path, fake_ses, 1, ses={"endpoint": UNREACHABLE, "max_attempts": 1})
     async with running_daemon(path, daemon_env(fake_ses)) as daemon:
         await send(daemon, 3)
         daemon.terminate()
