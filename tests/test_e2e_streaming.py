@@ -103,6 +103,24 @@ async def reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
+async def in_data(relay: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to ``relay`` that has said EHLO, MAIL, RCPT and DATA
+    (each answered as it should be): what is written next is the message."""
+    host, port = relay.smtp_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reply(reader)
+        for line in (b"EHLO c.test", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<b@x.net>"):
+            writer.write(line + b"\r\n")
+            assert (await reply(reader)).startswith(b"250")
+        writer.write(b"DATA\r\n")
+        assert (await reply(reader)).startswith(b"354")
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer
+
+
 async def test_the_message_is_in_its_spool_file_before_data_ends(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
@@ -112,15 +130,8 @@ async def test_the_message_is_in_its_spool_file_before_data_ends(
     raw = big_message(2 << 20, headers="Subject: cut\r\n")
     async with running_relay(tmp_path, fake_ses) as relay:
         spool = tmp_path / "spool"
-        host, port = relay.smtp_addresses[0]
-        reader, writer = await asyncio.open_connection(host, port)
+        _, writer = await in_data(relay)
         try:
-            await reply(reader)
-            for line in (b"EHLO c.test", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<b@x.net>"):
-                writer.write(line + b"\r\n")
-                assert (await reply(reader)).startswith(b"250")
-            writer.write(b"DATA\r\n")
-            assert (await reply(reader)).startswith(b"354")
             writer.write(raw[: len(raw) // 2])
             await writer.drain()
             await wait_until(lambda: spooled_bytes(spool) >= len(raw) // 4, "the body in tmp/")
@@ -165,15 +176,8 @@ async def test_a_refused_data_leaves_no_file(
     async with running_relay(
         tmp_path, fake_ses, smtp={"bare_newline": "reject", "max_message_size": 370_000}
     ) as relay:
-        host, port = relay.smtp_addresses[0]
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await in_data(relay)
         try:
-            await reply(reader)
-            for line in (b"EHLO c.test", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<b@x.net>"):
-                writer.write(line + b"\r\n")
-                assert (await reply(reader)).startswith(b"250")
-            writer.write(b"DATA\r\n")
-            assert (await reply(reader)).startswith(b"354")
             writer.write(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
             assert (await reply(reader)).decode().rstrip("\r\n") == refusal
             assert tmp_files(tmp_path / "spool") == []  # gone before the client heard
