@@ -231,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {machine_info['load_average_at_start'][0]:.2f}, "
         f"load from {args.load}"
     )
+    workers = compared(document)
     if document["scenarios"]:
         print(report.table(document["scenarios"]))
         print()
         print(report.ratio_table(document["scenarios"]))
-        for note in report.notes(document["scenarios"]):
-            print(f"note: {note}")
         print()
-    workers = compared(document)
     if workers:
         print(report.workers_table(workers))
         print()
         print(report.workers_ratio_table(workers))
         print()
+    for note in report.notes(document["scenarios"], workers):
+        print(f"note: {note}")
     print(report.verdict_table(document["verdicts"]))
     if args.json is not None:
         report.write_json(args.json, document)

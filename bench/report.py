@@ -110,41 +110,50 @@ def workers_ratio_table(entries: Sequence[dict[str, Any]]) -> str:
     return _markdown(("scenario", *WORKERS_RATIOS), rows)
 
 
-def notes(results: Sequence[dict[str, Any]]) -> list[str]:
+def notes(results: Sequence[dict[str, Any]], workers: Sequence[dict[str, Any]] = ()) -> list[str]:
     """What a reader should not miss: errors, undrained queues, log warnings,
-    a load generator that may have been the limit."""
+    a load generator that may have been the limit; for the scenarios'
+    targets and for the workers part's rows (``bench.workers.compared``)."""
     found: list[str] = []
     for result in results:
-        name = result["scenario"]
         for side, summary in _targets(result):
-            if summary["errors"]:
-                examples = result["load"][side]["error_examples"]
-                found.append(f"{name}: {side} errors {summary['errors']}, e.g. {examples}")
-            if (summary["loadgen_cpu_util"] or 0) > 0.9:
-                found.append(
-                    f"{name}: the load generator was busy "
-                    f"{summary['loadgen_cpu_util']:.0%} against the {side}: "
-                    "it may have been the limit"
-                )
-            if not summary["drained"]:
-                found.append(
-                    f"{name}: the {side}'s queue had not drained after {summary['drain_s']} s"
-                )
-            if summary["reconnects"]:
-                found.append(
-                    f"{name}: the {side} ended {summary['reconnects']} persistent sessions "
-                    "(e.g. smtp.max_messages_per_session); the sessions reconnected"
-                )
-            if side == "relay" and summary["queued_replies"]:
-                found.append(
-                    f"{name}: {summary['queued_replies']} of the relay's replies were "
-                    "'250 queued' (SES not reached inline)"
-                )
-            if summary["log_warnings_errors"]:
-                found.append(
-                    f"{name}: the {side} logged {summary['log_warnings_errors']} "
-                    f"warnings/errors, e.g. {summary['log_examples'][:2]}"
-                )
+            examples = result["load"][side]["error_examples"] if summary["errors"] else []
+            found += _summary_notes(result["scenario"], side, summary, examples)
+    for entry in workers:
+        summary = entry[TARGET]
+        found += _summary_notes(entry["scenario"], TARGET, summary, [])
+    return found
+
+
+def _summary_notes(
+    name: str, side: str, summary: dict[str, Any], error_examples: Sequence[str]
+) -> list[str]:
+    found: list[str] = []
+    if summary["errors"]:
+        found.append(f"{name}: {side} errors {summary['errors']}, e.g. {list(error_examples)}")
+    if (summary["loadgen_cpu_util"] or 0) > 0.9:
+        found.append(
+            f"{name}: the load generator was busy "
+            f"{summary['loadgen_cpu_util']:.0%} against the {side}: "
+            "it may have been the limit"
+        )
+    if not summary["drained"]:
+        found.append(f"{name}: the {side}'s queue had not drained after {summary['drain_s']} s")
+    if summary["reconnects"]:
+        found.append(
+            f"{name}: the {side} ended {summary['reconnects']} persistent sessions "
+            "(e.g. smtp.max_messages_per_session); the sessions reconnected"
+        )
+    if side in ("relay", TARGET) and summary["queued_replies"]:
+        found.append(
+            f"{name}: {summary['queued_replies']} of the {side}'s replies were "
+            "'250 queued' (SES not reached inline)"
+        )
+    if summary["log_warnings_errors"]:
+        found.append(
+            f"{name}: the {side} logged {summary['log_warnings_errors']} "
+            f"warnings/errors, e.g. {summary['log_examples'][:2]}"
+        )
     return found
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from bench import postfix, smtpsource
 from bench.load import Messages
-from bench.report import workers_ratio_table, workers_table
+from bench.report import notes, workers_ratio_table, workers_table
 from bench.verdict import verdicts
 from bench.workers import compared
 from tests.daemon import REPO
@@ -272,3 +272,22 @@ def test_the_workers_part_is_printed_and_judged_against_what_ran() -> None:
         " 2 workers/postfix msg/s ",
     ]
     assert cells(ratios) == [[per_message, "0.75", "1.50", "-"], [persistent, "-", "-", "-"]]
+
+
+def test_the_notes_cover_the_workers_rows() -> None:
+    """A 2-worker figure sunk by sessions the relay cut off is explained under
+    the tables (it once showed only in the JSON)."""
+    persistent = "10k-1rcpt-persistent"
+    cut_off = summary(75.0) | {
+        "loadgen_cpu_util": 0.01, "drain_s": 0.0, "reconnects": 1, "queued_replies": 0,
+        "log_warnings_errors": 1,
+        "log_examples": ["WARNING relay.smtp[11391]: closed: MAIL sent too many times"],
+    }  # fmt: skip
+    workers = {
+        "built": True, "workers": 2, "ses_delay_ms": 0.0, "modes": {persistent: "persistent"},
+        persistent: cut_off,
+    }  # fmt: skip
+    found = notes([], compared({"scenarios": [], "parts": {"workers": workers}}))
+    assert len(found) == 2
+    assert found[0].startswith(f"{persistent}: the relay, 2 workers ended 1 persistent sessions")
+    assert "MAIL sent too many times" in found[1]
