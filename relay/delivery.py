@@ -63,7 +63,7 @@ from relay.queueid import new_id
 from relay.record import Record
 from relay.schedule import expired
 from relay.ses.sender import RawMessage, SendRequest, SesSender
-from relay.space import STORAGE_FULL, FreeSpace
+from relay.space import FreeSpace
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from relay.spoolfile import MessageFile
 from relay.workers import Workers
@@ -213,16 +213,12 @@ class Delivery:
             raw = message.reader()
         except OSError as exc:
             message.discard()
-            delivery_log.error("%s: not accepted: %s", entry.id, exc.strerror or exc)
-            self._space.look_again()
-            return DataReply.refused(STORAGE_FULL)
+            return DataReply.refused(self._space.refuse(entry.id, exc))
         with raw:
             try:
                 await self._commits.submit(self._spool.stage(entry, message))
             except SpoolError as exc:
-                delivery_log.error("%s: not accepted: %s", entry.id, exc)
-                self._space.look_again()
-                return DataReply.refused(STORAGE_FULL)
+                return DataReply.refused(self._space.refuse(entry.id, exc))
             self._workers.claim(entry.id)
             try:
                 attempt = await self._attempt(entry, raw, self._config.delivery.inline_timeout)

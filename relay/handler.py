@@ -18,7 +18,7 @@ from relay.config import Config
 from relay.delivery import Delivery
 from relay.errors import MessageRefused, SpoolError
 from relay.incoming import IncomingMessage
-from relay.log import delivery_log, smtp_log
+from relay.log import smtp_log
 from relay.message import PreparedMessage, plan_batches, prepare_header
 from relay.metrics import RelayMetrics
 from relay.outcome import DataReply
@@ -87,9 +87,7 @@ class RelayHandler:
         try:
             file = self._delivery.new_message(queue_id)
         except SpoolError as exc:
-            delivery_log.error("%s: not accepted: %s", queue_id, exc)
-            self._space.look_again()
-            raise MessageRefused(STORAGE_FULL) from None
+            raise MessageRefused(self._space.refuse(queue_id, exc)) from None
         message_id = f"<{queue_id}@{self._config.smtp.hostname}>"
 
         def prepare(header: bytes, rest: bytes) -> PreparedMessage:
@@ -152,9 +150,7 @@ class RelayHandler:
         try:
             message = await incoming.finish()
         except SpoolError as exc:
-            delivery_log.error("%s: not accepted: %s", queue_id, exc)
-            self._space.look_again()
-            return DataReply.refused(STORAGE_FULL)
+            return DataReply.refused(self._space.refuse(queue_id, exc))
         self._policy.check_header_senders(message.originators, user)
         self._policy.check_identity_headers(message.identity_headers(), client, user)
         source = envelope.mail_from or ascii_address(message.from_address, "sender")

@@ -73,6 +73,13 @@ class FreeSpace:
         """A write to the spool failed: the next ``ok`` reads afresh."""
         self._checked = None
 
+    def refuse(self, entry_id: str, error: OSError | SpoolError) -> SmtpReply:
+        """A message could not be written to the spool: logged, the free space
+        read afresh next time, and the reply its client gets."""
+        delivery_log.error("%s: not accepted: %s", entry_id, error)
+        self.look_again()
+        return STORAGE_FULL
+
     async def refresh(self) -> None:
         """Read the free space now (a failed reading keeps the last one)."""
         try:

@@ -4,9 +4,11 @@ the running relay and the fake SES (issue 12, points 2, 5 and 6)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,9 @@ def message(from_lines: str) -> bytes:
     ).encode()
 
 
-async def send_as_alice(relay: Relay, ca_pem_path: Path, raw: bytes) -> tuple[int, str]:
-    """STARTTLS, AUTH as alice (limited to ALICE and @team.example), one message."""
+@contextlib.asynccontextmanager
+async def as_alice(relay: Relay, ca_pem_path: Path) -> AsyncIterator[aiosmtplib.SMTP]:
+    """A client after STARTTLS and AUTH as alice (limited to ALICE and @team.example)."""
     host, port = relay.smtp_addresses[0]
     client = aiosmtplib.SMTP(
         hostname=host, port=port, start_tls=False, tls_context=client_tls(ca_pem_path)
@@ -45,6 +48,12 @@ async def send_as_alice(relay: Relay, ca_pem_path: Path, raw: bytes) -> tuple[in
         await client.starttls()
         await client.ehlo()
         await client.auth_plain("alice", "s3cret")
+        yield client
+
+
+async def send_as_alice(relay: Relay, ca_pem_path: Path, raw: bytes) -> tuple[int, str]:
+    """One message from alice (``as_alice``)."""
+    async with as_alice(relay, ca_pem_path) as client:
         await client.mail(ALICE)
         await client.rcpt("bob@example.net")
         try:
@@ -132,29 +141,23 @@ async def test_a_limited_user_gets_553_for_a_mail_from_not_allowed(
     users_file: str,
     ca_pem_path: Path,
 ) -> None:
-    async with running_relay(
-        tmp_path,
-        fake_ses,
-        smtp={"allowed_networks": ["192.0.2.0/24"], **relay_cert},
-        auth={"users_file": users_file, "failure_delay": 0.0, **SENDER_RULES},
-    ) as relay:
-        host, port = relay.smtp_addresses[0]
-        client = aiosmtplib.SMTP(
-            hostname=host, port=port, start_tls=False, tls_context=client_tls(ca_pem_path)
-        )
-        async with client:
-            await client.ehlo()
-            await client.starttls()
-            await client.ehlo()
-            await client.auth_plain("alice", "s3cret")
-            refused = []
-            for sender in ("eve@evil.example", "alice@sub.team.example", "alice@team.example.net"):
-                with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
-                    await client.mail(sender)
-                refused.append((caught.value.code, caught.value.message))
-            accepted = await client.mail("Carol@Team.Example")  # a domain entry, any case
-            await client.rcpt("bob@example.net")
-            sent = await client.data(message("From: Carol@Team.Example\r\n"))
+    async with (
+        running_relay(
+            tmp_path,
+            fake_ses,
+            smtp={"allowed_networks": ["192.0.2.0/24"], **relay_cert},
+            auth={"users_file": users_file, "failure_delay": 0.0, **SENDER_RULES},
+        ) as relay,
+        as_alice(relay, ca_pem_path) as client,
+    ):
+        refused = []
+        for sender in ("eve@evil.example", "alice@sub.team.example", "alice@team.example.net"):
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                await client.mail(sender)
+            refused.append((caught.value.code, caught.value.message))
+        accepted = await client.mail("Carol@Team.Example")  # a domain entry, any case
+        await client.rcpt("bob@example.net")
+        sent = await client.data(message("From: Carol@Team.Example\r\n"))
     assert refused == [
         (553, f"5.7.1 MAIL FROM <{sender}> is not allowed for user alice")
         for sender in ("eve@evil.example", "alice@sub.team.example", "alice@team.example.net")
