@@ -207,8 +207,8 @@ class Delivery:
             raise
 
     async def _accept(self, entry: Entry, message: MessageFile) -> DataReply:
-        # The message is sent from its own descriptor of the file: the commit
-        # closes the file's (in its thread, whatever becomes of this task).
+        # The message is sent from its bytes (small) or its own descriptor of
+        # the file: the commit closes the file's, whatever becomes of this task.
         try:
             raw = message.reader()
         except OSError as exc:
