@@ -119,6 +119,11 @@ class Delivery:
         """New entries staged on the loop are made durable together: one
         thread hop and one fsync of ``queue/`` for the messages that arrive
         while the commits run (no thread runs Python per message)."""
+        self._journal_commits = GroupCommit(
+            spool.journal.append, "relay-journal-commits", concurrency=COMMITS
+        )
+        """Small new messages, likewise: one write and one fdatasync of the
+        journal for those that arrive together (``relay.journal``)."""
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
         """Following the account's quota (``ses.max_send_rate = 0``)."""
@@ -156,6 +161,7 @@ class Delivery:
         self._tasks.clear()
         # A commit or removal already in a thread ends before the spool may be closed.
         await self._commits.idle()
+        await self._journal_commits.idle()
         await self._record.idle()
 
     async def retry_now(self) -> None:
@@ -188,7 +194,7 @@ class Delivery:
     # -- the DATA path
 
     def new_message(self, entry_id: str) -> MessageFile:
-        """The file a message arriving by DATA is written to (``SpoolError``)."""
+        """The file a message arriving by DATA is written to (created with its first write)."""
         return self._spool.new_message(entry_id)
 
     async def accept(self, entry: Entry, message: MessageFile) -> DataReply:
@@ -207,18 +213,11 @@ class Delivery:
             raise
 
     async def _accept(self, entry: Entry, message: MessageFile) -> DataReply:
-        # The message is sent from its bytes (small) or its own descriptor of
-        # the file: the commit closes the file's, whatever becomes of this task.
         try:
-            raw = message.reader()
-        except OSError as exc:
-            message.discard()
+            raw = await self._commit(entry, message)
+        except (OSError, SpoolError) as exc:
             return DataReply.refused(self._space.refuse(entry.id, exc))
         with raw:
-            try:
-                await self._commits.submit(self._spool.stage(entry, message))
-            except SpoolError as exc:
-                return DataReply.refused(self._space.refuse(entry.id, exc))
             self._workers.claim(entry.id)
             try:
                 attempt = await self._attempt(entry, raw, self._config.delivery.inline_timeout)
@@ -230,6 +229,29 @@ class Delivery:
                 return queued_reply(entry)
             finally:
                 self._workers.release(entry.id)
+
+    async def _commit(self, entry: Entry, message: MessageFile) -> RawMessage:
+        """Make a new entry durable (``SpoolError``, ``OSError``: nothing
+        kept); the message to send. A message still wholly in memory goes to
+        the journal, a larger one (already partly in its file) into the
+        queue; the file is closed either way, whatever becomes of this task."""
+        held = message.held()
+        if held is not None:
+            message.discard()
+            await self._journal_commits.submit(self._spool.journal_put(entry, held))
+            self._record.journaled(entry, held)
+            return RawMessage.of(held)
+        try:
+            raw = message.reader()  # its own descriptor of the file
+        except OSError:
+            message.discard()
+            raise
+        try:
+            await self._commits.submit(self._spool.stage(entry, message))
+        except BaseException:
+            raw.close()
+            raise
+        return raw
 
     # -- the background
 
@@ -345,6 +367,7 @@ class Delivery:
             case Wait(at):
                 # Nothing was sent: waiting for the sending rate (or the end of
                 # a pause of all delivery) is not a failed attempt.
+                await self._record.keep(entry)
                 self._workers.schedule(entry.id, at)
                 delivery_log.debug("%s: waiting for the SES sending rate", entry.id)
             case Retry(retried, why):
@@ -372,6 +395,9 @@ class Delivery:
         still in the queue (``_not_due``), so one that is not in the spool
         was never written. Anything that cannot be written
         now is tried again after ``delivery.retry_min``."""
+        if not await self._record.keep(entry):
+            self._workers.schedule(entry.id, self._later())
+            return
         if self._bouncer.wanted(entry):
             if entry.bounce is None:
                 entry = replace(entry, bounce=new_id())

@@ -84,10 +84,7 @@ class RelayHandler:
     async def handle_DATA_START(self, server: Any, session: Any, envelope: Any) -> IncomingMessage:
         """DATA starts: the message's file in the spool, which it goes to as it arrives."""
         queue_id = self._queue_id()
-        try:
-            file = self._delivery.new_message(queue_id)
-        except SpoolError as exc:
-            raise MessageRefused(self._space.refuse(queue_id, exc)) from None
+        file = self._delivery.new_message(queue_id)
         message_id = f"<{queue_id}@{self._config.smtp.hostname}>"
 
         def prepare(header: bytes, rest: bytes) -> PreparedMessage:

@@ -11,6 +11,8 @@ Layout under ``spool.path`` (readable with ordinary tools)::
     queue/ID.json        its envelope and delivery state (see ``Entry``)
     dead/ID.eml, .json   messages given up on, kept for ``queue show``/``retry``
     quarantine/          entries that could not be read, kept for a person
+    journal/             small new messages while SES is tried inline
+                         (``relay.journal``): moved into queue/ at start
 
 An entry is committed when ``queue/ID.json`` exists: ``stage`` writes both
 files in ``tmp/`` (no fsync), ``commit`` fsyncs them, renames the message
@@ -47,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from relay.diskio import spool_error, sync_dir, write_all
 from relay.errors import (
     NoSuchEntry,
     SesError,
@@ -56,13 +59,14 @@ from relay.errors import (
     UnreadableEntry,
 )
 from relay.groupcommit import SharedSync
+from relay.journal import Journal, JournalPut
 from relay.log import delivery_log
 from relay.queueid import is_valid, made_at
 from relay.ses.sender import NO_PARAMETERS, RawMessage, SesParameters
 from relay.spoolfile import MessageFile
 
 FORMAT_VERSION = 1
-QUEUE, DEAD, TMP, QUARANTINE = "queue", "dead", "tmp", "quarantine"
+QUEUE, DEAD, TMP, QUARANTINE, JOURNAL = "queue", "dead", "tmp", "quarantine", "journal"
 AREAS = (QUEUE, DEAD)
 _LOCK_RETRY = 0.05
 """Seconds ``open`` keeps trying when the lock is busy: ``daemon_pid`` of a
@@ -396,8 +400,12 @@ class Spool:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
-        self._synced = {area: SharedSync(partial(_sync_dir, self.dir(area))) for area in AREAS}
+        self._synced = {area: SharedSync(partial(sync_dir, self.dir(area))) for area in AREAS}
         """Per area, the fsync of its directory that threads changing it at once share."""
+        self.journal = Journal(self.dir(JOURNAL))
+        """Where small new messages are committed (``relay.journal``): the
+        daemon's, once ``open`` has moved what a previous run left there into
+        the queue."""
 
     def dir(self, area: str) -> Path:
         return self.path / area
@@ -413,15 +421,16 @@ class Spool:
     def open(self, *, lock: bool = True, lock_wait: float = _LOCK_RETRY) -> None:
         """Create the layout; with ``lock`` (the daemon) take the lock and
         recover: empty ``tmp/``, finish interrupted moves, remove messages
-        whose envelope was never committed. ``SpoolLocked`` when another
+        whose envelope was never committed, move the journal's entries into
+        the queue. ``SpoolLocked`` when another
         daemon holds the lock for ``lock_wait`` seconds."""
         try:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for area in (TMP, QUEUE, DEAD, QUARANTINE):
+            for area in (TMP, QUEUE, DEAD, QUARANTINE, JOURNAL):
                 self.dir(area).mkdir(exist_ok=True, mode=0o700)
-            _sync_dir(self.path)
+            sync_dir(self.path)
             with contextlib.suppress(PermissionError):  # a parent we may only traverse
-                _sync_dir(self.path.parent)
+                sync_dir(self.path.parent)
             if lock and self._lock_fd is None:
                 self._lock(lock_wait)
                 try:
@@ -430,7 +439,7 @@ class Spool:
                     self.close()
                     raise
         except OSError as exc:
-            raise _failed(f"spool {self.path}", exc) from None
+            raise spool_error(f"spool {self.path}", exc) from None
 
     def _lock(self, wait: float) -> None:
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -475,7 +484,24 @@ class Spool:
                 delivery_log.info("%s: removing a message that was never acknowledged", name[:-4])
                 (directory / name).unlink(missing_ok=True)
             if orphans:
-                _sync_dir(directory)
+                sync_dir(directory)
+        self._replay_journal()
+
+    def _replay_journal(self) -> None:
+        """Move the entries the journal still holds (a previous run stopped
+        while they were tried inline) into the queue, then empty it."""
+        for put in self.journal.pending():
+            if self.find(put.entry_id) is not None:
+                continue  # moved into the queue before the stop
+            try:
+                entry = Entry.from_json(put.envelope)
+            except (ValueError, UnreadableEntry) as exc:
+                delivery_log.error("%s: an unreadable entry in the journal: %s", put.entry_id, exc)
+                self._quarantine_put(put)
+                continue
+            self.put(entry, put.message)
+            delivery_log.info("%s: moved from the journal into the queue", entry.id)
+        self.journal.clear()
 
     def used_by_daemon(self) -> bool:
         """Whether a daemon has ever opened this spool (it leaves its lock file)."""
@@ -489,7 +515,7 @@ class Spool:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _failed(f"cannot read {path}", exc) from None
+            raise spool_error(f"cannot read {path}", exc) from None
         try:
             for _ in range(50):
                 if _try_flock(fd, fcntl.LOCK_SH):
@@ -500,14 +526,15 @@ class Spool:
                     return pid
                 time.sleep(0.001)  # the daemon is between taking the lock and writing its PID
         except OSError as exc:
-            raise _failed(f"cannot read {path}", exc) from None
+            raise spool_error(f"cannot read {path}", exc) from None
         finally:
             os.close(fd)
         return None
 
     def close(self) -> None:
-        """Release the lock. The PID is blanked in place (keeping the file's
-        block for the next start on a full disk)."""
+        """Close the journal and release the lock. The PID is blanked in place
+        (keeping the file's block for the next start on a full disk)."""
+        self.journal.close()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):
@@ -518,13 +545,10 @@ class Spool:
 
     def new_message(self, entry_id: str) -> MessageFile:
         """A new file in ``tmp/`` for the message of ``entry_id``, to write as
-        it arrives and commit with ``stage`` and ``commit`` (``relay.spoolfile``); ``SpoolError``
-        when it cannot be created. Creating a file is cheap enough for the
-        event loop: this one call may be made there."""
-        try:
-            return MessageFile(_tmp_path(self.dir(TMP), entry_id, "eml"))
-        except OSError as exc:
-            raise _failed(f"cannot write spool entry {entry_id}", exc) from None
+        it arrives and commit with ``stage`` and ``commit``, or to take back
+        to commit in the journal when it stays small (``relay.spoolfile``).
+        Nothing is created yet: a call made for the event loop."""
+        return MessageFile(_tmp_path(self.dir(TMP), entry_id, "eml"))
 
     def put(self, entry: Entry, message: bytes | MessageFile) -> None:
         """Commit a new entry durably; ``SpoolError`` leaves nothing behind:
@@ -532,6 +556,11 @@ class Spool:
         [outcome] = self.commit([self.stage(entry, message)])
         if outcome is not None:
             raise outcome
+
+    def journal_put(self, entry: Entry, message: bytes) -> JournalPut:
+        """A new entry to commit in the journal (``Journal.append``);
+        ``ValueError`` as ``stage``."""
+        return JournalPut(entry.id, _checked(entry), message)
 
     def stage(self, entry: Entry, message: bytes | MessageFile) -> StagedEntry:
         """Write a new entry's files in ``tmp/`` without waiting for the disk
@@ -558,7 +587,7 @@ class Spool:
             file.flush()
             json_fd = os.open(json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(json_fd, envelope)
+                write_all(json_fd, envelope)
             except BaseException:
                 os.close(json_fd)
                 json_tmp.unlink(missing_ok=True)
@@ -570,7 +599,7 @@ class Spool:
                 message.discard()
             if isinstance(exc, SpoolError):
                 raise
-            raise _failed(f"cannot write spool entry {entry.id}", exc) from None
+            raise spool_error(f"cannot write spool entry {entry.id}", exc) from None
         return StagedEntry(entry.id, file, json_tmp, json_fd)
 
     def commit(self, staged: Sequence[StagedEntry]) -> list[SpoolError | None]:
@@ -595,7 +624,7 @@ class Spool:
                 os.rename(item.json_tmp, json_path)
             except OSError as exc:
                 _unlink_quietly(*moved, item.message.path, item.json_tmp)
-                outcomes[index] = _failed(f"cannot write spool entry {item.entry_id}", exc)
+                outcomes[index] = spool_error(f"cannot write spool entry {item.entry_id}", exc)
             else:
                 item.message.commit(eml)
                 renamed.append(index)
@@ -606,7 +635,7 @@ class Spool:
                 for index in renamed:
                     item = staged[index]
                     _unlink_quietly(queue / f"{item.entry_id}.json", item.message.path)
-                    outcomes[index] = _failed(f"cannot write spool entry {item.entry_id}", exc)
+                    outcomes[index] = spool_error(f"cannot write spool entry {item.entry_id}", exc)
                 with contextlib.suppress(OSError):
                     self._synced[QUEUE]()
         for item in staged:
@@ -626,7 +655,7 @@ class Spool:
                 self._require(entry.id, area)
                 self._write_envelope(entry.id, envelope, area)
         except OSError as exc:
-            raise _failed(f"cannot update spool entry {entry.id}", exc) from None
+            raise spool_error(f"cannot update spool entry {entry.id}", exc) from None
 
     def modify(self, entry_id: str, change: Callable[[Entry], Entry], area: str = QUEUE) -> Entry:
         """Read-modify-write an entry under its lock and return the new entry.
@@ -645,7 +674,7 @@ class Spool:
                 self._write_envelope(entry_id, _checked(new), area)
                 return new
         except OSError as exc:
-            raise _failed(f"cannot update spool entry {entry_id}", exc) from None
+            raise spool_error(f"cannot update spool entry {entry_id}", exc) from None
 
     def remove(self, entry_id: str, area: str = QUEUE) -> None:
         """Forget an entry (delivered, refused, or deleted by an operator).
@@ -665,7 +694,7 @@ class Spool:
         except BlockingIOError:
             return False
         except OSError as exc:
-            raise _failed(f"cannot remove spool entry {entry_id}", exc) from None
+            raise spool_error(f"cannot remove spool entry {entry_id}", exc) from None
         return True
 
     def sync_queue(self, changes: Sequence[object]) -> list[SpoolError | None]:
@@ -674,7 +703,7 @@ class Spool:
         try:
             self._synced[QUEUE]()
         except OSError as exc:
-            return [_failed("cannot sync the spool's queue", exc)] * len(changes)
+            return [spool_error("cannot sync the spool's queue", exc)] * len(changes)
         return [None] * len(changes)
 
     def remove_many(self, entry_ids: Sequence[str], area: str = QUEUE) -> list[SpoolError | None]:
@@ -692,7 +721,7 @@ class Spool:
             try:
                 _unlink_locked(os.fspath(directory), entry_id)
             except OSError as exc:
-                outcomes[index] = _failed(f"cannot remove spool entry {entry_id}", exc)
+                outcomes[index] = spool_error(f"cannot remove spool entry {entry_id}", exc)
             else:
                 unlinked.append(index)
         if unlinked:
@@ -700,7 +729,9 @@ class Spool:
                 self._synced[area]()
             except OSError as exc:
                 for index in unlinked:
-                    outcomes[index] = _failed(f"cannot remove spool entry {entry_ids[index]}", exc)
+                    outcomes[index] = spool_error(
+                        f"cannot remove spool entry {entry_ids[index]}", exc
+                    )
         return outcomes
 
     def move(self, entry: Entry, source: str, target: str) -> None:
@@ -721,7 +752,7 @@ class Spool:
                 # Done before (a retried move): forget what is left in source.
                 with self._locked(entry.id, target):
                     (src / name_eml).unlink(missing_ok=True)
-                    _sync_dir(src)
+                    sync_dir(src)
                 return
             with self._locked(entry.id, source):
                 self._require(entry.id, source)
@@ -730,9 +761,9 @@ class Spool:
                 self._write_envelope(entry.id, envelope, target, newer_than=floor)
                 (src / name_json).unlink()
                 (src / name_eml).unlink(missing_ok=True)
-                _sync_dir(src)
+                sync_dir(src)
         except OSError as exc:
-            raise _failed(f"cannot move spool entry {entry.id}", exc) from None
+            raise spool_error(f"cannot move spool entry {entry.id}", exc) from None
 
     def adopt(self, source: Spool, area: str) -> list[str]:
         """Move every committed entry of ``source``'s ``area`` into this
@@ -753,7 +784,7 @@ class Spool:
             for entry_id in ids:  # the messages first, all covered by one fsync
                 with contextlib.suppress(FileNotFoundError):
                     _link_into(src / f"{entry_id}.eml", dst / f"{entry_id}.eml", self.dir(TMP))
-            _sync_dir(dst)
+            sync_dir(dst)
             moved = []
             for entry_id in ids:
                 with (
@@ -762,16 +793,16 @@ class Spool:
                 ):
                     os.rename(src / f"{entry_id}.json", dst / f"{entry_id}.json")
                     moved.append(entry_id)
-            _sync_dir(dst)
-            _sync_dir(src)
+            sync_dir(dst)
+            sync_dir(src)
             done = set(moved)
             for entry_id in ids:  # the source's links; this spool's of what did not move
                 left = src if entry_id in done else dst
                 (left / f"{entry_id}.eml").unlink(missing_ok=True)
-            _sync_dir(src)
-            _sync_dir(dst)
+            sync_dir(src)
+            sync_dir(dst)
         except OSError as exc:
-            raise _failed(f"cannot adopt the entries of {source.path}", exc) from None
+            raise spool_error(f"cannot adopt the entries of {source.path}", exc) from None
         return moved
 
     def requeue(self, entry_id: str, change: Callable[[Entry], Entry]) -> Entry:
@@ -795,10 +826,10 @@ class Spool:
                 self._write_envelope(entry_id, envelope, QUEUE, newer_than=floor)
                 (src / name_json).unlink()
                 (src / name_eml).unlink(missing_ok=True)
-                _sync_dir(src)
+                sync_dir(src)
                 return new
         except OSError as exc:
-            raise _failed(f"cannot requeue spool entry {entry_id}", exc) from None
+            raise spool_error(f"cannot requeue spool entry {entry_id}", exc) from None
 
     def _finish_moves(self) -> None:
         """An entry in both areas was being moved: keep the newer envelope."""
@@ -821,11 +852,11 @@ class Spool:
             if not newer_eml.exists() and older_eml.exists():
                 # Cannot happen with ``move`` (it links first); keep the message anyway.
                 os.link(older_eml, newer_eml)
-                _sync_dir(self.dir(newer))
+                sync_dir(self.dir(newer))
             delivery_log.info("%s: finishing an interrupted move to %s/", entry_id, newer)
             (self.dir(older) / f"{entry_id}.json").unlink()
             older_eml.unlink(missing_ok=True)
-            _sync_dir(self.dir(older))
+            sync_dir(self.dir(older))
 
     @contextlib.contextmanager
     def _locked(self, entry_id: str, area: str) -> Iterator[None]:
@@ -860,7 +891,7 @@ class Spool:
         try:
             _write_synced(json_tmp, envelope, newer_than=newer_than)
             os.rename(json_tmp, self.dir(area) / f"{entry_id}.json")
-            _sync_dir(self.dir(area))
+            sync_dir(self.dir(area))
         except BaseException:
             _unlink_quietly(json_tmp)
             raise
@@ -887,7 +918,7 @@ class Spool:
         try:
             return self._read(entry_id, area)
         except OSError as exc:
-            raise _failed(f"cannot read spool entry {entry_id}", exc) from None
+            raise spool_error(f"cannot read spool entry {entry_id}", exc) from None
 
     def message(self, entry_id: str, area: str = QUEUE) -> bytes:
         """An entry's whole message (for ``ses-relay queue show``; delivery
@@ -900,7 +931,7 @@ class Spool:
         except FileNotFoundError:
             raise NoSuchEntry(f"no message {entry_id} in {area}/") from None
         except OSError as exc:
-            raise _failed(f"cannot read message {entry_id}", exc) from None
+            raise spool_error(f"cannot read message {entry_id}", exc) from None
 
     def open_message(self, entry_id: str, area: str = QUEUE) -> RawMessage:
         """An entry's message, open to read in chunks (close it when done)."""
@@ -912,7 +943,7 @@ class Spool:
         except FileNotFoundError:
             raise NoSuchEntry(f"no message {entry_id} in {area}/") from None
         except OSError as exc:
-            raise _failed(f"cannot read message {entry_id}", exc) from None
+            raise spool_error(f"cannot read message {entry_id}", exc) from None
 
     def message_size(self, entry_id: str, area: str = QUEUE) -> int | None:
         """Bytes of an entry's message; None when it is not there."""
@@ -924,7 +955,7 @@ class Spool:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _failed(f"cannot read message {entry_id}", exc) from None
+            raise spool_error(f"cannot read message {entry_id}", exc) from None
 
     def census(self) -> Census:
         """What the areas hold, from their listings alone (no file is read),
@@ -956,7 +987,7 @@ class Spool:
                 else:
                     self.quarantine(entry_id, area, reason="its name is not a queue id")
         except OSError as exc:
-            raise _failed(f"cannot list {directory}", exc) from None
+            raise spool_error(f"cannot list {directory}", exc) from None
 
     def entries(self, area: str = QUEUE) -> Iterator[Entry]:
         """Every readable entry of an area. An unreadable one is moved to
@@ -967,7 +998,7 @@ class Spool:
         try:
             names = sorted(p.name for p in directory.iterdir())
         except OSError as exc:
-            raise _failed(f"cannot list {directory}", exc) from None
+            raise spool_error(f"cannot list {directory}", exc) from None
         for name in names:
             if not name.endswith(".json"):
                 continue
@@ -1004,8 +1035,8 @@ class Spool:
                     moved.append(f"{stem}{suffix}")
             if not moved:
                 return  # someone else moved it meanwhile
-            _sync_dir(target)
-            _sync_dir(source)
+            sync_dir(target)
+            sync_dir(source)
         except OSError as exc:
             delivery_log.error(
                 "%s: unreadable spool entry in %s/ (%s), and it cannot be quarantined: %s",
@@ -1023,17 +1054,22 @@ class Spool:
             reason,
         )
 
+    def _quarantine_put(self, put: JournalPut) -> None:
+        """Keep an unreadable entry of the journal in ``quarantine/`` for a person."""
+        target = self.dir(QUARANTINE)
+        stem = _free_stem(target, put.entry_id if is_valid(put.entry_id) else "journal")
+        for suffix, data in ((".eml", put.message), (".json", put.envelope)):
+            _write_synced(target / f"{stem}{suffix}", data)
+        sync_dir(target)
+        delivery_log.error("%s: kept as quarantine/%s.json and .eml", put.entry_id, stem)
+
     def free_bytes(self) -> int:
         """Bytes available to us on the spool's file system."""
         try:
             stats = os.statvfs(self.path)
         except OSError as exc:
-            raise _failed(f"spool {self.path}", exc) from None
+            raise spool_error(f"spool {self.path}", exc) from None
         return stats.f_bavail * stats.f_frsize
-
-
-def _failed(action: str, exc: OSError) -> SpoolError:
-    return SpoolError(f"{action}: {exc.strerror or exc}", errno=exc.errno)
 
 
 def _tally(directory: Path) -> tuple[int, float | None]:
@@ -1148,17 +1184,10 @@ def _unlink_quietly(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 def _write_synced(path: Path, data: bytes, *, newer_than: int | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         if newer_than is not None:
             _make_newer(fd, newer_than)
         os.fsync(fd)
@@ -1174,11 +1203,3 @@ def _make_newer(fd: int, floor_ns: int) -> None:
         if mtime > floor_ns:
             return
         os.utime(fd, ns=(floor_ns + step, floor_ns + step))
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,6 +1,6 @@
 """A new message's file in the spool's ``tmp/`` area, written as it arrives.
 
-``Spool.new_message`` creates it when DATA starts; the message goes in by
+``Spool.new_message`` makes it when DATA starts; the message goes in by
 ``write`` in pieces, then ``Spool.stage`` and ``Spool.commit`` (or ``put``,
 the two) make it durable (``sync``: the data's fsync, then the rename into
 ``queue/``, and close it) or ``discard`` removes it. Nothing of it is
@@ -9,8 +9,11 @@ crash is removed at the next start (``Spool.open``).
 
 ``write`` runs on the event loop: the pieces are gathered into writes of
 ``WRITE_SIZE`` bytes, which the page cache takes at once; only ``sync``
-(the fsync) waits for the disk, and runs in a thread. A failed write
-(``ENOSPC``, ``EIO``) raises ``SpoolError`` and leaves the file to ``discard``.
+(the fsync) waits for the disk, and runs in a thread. The file is created
+with the first write: a message that stays within ``WRITE_SIZE`` (most
+mail) is never written to a file of its own if it goes to the spool's
+journal (``held``, ``relay.journal``). A failed write (``ENOSPC``, ``EIO``)
+raises ``SpoolError`` and leaves the file to ``discard``.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ WRITE_SIZE: Final = 64 * 1024
 class MessageFile:
     """One new message's file: see the module docstring."""
 
-    __slots__ = ("_fd", "_pending", "committed", "path", "size")
+    __slots__ = ("_closed", "_fd", "_pending", "committed", "path", "size")
 
     def __init__(self, path: Path) -> None:
-        """Create ``path`` (it must not exist); ``OSError`` when it cannot be."""
+        """A message for ``path``, which must not exist; created with the first
+        write to it (``flush``)."""
         self.path = path
-        self._fd: int | None = os.open(
-            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
+        self._fd: int | None = None
+        self._closed = False
         self._pending = bytearray()
         self.size = 0
         """Bytes written so far."""
@@ -73,18 +76,29 @@ class MessageFile:
         ``OSError`` when the gathered bytes cannot be written. A message still
         wholly gathered (at most ``WRITE_SIZE``: most mail) is given as its
         bytes, which the file then only has to hold for a restart."""
-        if len(self._pending) == self.size:
-            return RawMessage.of(bytes(self._pending))
+        held = self.held()
+        if held is not None:
+            return RawMessage.of(held)
         self.flush()
         return RawMessage(self.size, fd=os.dup(self._descriptor()))
+
+    def held(self) -> bytes | None:
+        """The message's bytes when no part of it was written to the file yet
+        (at most ``WRITE_SIZE``), else None."""
+        if self._fd is None and not self._closed:
+            return bytes(self._pending)
+        return None
 
     def discard(self) -> None:
         """Close the file, and remove it unless it was committed. Never raises;
         a second call does nothing."""
         fd, self._fd = self._fd, None
         self._pending = bytearray()
-        if fd is None:
+        if self._closed:
             return
+        self._closed = True
+        if fd is None:
+            return  # never created
         with contextlib.suppress(OSError):
             os.close(fd)
         if not self.committed:
@@ -92,8 +106,11 @@ class MessageFile:
                 self.path.unlink(missing_ok=True)
 
     def _descriptor(self) -> int:
-        if self._fd is None:
+        """The file's descriptor, creating the file the first time (``OSError``)."""
+        if self._closed:
             raise ValueError(f"{self.path.name}: the message file is closed")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return self._fd
 
     def flush(self) -> None:

@@ -18,8 +18,9 @@ import trustme
 
 from relay.app import Relay
 from relay.auth import hash_password
+from relay.delivery import COMMITS
 from tests.fakeses import FakeSes, RawReply, SesErrorReply, Succeed, error_body, send_raw_email_body
-from tests.fsyncgate import DirSyncGate
+from tests.fsyncgate import JournalSyncGate
 from tests.relayd import running_relay
 
 SENDER = "app@example.com"
@@ -616,7 +617,8 @@ async def test_smuggling_never_reaches_ses_as_two_messages(
 
 # -- group commit: messages that arrive together share the spool's fsync ----------
 
-CLIENTS = 4
+CLIENTS = 6
+"""More than ``relay.delivery.COMMITS``: some share a commit."""
 
 
 async def send_any(relay: Relay, n: int) -> tuple[int, str]:
@@ -627,20 +629,22 @@ async def send_any(relay: Relay, n: int) -> tuple[int, str]:
         return exc.code, exc.message
 
 
-async def clients_held_at_the_commit(relay: Relay, gate: DirSyncGate) -> list[asyncio.Task[Any]]:
+async def clients_held_at_the_commit(
+    relay: Relay, gate: JournalSyncGate
+) -> list[asyncio.Task[Any]]:
     """``CLIENTS`` clients sending at once, the first one's commit held in
-    its fsync of ``queue/``, the others' messages written and renamed into
-    it, waiting for the next fsync."""
+    its fdatasync of the journal, the others' messages written to it
+    meanwhile, waiting for an fdatasync (in ``COMMITS`` commits at most)."""
     gate.hold = True
     first = asyncio.create_task(send_any(relay, 0))
     assert await asyncio.to_thread(gate.entered.wait, 15)
     clients = [first, *(asyncio.create_task(send_any(relay, n)) for n in range(1, CLIENTS))]
     async with asyncio.timeout(15):
-        # Every message renamed into queue/, waiting for an fsync of it.
-        while len(list(gate.directory.glob("*.json"))) < CLIENTS:
+        # Every message written to the journal, waiting for an fdatasync of it.
+        while len(gate.written()) < CLIENTS:
             await asyncio.sleep(0.01)
-    assert gate.calls == 1
-    assert not any(c.done() for c in clients)  # no reply while the fsync is held
+    assert gate.calls <= COMMITS
+    assert not any(c.done() for c in clients)  # no reply while the fdatasyncs are held
     return clients
 
 
@@ -648,7 +652,7 @@ async def test_messages_sent_at_once_are_answered_only_after_their_fsync(
     tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_relay(tmp_path, fake_ses) as relay:
-        gate = DirSyncGate(monkeypatch, tmp_path / "spool" / "queue")
+        gate = JournalSyncGate(monkeypatch, tmp_path / "spool" / "journal")
         clients = await clients_held_at_the_commit(relay, gate)
         gate.release()
         replies = []
@@ -671,12 +675,13 @@ async def test_a_failed_fsync_gives_452_to_every_message_it_covered(
     tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_relay(tmp_path, fake_ses) as relay:
-        gate = DirSyncGate(monkeypatch, tmp_path / "spool" / "queue")
+        gate = JournalSyncGate(monkeypatch, tmp_path / "spool" / "journal")
         clients = await clients_held_at_the_commit(relay, gate)
         gate.release(fail=errno.EIO)
         replies = await asyncio.gather(*clients)
         assert replies == [(452, "4.3.1 Insufficient system storage, try again later")] * CLIENTS
         assert gate.log == []
+        assert gate.written() == []  # marked done: a restart does not resume them
         assert sorted(os.listdir(tmp_path / "spool" / "queue")) == []
         assert fake_ses.requests == []
         gate.fail = None

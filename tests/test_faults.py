@@ -32,6 +32,7 @@ import aiosmtplib
 import pytest
 from aiohttp import web
 
+from relay.journal import Journal
 from relay.spool import Batch, Entry, Spool
 from tests import diskfull
 from tests.daemon import (
@@ -305,11 +306,15 @@ async def wait_until(predicate: Callable[[], bool], what: str, within: float = W
 
 
 def queued(spool: Path, area: str = "queue") -> list[str]:
-    """Ids of the committed entries of an area."""
+    """Ids of the committed entries of an area; for ``queue``, with those
+    committed in the journal while they are tried inline (``relay.journal``)."""
     directory = spool / area
     if not directory.exists():
         return []
-    return sorted(p.name[:-5] for p in directory.iterdir() if p.name.endswith(".json"))
+    ids = [p.name[:-5] for p in directory.iterdir() if p.name.endswith(".json")]
+    if area == "queue" and (spool / "journal").exists():
+        ids += [put.entry_id for put in Journal(spool / "journal").pending()]
+    return sorted(set(ids))
 
 
 def entry(spool: Path, entry_id: str, area: str = "queue") -> Entry:

@@ -1,0 +1,138 @@
+"""The spool's journal: puts made durable together, resumed after a stop,
+and never forged by a message's bytes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.errors import SpoolError
+from relay.journal import MARK_SIZE, Journal, JournalPut, encode_put, read_segment
+from relay.spool import QUEUE, Spool
+from tests.fsyncgate import JournalSyncGate
+from tests.test_spool import make_entry
+
+
+def put(entry_id: str, message: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> JournalPut:
+    return JournalPut(entry_id, make_entry(entry_id).to_json(), message)
+
+
+def restarted(directory: Path) -> list[JournalPut]:
+    """What a new process finds in the journal (the old one never closed it)."""
+    return list(Journal(directory).pending())
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.log"))
+
+
+def test_puts_not_done_are_found_after_a_stop(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    puts = [put(f"ABC{n}") for n in range(3)]
+    assert journal.append(puts[:2]) == [None, None]
+    assert journal.append(puts[2:]) == [None]
+    journal.done("ABC1")
+    assert restarted(tmp_path) == [puts[0], puts[2]]
+
+
+def test_a_write_cut_short_loses_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC1")]) == [None]
+    assert journal.append([put("ABC2", b"x" * 1000)]) == [None]
+    [segment] = segments(tmp_path)
+    os.truncate(segment, segment.stat().st_size - 10)
+    with caplog.at_level(logging.WARNING):
+        assert restarted(tmp_path) == [put("ABC1")]
+    assert "bytes that are not whole records skipped" in caplog.text
+
+
+def test_records_after_a_damaged_one_are_still_read(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC1")]) == [None]
+    assert journal.append([put("ABC2")]) == [None]
+    assert journal.append([put("ABC3")]) == [None]
+    [segment] = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    second = data.index(b"ABC2")
+    data[second : second + 4] = b"\0\0\0\0"  # as a stretch the disk never got
+    segment.write_bytes(bytes(data))
+    assert restarted(tmp_path) == [put("ABC1"), put("ABC3")]
+
+
+def test_a_message_cannot_pass_for_a_record(tmp_path: Path) -> None:
+    """A client's message holding records of every mark it could guess, and
+    the record holding it damaged: nothing of the message is read as a put."""
+    forged = b"".join(
+        encode_put(bytes([n]) * MARK_SIZE, put("EVIL1", b"forged")) for n in range(256)
+    )
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC1", b"Subject: x\r\n\r\n" + forged)]) == [None]
+    [segment] = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    at = data.index(b"ABC1")
+    data[at - 20 : at] = b"\xff" * 20  # the real record's header and sizes
+    segment.write_bytes(bytes(data))
+    assert restarted(tmp_path) == []
+    records, skipped = read_segment(bytes(data))
+    assert records == []
+    assert skipped == len(data) - 16
+
+
+def test_a_failed_fdatasync_fails_every_put_it_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC0")]) == [None]
+    gate = JournalSyncGate(monkeypatch, tmp_path)
+    gate.fail = errno.EIO
+    outcomes = journal.append([put("ABC1"), put("ABC2")])
+    assert all(isinstance(o, SpoolError) and o.errno == errno.EIO for o in outcomes)
+    assert "cannot write spool entry ABC1" in str(outcomes[0])
+    gate.fail = None
+    assert journal.append([put("ABC3")]) == [None]
+    assert len(segments(tmp_path)) == 2  # a new segment after the failure
+    # The failed ones are done: never resumed; the others are.
+    assert restarted(tmp_path) == [put("ABC0"), put("ABC3")]
+
+
+def test_segments_all_done_are_removed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_size=200)
+    for n in range(4):
+        assert journal.append([put(f"ABC{n}", b"x" * 300)]) == [None]
+    assert len(segments(tmp_path)) == 4  # each put fills a segment
+    for n in range(3):
+        journal.done(f"ABC{n}")
+    assert journal.sync(["x"]) == [None]
+    [left] = segments(tmp_path)  # the current one, with its live put
+    assert restarted(tmp_path) == [put("ABC3", b"x" * 300)]
+    journal.done("ABC3")
+    journal.close()
+    assert not left.exists()
+    assert segments(tmp_path) == []
+
+
+def test_opening_the_spool_moves_the_journal_into_the_queue(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    message = b"Subject: kept\r\n\r\nbody\r\n"
+    entries = [make_entry(f"ABC12{n}") for n in range(3)]
+    assert spool.journal.append([spool.journal_put(e, message) for e in entries]) == [None] * 3
+    spool.put(entries[0], message)  # moved before the stop, and changed since
+    spool.update(replace(entries[0], attempts=3))
+    spool.journal.done("ABC122")
+    spool.close()  # keeps the segment: it has puts not done
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert sorted(again.ids(QUEUE)) == ["ABC120", "ABC121"]
+    assert again.load("ABC120").attempts == 3  # the queue's, not the journal's
+    assert again.load("ABC121") == entries[1]
+    assert again.message("ABC121") == message
+    assert segments(tmp_path / "spool" / "journal") == []
+    again.close()
