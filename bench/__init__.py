@@ -4,7 +4,9 @@ server and Postfix.
 ``python -m bench`` (from the repository root) runs each scenario with the
 same load against each target in turn: a do-nothing aiosmtpd server (the
 ceiling), the real relay (``python -m relay serve``) delivering to a fast
-fake SES over HTTPS, and Postfix relaying to ``smtp-sink`` when installed.
+fake SES over HTTPS, and Postfix relaying to ``smtp-sink`` when installed;
+the round ``--repeat`` times (3), each target's figures the medians of its
+runs.
 Every part runs in its own process:
 
 * ``bench/fakeses.py``   the fake SES (aiohttp, TLS with a throwaway CA);
@@ -20,6 +22,7 @@ Every part runs in its own process:
 * ``bench/procs.py``     child processes: start, wait for a log line, stop;
   CPU time and peak RSS of a process tree from ``/proc``;
 * ``bench/scenarios.py`` what one scenario runs and measures;
+* ``bench/repeat.py``    runs interleaved, and their figures folded into medians;
 * ``bench/report.py``    the tables and the JSON;
 * ``bench/__main__.py``  the command line.
 """

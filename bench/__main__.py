@@ -6,6 +6,12 @@ do-nothing server; a fake SES and the relay; smtp-sink and a private
 Postfix; and the load for each) in a temporary directory, and stops them
 all and removes the directory at the end, also on ^C, SIGTERM or an error.
 
+Each scenario runs its targets in turn ``--repeat`` times (3 by default:
+ceiling, relay, Postfix, ceiling, relay, ...; this machine's speed drifts
+within minutes) and reports per target the median of its runs for each
+figure (peak RSS: the maximum, ``bench/repeat.py``); the ratios and the
+verdicts use those medians, and the JSON keeps every run.
+
 The load is Postfix's ``smtp-source`` when it is installed (it leaves the
 cores to the server measured), else the aiosmtplib generator; Postfix is a
 target when it is installed and the benchmark runs as root. fsyncs are
@@ -13,15 +19,16 @@ counted with ``perf`` when it is installed and allowed.
 
 Besides the throughput scenarios (``--scenario``), the parts (``--part``)
 measure what the rest of issue 15's points 6-13 are judged by: ``workers``
-(7: the scenarios named, or all, with two workers; printed beside the
-scenarios' targets where they ran), ``latency`` (9, ``bench/paced.py``), ``ses-delay`` (10,
-``bench/slowses.py``), ``memory`` (11, ``bench/bigmessages.py``),
-``startup`` (12, ``bench/startup.py``) and ``rate-limit`` (13,
-``bench/ratelimit.py``); ``large`` measures issue 16's point 4 (30 MB
-messages through SES API v2, ``bench/bigmessages.py``). With neither
-option everything runs; with either, only what is named. The run ends with the verdict table
-(``bench/verdict.py``): each check, its must and stretch, the figure and
-whether it holds.
+(7: the scenarios named, or all, with two workers, ``--repeat`` runs of
+each; printed beside the scenarios' targets where they ran), ``latency``
+(9, ``bench/paced.py``) and ``ses-delay`` (10, ``bench/slowses.py``), each
+comparing two sides run in turn ``--repeat`` times, ``memory`` (11,
+``bench/bigmessages.py``), ``startup`` (12, ``bench/startup.py``) and
+``rate-limit`` (13, ``bench/ratelimit.py``); ``large`` measures issue 16's
+point 4 (30 MB messages through SES API v2, ``bench/bigmessages.py``).
+With neither option everything runs; with either, only what is named. The
+run ends with the verdict table (``bench/verdict.py``): each check, its
+must and stretch, the figure and whether it holds.
 """
 
 from __future__ import annotations
@@ -41,10 +48,15 @@ from bench.slowses import run_slow_ses
 from bench.verdict import verdicts
 from bench.workers import compared, run_workers
 
-FORMAT = 3
+FORMAT = 4
 """The JSON's shape: 2 added per-target summaries (``postfix``), ``ratios``,
 ``load_generator``, fsyncs and TLS handshakes per 1000; 3 added ``parts``
-(by name, with ``_`` for ``-``) and ``verdicts``; what 1 and 2 had is kept."""
+(by name, with ``_`` for ``-``) and ``verdicts``; what 1 and 2 had is kept.
+4 added ``settings.repeat`` and, under each target of a scenario and each
+summary of the ``workers``, ``latency`` and ``ses_delay`` parts, ``runs``
+(every run's own figures, with its ``error_examples``), the target's figures
+becoming the medians of its runs (``bench/repeat.py``); a scenario's ``load``
+(per target) and ``ses`` became lists, one entry per run."""
 PARTS = ("workers", "latency", "ses-delay", "memory", "startup", "rate-limit", "large")
 
 
@@ -73,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         choices=TARGETS,
         help="load this target (repeatable; default: all; postfix only when installed)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each target, interleaved, whose medians are reported (default: 3)",
     )
     parser.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
@@ -120,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the temporary directory (logs, spool) and print its path",
     )
     args = parser.parse_args(argv)
-    for name in ("sessions", "count", "memory_messages", "memory_size", "large_size",
+    for name in ("repeat", "sessions", "count", "memory_messages", "memory_size", "large_size",
                  "startup_count", "startup_runs"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -153,6 +171,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         load=args.load,
         smtp_source=args.smtp_source,
         targets=tuple(args.target or TARGETS),
+        repeat=args.repeat,
     )
     document: dict[str, Any] = {
         "format": FORMAT,
@@ -232,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load from {args.load}"
     )
     workers = compared(document)
+    if document["scenarios"] or workers:
+        print(report.repeat_line(args.repeat))
     if document["scenarios"]:
         print(report.table(document["scenarios"]))
         print()

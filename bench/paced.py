@@ -5,8 +5,9 @@ scenario (or, when that scenario is not run, a measurement of its own with
 the same load). The paced load is the aiosmtplib generator (``smtp-source``
 cannot pace), one connection per message, ``sessions`` sessions each
 starting a message every ``sessions / (SHARE * maximum)`` seconds, spread
-evenly; the ceiling and then the relay get the same pace, and their p99
-DATA-to-reply latencies are compared.
+evenly; the ceiling and then the relay get the same pace, the pair
+``settings.repeat`` times, and the medians of their p99 DATA-to-reply
+latencies are compared (``bench/repeat.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Children
+from bench.repeat import folded, interleaved
 from bench.scenarios import SCENARIOS, Settings, measure, measure_relay, scenario_load
 from bench.services import run_load, start_ceiling
 
@@ -25,7 +27,8 @@ SHARE = 0.5
 
 def run_paced(settings: Settings, workdir: Path, maximum: float | None) -> dict[str, Any]:
     """The ceiling and the relay at ``SHARE`` of ``maximum`` msg/s (measured
-    first when None): each one's summary, and the p99 difference."""
+    first when None, once): each one's summary (medians of its runs), and
+    the p99 difference."""
     measured_here = maximum is None
     with Children() as children:
         if maximum is None:
@@ -47,11 +50,17 @@ def run_paced(settings: Settings, workdir: Path, maximum: float | None) -> dict[
                 count=settings.count, more=["--pace", f"{pace:.6f}"],
             )  # fmt: skip
 
-        ceiling = start_ceiling(children, workdir / "ceiling")
-        ceiling_summary, _ = measure(children, ceiling, "ceiling", paced, settings.drain_timeout)
-        relay_summary, _, _ = measure_relay(
-            children, workdir, "relay", paced, settings, ses_delay_ms=0.0
-        )
+        def ceiling(run: int) -> dict[str, Any]:
+            server = start_ceiling(children, workdir / f"ceiling-{run}")
+            return measure(children, server, f"ceiling-{run}", paced, settings.drain_timeout)[0]
+
+        def relay(run: int) -> dict[str, Any]:
+            return measure_relay(
+                children, workdir, f"relay-{run}", paced, settings, ses_delay_ms=0.0
+            )[0]
+
+        ceiling_runs, relay_runs = interleaved([ceiling, relay], settings.repeat)
+    ceiling_summary, relay_summary = folded(ceiling_runs), folded(relay_runs)
     p99s = ceiling_summary["p99_ms"], relay_summary["p99_ms"]
     return {
         "maximum_msgs_per_s": maximum,

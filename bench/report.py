@@ -110,27 +110,46 @@ def workers_ratio_table(entries: Sequence[dict[str, Any]]) -> str:
     return _markdown(("scenario", *WORKERS_RATIOS), rows)
 
 
+def repeat_line(repeat: int) -> str:
+    """Says what the tables' figures are (``bench/repeat.py``)."""
+    if repeat == 1:
+        return "each figure from one run per target"
+    return (
+        f"each figure the median of {repeat} interleaved runs per target (peak RSS: the "
+        "maximum; delivered/accepted and errors: added up over the runs)"
+    )
+
+
 def notes(results: Sequence[dict[str, Any]], workers: Sequence[dict[str, Any]] = ()) -> list[str]:
-    """What a reader should not miss: errors, undrained queues, log warnings,
-    a load generator that may have been the limit; for the scenarios'
-    targets and for the workers part's rows (``bench.workers.compared``)."""
+    """What a reader should not miss, in any run: errors, undrained queues,
+    log warnings, a load generator that may have been the limit; for the
+    scenarios' targets and for the workers part's rows
+    (``bench.workers.compared``)."""
     found: list[str] = []
     for result in results:
         for side, summary in _targets(result):
-            examples = result["load"][side]["error_examples"] if summary["errors"] else []
-            found += _summary_notes(result["scenario"], side, summary, examples)
+            found += _runs_notes(result["scenario"], side, summary)
     for entry in workers:
-        summary = entry[TARGET]
-        found += _summary_notes(entry["scenario"], TARGET, summary, [])
+        found += _runs_notes(entry["scenario"], TARGET, entry[TARGET])
     return found
 
 
-def _summary_notes(
-    name: str, side: str, summary: dict[str, Any], error_examples: Sequence[str]
-) -> list[str]:
+def _runs_notes(name: str, side: str, summary: dict[str, Any]) -> list[str]:
+    """The notes on each run folded into ``summary`` (on ``summary`` itself
+    when it holds no runs), named by run when there were several."""
+    runs = summary.get("runs") or [summary]
+    found: list[str] = []
+    for number, run in enumerate(runs, 1):
+        label = f"{name} (run {number} of {len(runs)})" if len(runs) > 1 else name
+        found += _summary_notes(label, side, run)
+    return found
+
+
+def _summary_notes(name: str, side: str, summary: dict[str, Any]) -> list[str]:
     found: list[str] = []
     if summary["errors"]:
-        found.append(f"{name}: {side} errors {summary['errors']}, e.g. {list(error_examples)}")
+        examples = list(summary.get("error_examples", {}).values())
+        found.append(f"{name}: {side} errors {summary['errors']}, e.g. {examples}")
     if (summary["loadgen_cpu_util"] or 0) > 0.9:
         found.append(
             f"{name}: the load generator was busy "

@@ -3,7 +3,9 @@
 One scenario runs the same load against each target in turn, one at a time
 so they never share the two cores: the do-nothing aiosmtpd server (the
 ceiling), the relay delivering to the fake SES, and Postfix relaying to
-``smtp-sink`` (when installed; see ``bench/postfix.py``). For each target
+``smtp-sink`` (when installed; see ``bench/postfix.py``); the round is
+repeated ``Settings.repeat`` times, interleaved (ceiling, relay, Postfix,
+ceiling, ...), each run with fresh processes. For each run of each target
 it reads, from just before the load until its queue has drained:
 
 * CPU seconds of the target's processes (``/proc``; Postfix's master and
@@ -14,11 +16,14 @@ it reads, from just before the load until its queue has drained:
 * TLS handshakes at the fake SES per 1000 accepted messages (the relay);
 * what was delivered downstream, and whether the queue drained.
 
-The ratios compare throughput and CPU per message between the targets.
+Each target's figures are the medians of its runs (peak RSS their maximum;
+``bench/repeat.py``), each run's kept under ``runs``. The ratios compare
+those medians' throughput and CPU per message between the targets.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from typing import Any
 
 from bench import postfix
 from bench.procs import Children
+from bench.repeat import folded, interleaved
 from bench.services import (
     Downstream,
     Overrides,
@@ -73,6 +79,8 @@ class Settings:
     """``smtp-source`` or ``aiosmtplib``."""
     smtp_source: str | None = None
     targets: tuple[str, ...] = ("ceiling", "relay")
+    repeat: int = 1
+    """Runs of each target, interleaved (``bench/repeat.py``)."""
 
 
 def wait_drained(downstream: Downstream, accepted: int, timeout: float) -> tuple[bool, float, int]:
@@ -122,6 +130,7 @@ def measure(
         "p99_ms": result["latency_ms"]["p99"],
         "accepted_total": accepted,
         "errors": result["errors"],
+        "error_examples": result["error_examples"],
         "cpu_s_per_1000": _per_1000(cpu, accepted),
         "cpu_util_during_load": (
             round(during_load / result["wall_s"], 3) if result["wall_s"] else None
@@ -203,31 +212,44 @@ def measure_relay(
     return summary, result, ses_stats
 
 
+Run = tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]
+"""One run of one target: its summary, its load's result, the fake SES's
+stats (the relay's; None for the others)."""
+
+
 def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[str, Any]:
+    """Each target in ``settings.targets`` under the scenario's load, the
+    targets in turn ``settings.repeat`` times, each run with processes and
+    directories of its own: per target the medians of its runs
+    (``bench.repeat.folded``), and the ratios between those."""
     load = scenario_load(scenario, settings, workdir)
-    targets: dict[str, dict[str, Any] | None] = dict.fromkeys(TARGETS)
-    loads: dict[str, dict[str, Any]] = {}
-    ses_stats: dict[str, Any] | None = None
+    commands = postfix.commands()
     with Children() as children:
-        if "ceiling" in settings.targets:
-            ceiling = start_ceiling(children, workdir / "ceiling")
-            targets["ceiling"], loads["ceiling"] = measure(
-                children, ceiling, "ceiling", load, settings.drain_timeout
-            )
-        if "relay" in settings.targets:
-            targets["relay"], loads["relay"], ses_stats = measure_relay(
-                children, workdir, "relay", load, settings, ses_delay_ms=settings.ses_delay_ms
-            )
-        commands = postfix.commands()
-        if "postfix" in settings.targets and commands is not None:
+        starts: dict[str, Callable[[int], Server]] = {
+            "ceiling": lambda run: start_ceiling(children, workdir / f"ceiling-{run}")
+        }
+        if commands is not None:
+            postfix_commands = commands
             # Short: Postfix's Unix sockets live under it.
-            base = workdir.parent / f"postfix-{scenario.mode}"
-            server = postfix.start_postfix(children, base, *commands)
-            targets["postfix"], loads["postfix"] = measure(
-                children, server, "postfix", load, settings.drain_timeout
+            starts["postfix"] = lambda run: postfix.start_postfix(
+                children, workdir.parent / f"postfix-{scenario.mode}-{run}", *postfix_commands
             )
 
-    relay_load = loads.get("relay") or next(iter(loads.values()))
+        def measure_target(target: str, run: int) -> Run:
+            name = f"{target}-{run}"
+            if target == "relay":
+                delay = settings.ses_delay_ms
+                return measure_relay(children, workdir, name, load, settings, ses_delay_ms=delay)
+            return *measure(children, starts[target](run), name, load, settings.drain_timeout), None
+
+        names = [t for t in TARGETS if t in settings.targets and (t == "relay" or t in starts)]
+        thunks = [functools.partial(measure_target, name) for name in names]
+        runs = dict(zip(names, interleaved(thunks, settings.repeat), strict=True))
+    targets: dict[str, dict[str, Any] | None] = dict.fromkeys(TARGETS)
+    for name, results in runs.items():
+        targets[name] = folded([summary for summary, _, _ in results])
+    loads = {name: [result for _, result, _ in results] for name, results in runs.items()}
+    relay_load = (loads.get("relay") or next(iter(loads.values())))[0]
     ratio_table = ratios(targets)
     return {
         "scenario": scenario.name,
@@ -240,6 +262,6 @@ def run_scenario(scenario: Scenario, settings: Settings, workdir: Path) -> dict[
         **targets,
         "ratio": ratio_table.get("relay/ceiling msg/s"),
         "ratios": ratio_table,
-        "ses": ses_stats,
+        "ses": [ses for _, _, ses in runs["relay"]] if "relay" in runs else None,
         "load": loads,
     }

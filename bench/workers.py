@@ -6,17 +6,20 @@ two workers under the load of each throughput scenario asked for (all of
 them when none is named). ``compared`` sets each beside the same scenario's
 ceiling, one-process relay and Postfix of the same run, where they ran, with
 the two workers' msg/s over each of theirs (the table, and point 7's
-verdicts).
+verdicts). Each is the median of ``--repeat`` runs, the scenarios named
+run in turn.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from bench.procs import Children
+from bench.repeat import folded, interleaved
 from bench.scenarios import SCENARIOS, TARGETS, Settings, measure_relay, scenario_load
 from relay.config import SmtpConfig
 
@@ -31,22 +34,28 @@ def built() -> bool:
 
 def run_workers(settings: Settings, workdir: Path, names: Sequence[str]) -> dict[str, Any]:
     """Per scenario in ``names``: the relay's summary with ``WORKERS``
-    workers; ``modes`` names each one's mode, ``ses_delay_ms`` the fake
-    SES's delay."""
+    workers, the medians of ``settings.repeat`` runs (the scenarios in turn,
+    ``bench/repeat.py``); ``modes`` names each one's mode, ``ses_delay_ms``
+    the fake SES's delay."""
     if not built():
         return {"built": False, "workers": WORKERS}
     results: dict[str, Any] = {
         "built": True, "workers": WORKERS, "ses_delay_ms": settings.ses_delay_ms, "modes": {},
     }  # fmt: skip
     with Children() as children:
-        for name in names:
-            scenario = SCENARIOS[name]
-            load = scenario_load(scenario, settings, workdir / name)
-            results[name], _, _ = measure_relay(
-                children, workdir / name, "relay", load, settings,
+
+        def measure(name: str, run: int) -> dict[str, Any]:
+            load = scenario_load(SCENARIOS[name], settings, workdir / name)
+            summary, _, _ = measure_relay(
+                children, workdir / name, f"relay-{run}", load, settings,
                 ses_delay_ms=settings.ses_delay_ms, overrides={"smtp": {"workers": WORKERS}},
             )  # fmt: skip
-            results["modes"][name] = scenario.mode
+            return summary
+
+        thunks = [functools.partial(measure, name) for name in names]
+        for name, runs in zip(names, interleaved(thunks, settings.repeat), strict=True):
+            results[name] = folded(runs)
+            results["modes"][name] = SCENARIOS[name].mode
     return results
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import pytest
 
 from bench import postfix, smtpsource
 from bench.load import Messages
+from bench.repeat import folded, interleaved
 from bench.report import notes, workers_ratio_table, workers_table
 from bench.verdict import verdicts
 from bench.workers import compared
@@ -45,7 +48,14 @@ TINY_PARTS = [
     [
         (
             "smtp-source",
-            ["--scenario", "10k-1rcpt-persistent", "--scenario", "10k-1rcpt-per-message"],
+            [
+                "--scenario",
+                "10k-1rcpt-persistent",
+                "--scenario",
+                "10k-1rcpt-per-message",
+                "--repeat",
+                "1",
+            ],
             ["10k-1rcpt-persistent", "10k-1rcpt-per-message"],
         ),
         (
@@ -57,6 +67,8 @@ TINY_PARTS = [
                 "ceiling",
                 "--target",
                 "relay",
+                "--repeat",
+                "2",
                 *TINY_PARTS,
             ],
             ["10k-1rcpt-per-message"],
@@ -84,54 +96,77 @@ def test_bench_smoke_run_delivers_everything(
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"load from {load}" in done.stdout
     report = json.loads(results.read_text())
-    assert report["format"] == 3
+    assert report["format"] == 4
+    repeat = report["settings"]["repeat"]
+    assert repeat == int(options[options.index("--repeat") + 1])
     assert [s["scenario"] for s in report["scenarios"]] == scenarios
     with_postfix = load == "smtp-source" and postfix.commands() is not None
     for scenario in report["scenarios"]:
         assert scenario["load_generator"] == load
         relay, ses = scenario["relay"], scenario["ses"]
-        assert relay["accepted_total"] >= 20
-        assert relay["delivered"] == relay["accepted_total"] == ses["send_raw_email"]
+        assert len(ses) == repeat
+        assert relay["accepted_total"] >= 20 * repeat
+        sent = sum(run["send_raw_email"] for run in ses)
+        assert relay["delivered"] == relay["accepted_total"] == sent
         assert (relay["errors"], scenario["ceiling"]["errors"]) == ({}, {})
         assert relay["log_warnings_errors"] == 0, relay["log_examples"]
-        # One pooled connection per session at most (smtp-source's 2 and its probe).
-        assert ses["tls_handshakes"] <= (3 if load == "smtp-source" else 2)
+        for run in ses:
+            # One pooled connection per session at most (smtp-source's 2 and its probe).
+            assert run["tls_handshakes"] <= (3 if load == "smtp-source" else 2)
         assert relay["tls_handshakes_per_1000"] is not None
         for target in ("ceiling", "relay"):
             assert all(scenario[target][key] is not None for key in FIGURES), scenario[target]
-        assert scenario["ratios"]["relay/ceiling msg/s"] is not None
+            assert_medians(scenario[target], repeat)
+        assert len(scenario["load"]["relay"]) == repeat
+        medians = relay["msgs_per_s"], scenario["ceiling"]["msgs_per_s"]
+        assert scenario["ratios"]["relay/ceiling msg/s"] == round(medians[0] / medians[1], 3)
         if with_postfix:
             pf = scenario["postfix"]
             assert pf["errors"] == {}
             assert pf["delivered"] == pf["accepted_total"] >= 20, pf
             assert isinstance(pf["log_warnings_errors"], int)  # e.g. clock skew on a VM
             assert all(pf[key] is not None for key in FIGURES), pf
+            assert_medians(pf, repeat)
             assert scenario["ratios"]["relay/postfix msg/s"] is not None
         if report["fsyncs_counted"]:
             assert relay["fsyncs_per_1000"] is not None
     assert left == []  # no temporary directory left behind
+    median_line = f"each figure the median of {repeat} interleaved runs per target"
+    assert (median_line in done.stdout) is (repeat > 1)
     assert report["verdicts"] == verdicts(report)
     if "--part" in options:
         assert_parts(report, done.stdout)
 
 
+def assert_medians(summary: dict[str, Any], repeat: int) -> None:
+    """``summary`` holds ``repeat`` runs, and its figures are their medians."""
+    runs = summary["runs"]
+    assert len(runs) == repeat
+    for key in ("msgs_per_s", "p50_ms", "p99_ms", "cpu_s_per_1000"):
+        assert summary[key] == round(statistics.median(run[key] for run in runs), 3), key
+    assert summary["peak_rss_mb"] == max(run["peak_rss_mb"] for run in runs)
+    assert summary["accepted_total"] == sum(run["accepted_total"] for run in runs)
+
+
 def assert_parts(report: dict[str, Any], stdout: str) -> None:
     """Every part ran, delivered what it should, and every check it feeds
     was judged (pass or fail: never a speed)."""
-    parts = report["parts"]
+    parts, repeat = report["parts"], report["settings"]["repeat"]
     assert sorted(parts) == sorted(p.replace("-", "_") for p in PARTS)
     latency = parts["latency"]
     assert latency["measured_here"] is False  # the max came from the scenario run before
     assert latency["paced_msgs_per_s"] > 0
     for target in ("ceiling", "relay"):
         assert latency[target]["errors"] == {}
-        assert latency[target]["accepted_total"] >= 20
+        assert latency[target]["accepted_total"] >= 20 * repeat
+        assert_medians(latency[target], repeat)
     assert latency["relay"]["delivered"] == latency["relay"]["accepted_total"]
     slow = parts["ses_delay"]
     assert slow["delay_ms"] == 20
     for side in ("at_0ms", "at_delay"):
         assert slow[side]["errors"] == {}
-        assert slow[side]["delivered"] == slow[side]["accepted_total"] >= 20
+        assert slow[side]["delivered"] == slow[side]["accepted_total"] >= 20 * repeat
+        assert_medians(slow[side], repeat)
     memory = parts["memory"]
     assert (memory["messages"], memory["accepted"], memory["delivered"]) == (2, 2, 2)
     assert memory["message_size"] >= 65536
@@ -151,7 +186,8 @@ def assert_parts(report: dict[str, Any], stdout: str) -> None:
     assert workers["modes"] == {"10k-1rcpt-per-message": "per-message"}  # what --scenario named
     per_message = workers["10k-1rcpt-per-message"]
     assert per_message["errors"] == {}
-    assert per_message["delivered"] == per_message["accepted_total"] >= 20
+    assert per_message["delivered"] == per_message["accepted_total"] >= 20 * repeat
+    assert_medians(per_message, repeat)
     # Printed beside the scenario's targets, with its ratios.
     scenario = report["scenarios"][0]
     printed = [row for row in cells(stdout) if row[:1] == ["10k-1rcpt-per-message"]]
@@ -291,3 +327,59 @@ def test_the_notes_cover_the_workers_rows() -> None:
     assert len(found) == 2
     assert found[0].startswith(f"{persistent}: the relay, 2 workers ended 1 persistent sessions")
     assert "MAIL sent too many times" in found[1]
+
+
+def test_runs_are_interleaved_and_numbered() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def side(name: str) -> Callable[[int], str]:
+        def thunk(run: int) -> str:
+            calls.append((name, run))
+            return f"{name}{run}"
+
+        return thunk
+
+    assert interleaved([side("a"), side("b")], 3) == [["a1", "a2", "a3"], ["b1", "b2", "b3"]]
+    assert calls == [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+
+
+def test_runs_fold_into_medians() -> None:
+    """Each figure the median of the runs that measured it; a peak the
+    highest; counts and errors added up; a run that did not drain shows."""
+    runs = [
+        summary(300.0) | {"p99_ms": 20.0, "peak_rss_mb": 50.0, "fsyncs_per_1000": None,
+                          "errors": {"timeout": 1}, "error_examples": {"timeout": "t1"}},
+        summary(100.0) | {"p99_ms": 10.0, "peak_rss_mb": 70.0, "fsyncs_per_1000": 2000.0,
+                          "drained": False, "errors": {"timeout": 2, "421": 1},
+                          "error_examples": {"timeout": "t2", "421": "x"}},
+        summary(200.0) | {"p99_ms": 40.0, "peak_rss_mb": 60.0, "fsyncs_per_1000": 3000.0},
+    ]  # fmt: skip
+    three = folded(runs)
+    assert (three["msgs_per_s"], three["p99_ms"], three["p50_ms"]) == (200.0, 20.0, 4.0)
+    assert three["fsyncs_per_1000"] == 2500.0  # the two runs that counted
+    assert three["peak_rss_mb"] == 70.0
+    assert (three["accepted_total"], three["delivered"]) == (300, 300)
+    assert three["errors"] == {"timeout": 3, "421": 1}
+    assert three["error_examples"] == {"timeout": "t1", "421": "x"}
+    assert three["drained"] is False
+    assert three["runs"] == runs
+    two = folded(runs[::2])
+    assert (two["msgs_per_s"], two["p99_ms"], two["peak_rss_mb"]) == (250.0, 30.0, 60.0)
+    assert two["fsyncs_per_1000"] == 3000.0
+    assert two["drained"] is True
+    assert folded(runs[:1])["fsyncs_per_1000"] is None  # no run counted
+
+
+def test_the_notes_name_the_run_that_had_errors() -> None:
+    quiet = summary(300.0) | {
+        "loadgen_cpu_util": 0.1, "drain_s": 0.0, "reconnects": 0, "queued_replies": 0,
+        "log_warnings_errors": 0, "log_examples": [],
+    }  # fmt: skip
+    failed = quiet | {"errors": {"timeout": 2}, "error_examples": {"timeout": "timed out"}}
+    scenario = {
+        "scenario": "10k-1rcpt-per-message", "ses_delay_ms": 0.0,
+        "ceiling": folded([quiet, quiet]), "relay": folded([quiet, failed, quiet]),
+    }  # fmt: skip
+    assert notes([scenario]) == [
+        "10k-1rcpt-per-message (run 2 of 3): relay errors {'timeout': 2}, e.g. ['timed out']"
+    ]
