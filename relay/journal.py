@@ -22,9 +22,13 @@ with ``SRJ1`` and 12 random bytes, its mark, which begins each of its records::
 
 A new segment starts when the current one passes ``SEGMENT_SIZE``, or after
 a write or fsync failed; one whose puts are all done, and is not the current
-one, is removed. At start (``Spool.open``) every put with no done record in
-any segment is moved into ``queue/`` (unless its entry is in the spool
-already: moved before the crash) and the segments are removed: nothing that
+one, is removed, and so is the current one past ``RECYCLE_SIZE`` when every
+put in the journal is done: the journal takes at most ``SEGMENT_SIZE`` and
+the messages in flight under load, and little more when it is quiet.
+
+At start (``Spool.open``) every put with no done record in any segment is
+moved into ``queue/`` (unless its entry is in the spool already: moved
+before the crash) and the segments are removed: nothing that
 got ``250`` is lost.
 
 Only a write that was never fsync'd can be cut short, and a failed fsync may
@@ -59,6 +63,9 @@ PUT: Final = b"P"
 DONE: Final = b"D"
 SEGMENT_SIZE: Final = 16 * 1024 * 1024
 """Bytes after which the next write starts a new segment."""
+RECYCLE_SIZE: Final = 64 * 1024
+"""Bytes past which the current segment is removed as soon as every put in
+the journal is done (a quiet moment), rather than kept until it is full."""
 SUFFIX: Final = ".log"
 
 MARK_SIZE: Final = 12
@@ -163,6 +170,10 @@ class Journal:
         """Per segment, the puts not done yet."""
         self._where: dict[str, int] = {}
         """Each live put's segment."""
+        self._dones = 0
+        """Done records written."""
+        self._dones_synced = 0
+        """Done records an fdatasync made durable (the first so many)."""
         self._finished: list[int] = []
         """Segments all done and no longer current: removed by the next ``sync``."""
 
@@ -237,10 +248,12 @@ class Journal:
                 for put in puts:
                     live.add(put.entry_id)
                     self._where[put.entry_id] = seq
+                dones = self._dones
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            self._synced(dones)
         except OSError as exc:
             with self._lock:
                 self._full = True
@@ -251,7 +264,8 @@ class Journal:
 
     def done(self, entry_id: str) -> None:
         """``entry_id`` left the journal (sent, refused, or moved into the
-        queue): a done record, durable with the next ``sync``. Never raises:
+        queue): a done record, durable with the next fdatasync of the
+        segment (``sync``, or the next ``append``'s). Never raises:
         a record that cannot be written is logged (a restart may then send
         the message again)."""
         with self._lock:
@@ -276,14 +290,30 @@ class Journal:
                 )
                 return
             self._size += len(record)
+            self._dones += 1
+
+    def unsynced(self) -> bool:
+        """Whether done records wait for an fdatasync, or segments all done
+        for their removal (``sync`` would have work)."""
+        with self._lock:
+            return self._dones > self._dones_synced or bool(self._finished)
 
     def sync(self, requests: Sequence[object]) -> list[SpoolError | None]:
         """One ``fdatasync`` of the current segment for ``requests`` (the done
-        records written before it), and the removal of the segments all done
-        (blocking; a ``GroupCommit`` commit)."""
+        records written before it), and the removal of the segments all done,
+        the current one too when every put is done and it passed
+        ``RECYCLE_SIZE`` (blocking; a ``GroupCommit`` commit)."""
         with self._lock:
+            if not self._where and self._fd is not None and self._size >= RECYCLE_SIZE:
+                # Every put is done: the segment goes (not to hold its space
+                # until it is full), and the next put starts a new one.
+                os.close(self._fd)
+                self._fd = None
+                self._live.pop(self._seq, None)
+                self._finished.append(self._seq)
             path = None if self._fd is None else self._path(self._seq)
             finished, self._finished = self._finished, []
+            dones = self._dones
         try:
             if path is not None:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -293,17 +323,21 @@ class Journal:
                     os.close(fd)
         except OSError as exc:
             return [spool_error("cannot sync the spool's journal", exc)] * len(requests)
+        self._synced(dones)
         for seq in finished:
             with contextlib.suppress(OSError):
                 self._path(seq).unlink()
         return [None] * len(requests)
 
     def close(self) -> None:
-        """Close the current segment; remove it when nothing in it is live."""
+        """Close the current segment, its done records fsync'd; remove it
+        when nothing in it is live."""
         with self._lock:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
+            with contextlib.suppress(OSError):  # else a restart may send some again
+                os.fdatasync(fd)
             os.close(fd)
             if not self._live.get(self._seq):
                 with contextlib.suppress(OSError):
@@ -329,11 +363,18 @@ class Journal:
         old, self._fd, self._seq, self._mark = self._fd, fd, seq, mark
         self._size, self._full = _SEGMENT_HEADER_SIZE, False
         if old is not None:
+            with contextlib.suppress(OSError):  # its done records; else a restart may resend
+                os.fdatasync(old)
             os.close(old)
             if not self._live.get(seq - 1):
                 self._live.pop(seq - 1, None)
                 self._finished.append(seq - 1)
         return seq, mark
+
+    def _synced(self, dones: int) -> None:
+        """The first ``dones`` done records are durable."""
+        with self._lock:
+            self._dones_synced = max(self._dones_synced, dones)
 
     def _descriptor(self) -> int:
         if self._fd is None:

@@ -27,6 +27,9 @@ from relay.log import delivery_log
 from relay.ses.sender import RawMessage
 from relay.spool import QUEUE, Entry, Spool
 
+DONE_SYNC_DELAY = 0.05
+"""Seconds a delivered message's done record may wait for an fdatasync."""
+
 
 @dataclass(slots=True)
 class _Journaled:
@@ -68,8 +71,12 @@ class Record:
         """Delivered entries unlinked on the loop share one fsync of ``queue/``."""
         self._journaled: dict[str, _Journaled] = {}
         """Entries in the journal only (not moved into the queue yet), by id."""
-        self._journal_syncs = GroupCommit(spool.journal.sync, "relay-journal-syncs")
+        self._journal_syncs: GroupCommit[object] = GroupCommit(
+            spool.journal.sync, "relay-journal-syncs"
+        )
         """The done records of entries that left the journal share one fdatasync."""
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._lazy_syncs: set[asyncio.Task[None]] = set()
 
     def journaled(self, entry: Entry, message: bytes) -> None:
         """``entry`` was committed in the journal, with ``message``."""
@@ -120,7 +127,12 @@ class Record:
         """``entry`` is done with (sent, or refused inline): out of the spool."""
         self.left(entry.id)
         if self._journaled.pop(entry.id, None) is not None:
-            await self._leave_journal(entry.id, "delivered but not removed")
+            # Durable with the next fdatasync of the journal, which new
+            # messages make under load: a power loss before it may resend it
+            # after the restart (the same window as between SES's answer and
+            # this call), never lose it.
+            self._spool.journal.done(entry.id)
+            self._sync_soon()
             return
         try:
             if self._spool.unlink_now(entry.id):
@@ -131,7 +143,13 @@ class Record:
             delivery_log.error("%s: delivered but not removed: %s", entry.id, exc)
 
     async def idle(self) -> None:
-        """Return when no removal is running in a thread (before the spool closes)."""
+        """Return when no removal is running in a thread (before the spool
+        closes), the journal's done records synced."""
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_if_needed()
+        while self._lazy_syncs:
+            await asyncio.wait(list(self._lazy_syncs))
         await self._removes.idle()
         await self._syncs.idle()
         await self._journal_syncs.idle()
@@ -151,6 +169,30 @@ class Record:
         del self._journaled[entry.id]
         await self._leave_journal(entry.id, "moved into the queue but still in the journal")
         return True
+
+    def _sync_soon(self) -> None:
+        """Sync the journal's done records within ``DONE_SYNC_DELAY``, unless
+        an fdatasync of new messages does it first."""
+        if self._sync_timer is None:
+            loop = asyncio.get_running_loop()
+            self._sync_timer = loop.call_later(DONE_SYNC_DELAY, self._sync_if_needed)
+
+    def _sync_if_needed(self) -> None:
+        self._sync_timer = None
+        if self._spool.journal.unsynced():
+            task = asyncio.create_task(self._sync_done(), name="relay-journal-sync")
+            self._lazy_syncs.add(task)
+            task.add_done_callback(self._lazy_syncs.discard)
+
+    async def _sync_done(self) -> None:
+        try:
+            await self._journal_syncs.submit(None)
+        except SpoolError as exc:
+            delivery_log.error(
+                "delivered messages not recorded as done (a restart after a power "
+                "loss may send them again): %s",
+                exc,
+            )
 
     async def _leave_journal(self, entry_id: str, failure: str) -> None:
         """A done record for ``entry_id``, durable when this returns (or the

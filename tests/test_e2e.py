@@ -70,6 +70,24 @@ async def test_one_recipient_reaches_ses_byte_for_byte(tmp_path: Path, fake_ses:
     assert request.signature_ok
 
 
+async def test_a_sent_message_is_recorded_done_on_disk_without_more_traffic(
+    tmp_path: Path, fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply does not wait for the done record's fdatasync, and no new
+    message comes to make it: the relay syncs it soon all the same."""
+    async with running_relay(tmp_path, fake_ses) as relay:
+        gate = JournalSyncGate(monkeypatch, tmp_path / "spool" / "journal")
+        code, text = await send(relay, ["bob@example.net"], message())
+        assert code == 250, text
+        assert relay.spool is not None
+        journal = relay.spool.journal
+        async with asyncio.timeout(15):
+            while journal.unsynced():
+                await asyncio.sleep(0.01)
+        assert gate.written() == []  # a restart would not send it again
+    assert [r.destinations for r in fake_ses.requests] == [["bob@example.net"]]
+
+
 @pytest.mark.parametrize(
     ("to_header", "sizes"),
     [("undisclosed-recipients:;", [50, 50, 20]), ("Team <team@example.org>", [49, 49, 22])],

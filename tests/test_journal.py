@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import SpoolError
-from relay.journal import MARK_SIZE, Journal, JournalPut, encode_put, read_segment
+from relay.journal import MARK_SIZE, RECYCLE_SIZE, Journal, JournalPut, encode_put, read_segment
 from relay.spool import QUEUE, Spool
 from tests.fsyncgate import JournalSyncGate
 from tests.test_spool import make_entry
@@ -136,3 +136,38 @@ def test_opening_the_spool_moves_the_journal_into_the_queue(tmp_path: Path) -> N
     assert again.message("ABC121") == message
     assert segments(tmp_path / "spool" / "journal") == []
     again.close()
+
+
+def test_done_records_wait_for_the_next_fdatasync_of_either_kind(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_size=5000)
+    assert journal.append([put("ABC1"), put("ABC2")]) == [None, None]
+    assert not journal.unsynced()
+    journal.done("ABC1")
+    assert journal.unsynced()
+    assert journal.append([put("ABC3", b"x" * 6000)]) == [None]  # fills the segment
+    assert not journal.unsynced()  # the new message's fdatasync covered the done record
+    journal.done("ABC2")
+    assert journal.sync([None]) == [None]
+    assert not journal.unsynced()
+    assert journal.append([put("ABC4")]) == [None]  # in a new segment
+    [first, _] = segments(tmp_path)
+    journal.done("ABC3")  # the last put of the first segment: removed by the next sync
+    assert journal.unsynced()
+    assert journal.sync([None]) == [None]
+    assert not journal.unsynced()
+    assert not first.exists()
+    assert restarted(tmp_path) == [put("ABC4")]
+
+
+def test_a_quiet_journal_gives_its_space_back(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC1", b"x" * RECYCLE_SIZE)]) == [None]
+    assert journal.append([put("ABC2")]) == [None]
+    journal.done("ABC1")
+    assert journal.sync([None]) == [None]
+    assert len(segments(tmp_path)) == 1  # ABC2 is not done yet
+    journal.done("ABC2")
+    assert journal.sync([None]) == [None]
+    assert segments(tmp_path) == []
+    assert journal.append([put("ABC3")]) == [None]  # in a new segment
+    assert restarted(tmp_path) == [put("ABC3")]
