@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import signal
 import ssl
@@ -524,6 +525,11 @@ async def serve(config: Config, env: Mapping[str, str], role: WorkerRole | None 
     watchdog: asyncio.Task[None] | None = None
     try:
         async with relay:
+            # What start-up made (modules, configuration, clients) lives as
+            # long as the process: out of the collector's way, so that a full
+            # collection under load scans the objects of the mail in flight,
+            # not 40 000 of them (tens of ms of frozen event loop, the p99).
+            gc.freeze()
             smtp_log.info("%s ready", name)
             notifier.send(ready(relay.summary()))
             if worker:

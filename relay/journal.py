@@ -159,6 +159,8 @@ class Journal:
         self._segment_size = segment_size
         self._lock = threading.Lock()
         """Guards what follows (never held during an fsync)."""
+        self._rotation = threading.Lock()
+        """Held by the thread making a new segment (threads only)."""
         self._fd: int | None = None
         """The current segment, opened with the first write (done records go here)."""
         self._seq = 0
@@ -344,12 +346,34 @@ class Journal:
                     self._path(self._seq).unlink()
 
     def _current(self) -> tuple[int, bytes]:
-        """The segment to write to and its mark: a new one when the current
-        one is full or a write to it failed (under the lock)."""
-        if self._fd is not None and not self._full and self._size < self._segment_size:
-            return self._seq, self._mark
-        seq, mark = self._seq + 1, os.urandom(MARK_SIZE)
+        """The segment to write to and its mark (under the lock, which this
+        may release and take again): a new one when there is none, the
+        current one is full, or a write to it failed. The new one is made
+        with the lock released: ``done``, on the event loop, never waits for
+        its fsyncs."""
+        if not self._writable():
+            self._lock.release()
+            try:
+                with self._rotation:
+                    self._rotate()
+            finally:
+                self._lock.acquire()
+        if self._fd is None:
+            raise OSError(errno.EBADF, "the journal is closed")
+        return self._seq, self._mark
+
+    def _writable(self) -> bool:
+        return self._fd is not None and not self._full and self._size < self._segment_size
+
+    def _rotate(self) -> None:
+        """Start a new segment unless another thread just did (under
+        ``_rotation``, without the lock)."""
+        with self._lock:
+            if self._writable():
+                return
+            seq = self._seq + 1
         path = self._path(seq)
+        mark = os.urandom(MARK_SIZE)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             write_all(fd, MAGIC + mark)
@@ -360,16 +384,16 @@ class Journal:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        old, self._fd, self._seq, self._mark = self._fd, fd, seq, mark
-        self._size, self._full = _SEGMENT_HEADER_SIZE, False
-        if old is not None:
-            with contextlib.suppress(OSError):  # its done records; else a restart may resend
-                os.fdatasync(old)
-            os.close(old)
-            if not self._live.get(seq - 1):
+        with self._lock:
+            old, self._fd, self._seq, self._mark = self._fd, fd, seq, mark
+            self._size, self._full = _SEGMENT_HEADER_SIZE, False
+            if old is not None and not self._live.get(seq - 1):
                 self._live.pop(seq - 1, None)
                 self._finished.append(seq - 1)
-        return seq, mark
+        if old is not None:  # no longer written to: its done records made durable
+            with contextlib.suppress(OSError):  # else a restart may send some again
+                os.fdatasync(old)
+            os.close(old)
 
     def _synced(self, dones: int) -> None:
         """The first ``dones`` done records are durable."""
