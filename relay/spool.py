@@ -494,8 +494,8 @@ class Spool:
             if self.find(put.entry_id) is not None:
                 continue  # moved into the queue before the stop
             try:
-                entry = Entry.from_json(put.envelope)
-            except (ValueError, UnreadableEntry) as exc:
+                entry = _entry_of(put)
+            except UnreadableEntry as exc:
                 delivery_log.error("%s: an unreadable entry in the journal: %s", put.entry_id, exc)
                 self._quarantine_put(put)
                 continue
@@ -1112,6 +1112,14 @@ def _checked(entry: Entry) -> bytes:
     if read_back.id != entry.id:  # pragma: no cover - from_json keeps ids
         raise ValueError(f"entry {entry.id!r} does not read back")
     return envelope
+
+
+def _entry_of(put: JournalPut) -> Entry:
+    """The entry a put of the journal holds; ``UnreadableEntry`` when none."""
+    entry = Entry.from_json(put.envelope)
+    if entry.id != put.entry_id:
+        raise UnreadableEntry(f"its envelope is that of {entry.id}")
+    return entry
 
 
 def _try_flock(fd: int, operation: int) -> bool:

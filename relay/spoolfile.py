@@ -74,8 +74,7 @@ class MessageFile:
         """The message as written so far, to send once committed: a
         descriptor of its own, still readable after ``discard`` (close it).
         ``OSError`` when the gathered bytes cannot be written. A message still
-        wholly gathered (at most ``WRITE_SIZE``: most mail) is given as its
-        bytes, which the file then only has to hold for a restart."""
+        wholly gathered (``held``) is given as its bytes."""
         held = self.held()
         if held is not None:
             return RawMessage.of(held)

@@ -202,3 +202,26 @@ def test_threads_appending_across_many_rotations_lose_nothing(tmp_path: Path) ->
     assert journal.sync([None]) == [None]
     journal.close()
     assert segments(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [b"not json", make_entry("ABC124").to_json()],  # garbage; another entry's envelope
+)
+def test_an_unreadable_journal_entry_is_quarantined_at_start(
+    tmp_path: Path, envelope: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    bad = JournalPut("ABC123", envelope, b"Subject: odd\r\n\r\nbody\r\n")
+    assert spool.journal.append([bad, spool.journal_put(make_entry("ABC125"), b"ok")]) == [None] * 2
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    with caplog.at_level(logging.ERROR):
+        again.open()
+    assert list(again.ids(QUEUE)) == ["ABC125"]
+    quarantine = tmp_path / "spool" / "quarantine"
+    assert (quarantine / "ABC123.eml").read_bytes() == bad.message
+    assert (quarantine / "ABC123.json").read_bytes() == envelope
+    assert "ABC123: an unreadable entry in the journal" in caplog.text
+    again.close()
