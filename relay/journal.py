@@ -181,15 +181,17 @@ class Journal:
 
     # -- start-up
 
-    def pending(self) -> Iterator[JournalPut]:
+    def pending(self, *, quiet: bool = False) -> Iterator[JournalPut]:
         """The puts of the segments on disk with no done record, oldest first
-        (blocking; one segment in memory at a time)."""
+        (blocking; one segment in memory at a time). ``quiet``: a reader
+        beside the running daemon (``ses-relay queue``), for which a record
+        being written is not whole yet: skipped bytes are not logged."""
         segments = self._segments()
         done: set[bytes] = set()
         for path in segments:
-            done.update(payload for kind, payload in self._read(path) if kind == DONE)
+            done.update(payload for kind, payload in self._read(path, quiet) if kind == DONE)
         for path in segments:
-            for kind, payload in self._read(path):
+            for kind, payload in self._read(path, quiet):
                 if kind != PUT:
                     continue
                 try:
@@ -211,15 +213,23 @@ class Journal:
             sync_dir(self.directory)
 
     def _segments(self) -> list[Path]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:  # a spool made before the journal
+            return []
         return sorted(
-            path
-            for path in self.directory.iterdir()
-            if path.suffix == SUFFIX and path.stem.isdigit()
+            self.directory / name
+            for name in names
+            if name.endswith(SUFFIX) and name[: -len(SUFFIX)].isdigit()
         )
 
-    def _read(self, path: Path) -> list[tuple[bytes, bytes]]:
-        records, skipped = read_segment(path.read_bytes())
-        if skipped:
+    def _read(self, path: Path, quiet: bool) -> list[tuple[bytes, bytes]]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # removed meanwhile: all done
+            return []
+        records, skipped = read_segment(data)
+        if skipped and not quiet:
             delivery_log.warning(
                 "%s: %d bytes that are not whole records skipped (writes never "
                 "acknowledged, cut short or not written)",

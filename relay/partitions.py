@@ -107,6 +107,10 @@ class SpoolSet:
         for spool in self.parts:
             yield from spool.entries(area)
 
+    def inline(self) -> Iterator[tuple[Entry, int]]:
+        for spool in self.parts:
+            yield from spool.inline()
+
     def message_size(self, entry_id: str, area: str = QUEUE) -> int | None:
         try:
             return self.holder(entry_id, area).message_size(entry_id, area)

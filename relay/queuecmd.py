@@ -45,6 +45,11 @@ handler: before that, SIGUSR1 would kill it."""
 AREA_NAMES = {QUEUE: "the queue", DEAD: "the dead-letter area"}
 
 
+INLINE = "inline"
+"""The area ``list`` shows for a message the daemon is trying inline (in
+the spool's journal, ``relay.journal``): queued, not yet in ``queue/``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Listed:
     """One spooled message as the command shows it."""
@@ -166,7 +171,7 @@ def format_list(messages: Sequence[Listed], now: float, spool: str) -> str:
             if error:
                 lines.append(f"    ({printable(error)})")
             lines.extend(f"      {printable(r)}" for r in recipients)
-    queued = sum(1 for m in messages if m.area == QUEUE)
+    queued = sum(1 for m in messages if m.area != DEAD)
     dead = len(messages) - queued
     lines.append("")
     lines.append(f"{plural(queued, 'message')} in queue, {dead} dead (spool {spool})")
@@ -186,7 +191,7 @@ def entry_data(item: Listed) -> dict[str, Any]:
 
 
 def listing_json(messages: Sequence[Listed], spool: str) -> str:
-    queued = sum(1 for m in messages if m.area == QUEUE)
+    queued = sum(1 for m in messages if m.area != DEAD)
     document = {
         "spool": spool,
         "messages": [entry_data(m) for m in messages],
@@ -379,11 +384,15 @@ def warn_if_unused(spool: SpoolSet, config: Config, console: Console) -> None:
 
 
 def collect(spool: SpoolSet, areas: Iterable[str] = AREAS) -> list[Listed]:
-    """Every readable entry, queue first, each area oldest first."""
+    """Every readable entry, queue first, each area oldest first; in the
+    queue's place, the messages being tried inline too (area ``inline``)."""
     found: list[Listed] = []
     for area in areas:
         entries = sorted(spool.entries(area), key=lambda e: (e.received, e.id))
         found.extend(Listed(e, area, spool.message_size(e.id, area)) for e in entries)
+        if area == QUEUE:
+            inline = sorted(spool.inline(), key=lambda item: (item[0].received, item[0].id))
+            found.extend(Listed(e, INLINE, size) for e, size in inline)
     return found
 
 

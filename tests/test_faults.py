@@ -32,7 +32,6 @@ import aiosmtplib
 import pytest
 from aiohttp import web
 
-from relay.journal import Journal
 from relay.spool import Batch, Entry, Spool
 from tests import diskfull
 from tests.daemon import (
@@ -312,9 +311,9 @@ def queued(spool: Path, area: str = "queue") -> list[str]:
     if not directory.exists():
         return []
     ids = [p.name[:-5] for p in directory.iterdir() if p.name.endswith(".json")]
-    if area == "queue" and (spool / "journal").exists():
-        ids += [put.entry_id for put in Journal(spool / "journal").pending()]
-    return sorted(set(ids))
+    if area == "queue":
+        ids += [entry.id for entry, _ in Spool(spool).inline()]
+    return sorted(ids)
 
 
 def entry(spool: Path, entry_id: str, area: str = "queue") -> Entry:

@@ -36,6 +36,9 @@ LATER = 4_102_444_800.0  # 2100-01-01 00:00:00 UTC: never "now" in a test
 QUEUED_ID = "0005F1AAAAAAAAAA000001"
 DEAD_ID = "0005F1AAAAAAAAAA000002"
 OTHER_ID = "0005F1AAAAAAAAAA000003"
+INLINE_ID = "0005F1AAAAAAAAAA000004"
+MOVED_ID = "0005F1AAAAAAAAAA000005"
+DONE_ID = "0005F1AAAAAAAAAA000006"
 UNKNOWN_ID = "0005F1FFFFFFFFFF000009"
 MESSAGE = (
     b"From: App <app@example.com>\r\nTo: bob@example.net\r\n"
@@ -158,6 +161,42 @@ def test_list_shows_queued_and_dead_messages_like_mailq(setup: Setup) -> None:
         "",
         f"1 message in queue, 1 dead (spool {setup.spool.path})",
     ]
+
+
+def test_list_shows_the_messages_being_tried_inline(setup: Setup) -> None:
+    """A message committed to the journal while the daemon tries SES at once
+    is listed (area ``inline``); one whose done record is written, or that
+    was moved into the queue, is not listed twice."""
+    put_both(setup.spool)
+    inline = replace(queued_entry(), id=INLINE_ID, next_attempt=0.0, attempts=0)
+    moved = replace(inline, id=MOVED_ID)
+    journal = setup.spool.journal
+    puts = [
+        setup.spool.journal_put(e, MESSAGE) for e in (inline, moved, replace(inline, id=DONE_ID))
+    ]
+    assert journal.append(puts) == [None] * 3
+    journal.done(DONE_ID)
+    setup.spool.put(moved, MESSAGE)  # moved into the queue, its done record not written yet
+    code, out, err = run(setup.config, "list")
+    assert (code, err) == (0, "")
+    rows = [line.split()[:3] for line in out.splitlines() if line[:1].isalnum()]
+    assert rows == [
+        ["Queue", "ID", "Area"],
+        [QUEUED_ID, "queue", str(len(MESSAGE))],
+        [MOVED_ID, "queue", str(len(MESSAGE))],
+        [INLINE_ID, "inline", str(len(MESSAGE))],
+        [DEAD_ID, "dead", "26"],
+        ["3", "messages", "in"],
+    ]
+    code, out, err = run(setup.config, "list", "--json")
+    listed = json.loads(out)
+    assert [(m["id"], m["area"]) for m in listed["messages"]] == [
+        (QUEUED_ID, "queue"),
+        (MOVED_ID, "queue"),
+        (INLINE_ID, "inline"),
+        (DEAD_ID, "dead"),
+    ]
+    assert (listed["queued"], listed["dead"]) == (3, 1)
 
 
 def test_list_shows_the_last_attempt_when_no_batch_has_an_error(setup: Setup) -> None:
