@@ -225,3 +225,8 @@ def test_an_unreadable_journal_entry_is_quarantined_at_start(
     assert (quarantine / "ABC123.json").read_bytes() == envelope
     assert "ABC123: an unreadable entry in the journal" in caplog.text
     again.close()
+
+
+def test_a_spool_made_before_the_journal_has_nothing_in_it(tmp_path: Path) -> None:
+    assert list(Journal(tmp_path / "journal").pending()) == []
+    assert list(Spool(tmp_path).inline()) == []
