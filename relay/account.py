@@ -90,11 +90,11 @@ class Account:
         paused_until = self.rate.paused_until
         if paused_until is not None and paused_until > ends:
             return False
-        asked = self._clock.monotonic()
         if self.rate.try_acquire(recipients):  # most sends: no task, no timer
             if self._waited is not None:
                 self._waited(0.0)
             return True
+        asked = self._clock.monotonic()
         try:
             await wait_for(self._clock, self.rate.acquire(recipients), ends - asked)
         except TimeoutError:

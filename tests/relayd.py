@@ -3,6 +3,7 @@ written as TOML, the way an operator writes one, and pointed at a fake SES."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -109,3 +110,35 @@ async def running_relay(
         yield relay
     finally:
         await relay.stop(grace=1.0)
+
+
+REPLY_WAIT = 15.0
+"""Seconds a raw session waits for each reply line."""
+
+
+async def last_reply_line(reader: asyncio.StreamReader) -> bytes:
+    """The last line of the next SMTP reply."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), REPLY_WAIT)
+        if line[3:4] != b"-":
+            return line
+
+
+async def in_data(
+    relay: Relay, sender: str, recipient: str = "b@x.net"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to ``relay`` that has said EHLO, MAIL, RCPT and DATA
+    (each answered as it should be): what is written next is the message."""
+    host, port = relay.smtp_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await last_reply_line(reader)
+        for line in ("EHLO c.test", f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"):
+            writer.write(f"{line}\r\n".encode())
+            assert (await last_reply_line(reader)).startswith(b"250")
+        writer.write(b"DATA\r\n")
+        assert (await last_reply_line(reader)).startswith(b"354 ")
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer

@@ -21,7 +21,7 @@ from relay.auth import hash_password
 from relay.delivery import COMMITS
 from tests.fakeses import FakeSes, RawReply, SesErrorReply, Succeed, error_body, send_raw_email_body
 from tests.fsyncgate import JournalSyncGate
-from tests.relayd import running_relay
+from tests.relayd import in_data, running_relay
 
 SENDER = "app@example.com"
 
@@ -515,15 +515,8 @@ CRLF_FORGERY = b"&#13;&#10;250 forged&#13;&#10;"
 async def transaction_replies(relay: Relay, raw: bytes) -> tuple[list[bytes], bytes]:
     """A message over a raw socket: every line that came back after the
     message's end marker, until the NOOP sent after it is answered; and NOOP's."""
-    host, port = relay.smtp_addresses[0]
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await in_data(relay, SENDER, "bob@example.net")
     try:
-        await read_reply(reader)
-        for command in (b"EHLO c", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<bob@example.net>"):
-            writer.write(command + b"\r\n")
-            assert (await read_reply(reader)).startswith(b"250")
-        writer.write(b"DATA\r\n")
-        assert (await read_reply(reader)).startswith(b"354 ")
         writer.write(raw + b".\r\nNOOP\r\n")
         lines = []
         async with asyncio.timeout(10):

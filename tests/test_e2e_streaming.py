@@ -19,7 +19,7 @@ import pytest
 from relay.app import Relay
 from relay.message import prepare
 from tests.fakeses import FakeSes
-from tests.relayd import running_relay
+from tests.relayd import in_data, last_reply_line, running_relay
 
 SENDER = "app@example.com"
 WAIT = 15.0
@@ -95,32 +95,6 @@ def header_field(raw: bytes, name: str) -> str:
     return value
 
 
-async def reply(reader: asyncio.StreamReader) -> bytes:
-    """The last line of the next reply."""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), WAIT)
-        if line[3:4] != b"-":
-            return line
-
-
-async def in_data(relay: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to ``relay`` that has said EHLO, MAIL, RCPT and DATA
-    (each answered as it should be): what is written next is the message."""
-    host, port = relay.smtp_addresses[0]
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        await reply(reader)
-        for line in (b"EHLO c.test", f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<b@x.net>"):
-            writer.write(line + b"\r\n")
-            assert (await reply(reader)).startswith(b"250")
-        writer.write(b"DATA\r\n")
-        assert (await reply(reader)).startswith(b"354")
-    except BaseException:
-        writer.transport.abort()
-        raise
-    return reader, writer
-
-
 async def test_the_message_is_in_its_spool_file_before_data_ends(
     tmp_path: Path, fake_ses: FakeSes
 ) -> None:
@@ -130,7 +104,7 @@ async def test_the_message_is_in_its_spool_file_before_data_ends(
     raw = big_message(2 << 20, headers="Subject: cut\r\n")
     async with running_relay(tmp_path, fake_ses) as relay:
         spool = tmp_path / "spool"
-        _, writer = await in_data(relay)
+        _, writer = await in_data(relay, SENDER)
         try:
             writer.write(raw[: len(raw) // 2])
             await writer.drain()
@@ -176,10 +150,10 @@ async def test_a_refused_data_leaves_no_file(
     async with running_relay(
         tmp_path, fake_ses, smtp={"bare_newline": "reject", "max_message_size": 370_000}
     ) as relay:
-        reader, writer = await in_data(relay)
+        reader, writer = await in_data(relay, SENDER)
         try:
             writer.write(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-            assert (await reply(reader)).decode().rstrip("\r\n") == refusal
+            assert (await last_reply_line(reader)).decode().rstrip("\r\n") == refusal
             assert tmp_files(tmp_path / "spool") == []  # gone before the client heard
         finally:
             writer.transport.abort()
