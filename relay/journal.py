@@ -23,8 +23,10 @@ with ``SRJ1`` and 12 random bytes, its mark, which begins each of its records::
 A new segment starts when the current one passes ``SEGMENT_SIZE``, or after
 a write or fsync failed; one whose puts are all done, and is not the current
 one, is removed, and so is the current one past ``RECYCLE_SIZE`` when every
-put in the journal is done: the journal takes at most ``SEGMENT_SIZE`` and
-the messages in flight under load, and little more when it is quiet.
+put in the journal is done (``sync`` replaces it with a new one there and
+then, so that the next put does not wait for its making): the journal takes
+at most ``SEGMENT_SIZE`` and the messages in flight under load, and little
+more when it is quiet.
 
 At start (``Spool.open``) every put with no done record in any segment is
 moved into ``queue/`` (unless its entry is in the spool already: moved
@@ -316,13 +318,15 @@ class Journal:
         the current one too when every put is done and it passed
         ``RECYCLE_SIZE`` (blocking; a ``GroupCommit`` commit)."""
         with self._lock:
-            if not self._where and self._fd is not None and self._size >= RECYCLE_SIZE:
-                # Every put is done: the segment goes (not to hold its space
-                # until it is full), and the next put starts a new one.
-                os.close(self._fd)
-                self._fd = None
-                self._live.pop(self._seq, None)
-                self._finished.append(self._seq)
+            quiet = not self._where and self._fd is not None and self._size >= RECYCLE_SIZE
+            seq = self._seq
+        if quiet:
+            # Every put is done: the segment goes (not to hold its space
+            # until it is full), replaced now by a new one, which the next
+            # put then finds ready (its client never waits for the new
+            # segment's fsyncs).
+            self._recycle(seq)
+        with self._lock:
             path = None if self._fd is None else self._path(self._seq)
             finished, self._finished = self._finished, []
             dones = self._dones
@@ -362,10 +366,11 @@ class Journal:
         with the lock released: ``done``, on the event loop, never waits for
         its fsyncs."""
         if not self._writable():
+            seq = self._seq
             self._lock.release()
             try:
                 with self._rotation:
-                    self._rotate()
+                    self._rotate(seq)
             finally:
                 self._lock.acquire()
         if self._fd is None:
@@ -375,13 +380,29 @@ class Journal:
     def _writable(self) -> bool:
         return self._fd is not None and not self._full and self._size < self._segment_size
 
-    def _rotate(self) -> None:
-        """Start a new segment unless another thread just did (under
-        ``_rotation``, without the lock)."""
+    def _recycle(self, seq: int) -> None:
+        """Replace segment ``seq``, all done, with a new one; when that cannot
+        be made (a full disk), close it: it goes all the same, and the next
+        put tries again to make one."""
+        try:
+            with self._rotation:
+                self._rotate(seq)
+        except OSError:
+            with self._lock:
+                if self._seq == seq and self._fd is not None and not self._where:
+                    os.close(self._fd)
+                    self._fd = None
+                    self._live.pop(seq, None)
+                    self._finished.append(seq)
+
+    def _rotate(self, replacing: int) -> None:
+        """Replace segment ``replacing`` with a new one, unless another thread
+        just did (under ``_rotation``, without the lock); the old one's done
+        records are then made durable."""
         with self._lock:
-            if self._writable():
+            if self._seq != replacing:
                 return
-            seq = self._seq + 1
+            seq = replacing + 1
         path = self._path(seq)
         mark = os.urandom(MARK_SIZE)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -397,13 +418,19 @@ class Journal:
         with self._lock:
             old, self._fd, self._seq, self._mark = self._fd, fd, seq, mark
             self._size, self._full = _SEGMENT_HEADER_SIZE, False
-            if old is not None and not self._live.get(seq - 1):
-                self._live.pop(seq - 1, None)
-                self._finished.append(seq - 1)
+            if old is not None and not self._live.get(replacing):
+                self._live.pop(replacing, None)
+                self._finished.append(replacing)
+            dones = self._dones
         if old is not None:  # no longer written to: its done records made durable
-            with contextlib.suppress(OSError):  # else a restart may send some again
+            try:
                 os.fdatasync(old)
-            os.close(old)
+            except OSError:  # a restart may send some again
+                pass
+            else:
+                self._synced(dones)
+            finally:
+                os.close(old)
 
     def _synced(self, dones: int) -> None:
         """The first ``dones`` done records are durable."""

@@ -167,11 +167,33 @@ def test_a_quiet_journal_gives_its_space_back(tmp_path: Path) -> None:
     journal.done("ABC1")
     assert journal.sync([None]) == [None]
     assert len(segments(tmp_path)) == 1  # ABC2 is not done yet
+    [full] = segments(tmp_path)
     journal.done("ABC2")
     assert journal.sync([None]) == [None]
-    assert segments(tmp_path) == []
-    assert journal.append([put("ABC3")]) == [None]  # in a new segment
+    # The full segment is gone, replaced by an empty one made there and then:
+    # the next put does not wait for a new segment's fsyncs.
+    [fresh] = segments(tmp_path)
+    assert fresh != full
+    assert fresh.stat().st_size < 100
+    assert journal.append([put("ABC3")]) == [None]
+    assert segments(tmp_path) == [fresh]
     assert restarted(tmp_path) == [put("ABC3")]
+
+
+def test_a_quiet_journal_gives_its_space_back_when_no_new_segment_can_be_made(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC1", b"x" * RECYCLE_SIZE)]) == [None]
+    [full] = segments(tmp_path)
+    blocker = full.with_name(f"{int(full.stem) + 1:020d}.log")
+    blocker.mkdir()  # where the next segment would be made
+    journal.done("ABC1")
+    assert journal.sync([None]) == [None]
+    assert not full.exists()
+    blocker.rmdir()
+    assert journal.append([put("ABC2")]) == [None]  # the next put makes one
+    assert restarted(tmp_path) == [put("ABC2")]
 
 
 def test_threads_appending_across_many_rotations_lose_nothing(tmp_path: Path) -> None:
