@@ -115,13 +115,11 @@ class Delivery:
         self.account = Account(config, clock, sender, waited=metrics.send_rate_wait)
         self._bouncer = Bouncer(config, spool, clock, metrics)
         self._record = Record(spool)
-        self._commits = GroupCommit(spool.commit, "relay-spool-commits", concurrency=COMMITS)
+        self._commits = GroupCommit(spool.commit, concurrency=COMMITS)
         """New entries staged on the loop are made durable together: one
         thread hop and one fsync of ``queue/`` for the messages that arrive
         while the commits run (no thread runs Python per message)."""
-        self._journal_commits = GroupCommit(
-            spool.journal.append, "relay-journal-commits", concurrency=COMMITS
-        )
+        self._journal_commits = GroupCommit(spool.journal.append, concurrency=COMMITS)
         """Small new messages, likewise: one write and one fdatasync of the
         journal for those that arrive together (``relay.journal``)."""
         self._workers = Workers(clock, self._deliver_queued)
@@ -330,7 +328,11 @@ class Delivery:
                     return  # removed next: the same crash window, one fsync fewer
                 await self._record.save(attempt.entry)
 
-        await asyncio.gather(*(send(i) for i in entry.pending()))
+        pending = entry.pending()
+        if len(pending) == 1:  # most mail: no task, and no loop turns to start and join one
+            await send(pending[0])
+        else:
+            await asyncio.gather(*(send(i) for i in pending))
         return attempt
 
     async def _settle(self, attempt: _Attempt, *, inline: bool = False) -> DataReply:

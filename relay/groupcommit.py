@@ -23,6 +23,7 @@ Neither knows the spool: they are given the blocking functions to run (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
@@ -93,58 +94,87 @@ class SharedSync:
 class GroupCommit(Generic[Request]):
     """Batches the requests that arrive while a commit runs.
 
-    Up to ``concurrency`` commits run at once, each in its own thread: a
-    request that arrives while fewer run starts one at once (a lone message
-    waits for no one else's fsyncs), one that arrives while all run waits
-    for the first to end, and goes with the others that waited meanwhile."""
+    Up to ``concurrency`` commits run at once, each in a thread of the
+    loop's default executor: the requests made in one turn of the event loop
+    while fewer run start one together in the next turn (a lone message
+    waits for no one else's fsyncs); those made while all run wait for the
+    first to end, and go with the others that waited meanwhile. A commit
+    hands its outcomes back to the loop in one callback, which wakes its
+    waiters (no task per commit: fewer turns of the loop before a reply)."""
 
-    def __init__(self, commit: Commit[Request], name: str, *, concurrency: int = 1) -> None:
+    def __init__(self, commit: Commit[Request], *, concurrency: int = 1) -> None:
         self._commit = commit
-        self._name = name
         self._concurrency = concurrency
         self._waiting: list[tuple[Request, asyncio.Future[None]]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._running = 0
+        self._start_soon: asyncio.Handle | None = None
+        self._idle: list[asyncio.Future[None]] = []
+        """Callers of ``idle`` waiting for the running commits to end."""
 
     async def submit(self, request: Request) -> None:
         """Return once a commit covering ``request`` succeeded; raise its error
         when it failed. A waiter cancelled before its commit starts is left
         out of it; one cancelled later is committed all the same."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._waiting.append((request, future))
-        if len(self._running) < self._concurrency:
-            self._running.add(asyncio.create_task(self._run(), name=self._name))
+        if self._running < self._concurrency and self._start_soon is None:
+            self._start_soon = loop.call_soon(self._start, loop)
         await future
 
     async def idle(self) -> None:
         """Wait until no commit runs (requests whose waiters are gone included)."""
-        while self._running:
-            await asyncio.wait(list(self._running))
+        while self._running or self._start_soon is not None:
+            future = asyncio.get_running_loop().create_future()
+            self._idle.append(future)
+            await future
 
-    async def _run(self) -> None:
-        batch: list[tuple[Request, asyncio.Future[None]]] = []
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a commit of the requests waiting (on the loop)."""
+        self._start_soon = None
+        batch = [(r, f) for r, f in self._waiting if not f.done()]
+        self._waiting = []
+        if batch:
+            self._running += 1
+            loop.run_in_executor(None, self._run, loop, batch)
+        elif not self._running:
+            self._wake_idle()
+
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Request, asyncio.Future[None]]]
+    ) -> None:
+        """The commit (in its thread); its outcomes go back to the loop."""
+        outcomes: Sequence[BaseException | None]
         try:
-            while batch := [(r, f) for r, f in self._waiting if not f.done()]:
-                self._waiting = []
-                try:
-                    outcomes = await asyncio.to_thread(self._commit, [r for r, _ in batch])
-                except Exception as exc:  # the commit broke: every request shares its fate
-                    outcomes = [exc] * len(batch)
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if outcome is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(outcome)
-        except asyncio.CancelledError:
-            # Only when the loop ends: the waiters learn nothing, as if their
-            # thread were cut off.
-            for _, future in (*batch, *self._waiting):
-                future.cancel()
-            self._waiting = []
-            raise
-        finally:
-            # At once, not in a done callback: a request that arrives after
-            # the loop above found nothing waiting must start a commit of its
-            # own, which it would not while this task still counted as running.
-            self._running.discard(asyncio.current_task())
+            outcomes = self._commit([r for r, _ in batch])
+        except Exception as exc:  # the commit broke: every request shares its fate
+            outcomes = [exc] * len(batch)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one waits any more
+            loop.call_soon_threadsafe(self._finished, loop, batch, outcomes)
+
+    def _finished(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Request, asyncio.Future[None]]],
+        outcomes: Sequence[BaseException | None],
+    ) -> None:
+        """A commit ended (on the loop): its waiters learn how, and the
+        requests that waited meanwhile start the next one at once."""
+        self._running -= 1
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
+        if self._waiting and self._start_soon is None:
+            self._start(loop)
+        elif not self._running:
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for future in idle:
+            if not future.done():
+                future.set_result(None)

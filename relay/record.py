@@ -64,16 +64,14 @@ class Record:
         self._spool = spool
         self._unsaved: dict[str, Entry] = {}
         """Entries whose latest state could not be written, by id."""
-        self._removes = GroupCommit(spool.remove_many, "relay-spool-removes")
+        self._removes = GroupCommit(spool.remove_many)
         """Entries whose lock was busy (``unlink_now``), removed together in
         one thread hop and one fsync of ``queue/``."""
-        self._syncs = GroupCommit(spool.sync_queue, "relay-spool-syncs")
+        self._syncs = GroupCommit(spool.sync_queue)
         """Delivered entries unlinked on the loop share one fsync of ``queue/``."""
         self._journaled: dict[str, _Journaled] = {}
         """Entries in the journal only (not moved into the queue yet), by id."""
-        self._journal_syncs: GroupCommit[object] = GroupCommit(
-            spool.journal.sync, "relay-journal-syncs"
-        )
+        self._journal_syncs: GroupCommit[object] = GroupCommit(spool.journal.sync)
         """The done records of entries that left the journal share one fdatasync."""
         self._sync_timer: asyncio.TimerHandle | None = None
         self._lazy_syncs: set[asyncio.Task[None]] = set()

@@ -17,7 +17,7 @@ def recording(commits: list[list[str]]) -> GroupCommit[str]:
         commits.append(list(batch))
         return [None] * len(batch)
 
-    return GroupCommit(commit, "test-commits")
+    return GroupCommit(commit)
 
 
 async def test_a_request_made_as_the_last_commit_ends_gets_a_commit_of_its_own() -> None:
@@ -55,7 +55,7 @@ async def test_up_to_concurrency_commits_run_at_once_and_the_next_waits() -> Non
         assert release.wait(WAIT)
         return [None] * len(batch)
 
-    group: GroupCommit[str] = GroupCommit(commit, "test-commits", concurrency=3)
+    group: GroupCommit[str] = GroupCommit(commit, concurrency=3)
     waiters = []
     for n in range(3):  # each starts a commit of its own while the others run
         waiters.append(asyncio.create_task(group.submit(f"r{n}")))
