@@ -69,6 +69,8 @@ RECYCLE_SIZE: Final = 64 * 1024
 """Bytes past which the current segment is removed as soon as every put in
 the journal is done (a quiet moment), rather than kept until it is full."""
 SUFFIX: Final = ".log"
+ATTEMPTS: Final = 3
+"""Times a write tries again after the segment it was for stopped being the current one."""
 
 MARK_SIZE: Final = 12
 _SEGMENT_HEADER_SIZE = len(MAGIC) + MARK_SIZE
@@ -248,21 +250,7 @@ class Journal:
         them, and each is then marked done (never resumed at a restart: its
         client got no ``250``); the next write starts a new segment."""
         try:
-            with self._lock:
-                seq, mark = self._current()
-                fd = os.open(self._path(seq), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                try:
-                    data = b"".join(encode_put(mark, put) for put in puts)
-                    write_all(fd, data)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._size += len(data)
-                live = self._live.setdefault(seq, set())
-                for put in puts:
-                    live.add(put.entry_id)
-                    self._where[put.entry_id] = seq
-                dones = self._dones
+            fd, dones = self._write_puts(puts)
             try:
                 os.fdatasync(fd)
             finally:
@@ -275,6 +263,37 @@ class Journal:
                 self.done(put.entry_id)
             return [spool_error(f"cannot write spool entry {put.entry_id}", exc) for put in puts]
         return [None] * len(puts)
+
+    def _write_puts(self, puts: Sequence[JournalPut]) -> tuple[int, int]:
+        """Write ``puts`` to the current segment; a descriptor of it opened
+        before the write (for their fdatasync: close it), and how many done
+        records were written before them. The records are encoded and the
+        descriptor opened without the lock, which ``done`` takes on the event
+        loop: it is held only for the write, into the segment that is still
+        the current one (else all over again, at most ``ATTEMPTS`` times)."""
+        for _ in range(ATTEMPTS):
+            with self._lock:
+                seq, mark = self._current()
+            data = b"".join(encode_put(mark, put) for put in puts)
+            try:
+                fd = os.open(self._path(seq), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except FileNotFoundError:  # no longer current, and all done meanwhile
+                continue
+            try:
+                with self._lock:
+                    if seq == self._seq and self._writable():
+                        write_all(fd, data)
+                        self._size += len(data)
+                        live = self._live.setdefault(seq, set())
+                        for put in puts:
+                            live.add(put.entry_id)
+                            self._where[put.entry_id] = seq
+                        return fd, self._dones
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # a new segment started meanwhile: write there
+        raise OSError(errno.EAGAIN, "the journal started new segments faster than it could write")
 
     def done(self, entry_id: str) -> None:
         """``entry_id`` left the journal (sent, refused, or moved into the

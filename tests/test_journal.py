@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import relay.journal as journal_module
 from relay.errors import SpoolError
 from relay.journal import MARK_SIZE, RECYCLE_SIZE, Journal, JournalPut, encode_put, read_segment
 from relay.spool import QUEUE, Spool
@@ -194,6 +195,28 @@ def test_a_quiet_journal_gives_its_space_back_when_no_new_segment_can_be_made(
     blocker.rmdir()
     assert journal.append([put("ABC2")]) == [None]  # the next put makes one
     assert restarted(tmp_path) == [put("ABC2")]
+
+
+def test_a_put_whose_segment_filled_up_while_it_was_encoded_goes_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are encoded without the lock: another thread may fill the
+    segment meanwhile. The write then goes to a new segment, under its mark."""
+    journal = Journal(tmp_path, segment_size=4096)
+    assert journal.append([put("ABC0")]) == [None]
+    encode = journal_module.encode_put
+
+    def encode_while_another_thread_fills_the_segment(mark: bytes, record: JournalPut) -> bytes:
+        if record.entry_id == "ABC1" and len(segments(tmp_path)) == 1:
+            assert journal.append([put("ABC9", b"z" * 5000)]) == [None]
+        return encode(mark, record)
+
+    monkeypatch.setattr(journal_module, "encode_put", encode_while_another_thread_fills_the_segment)
+    assert journal.append([put("ABC1")]) == [None]
+    first, second = segments(tmp_path)
+    assert [p.entry_id for p in Journal(first.parent).pending()] == ["ABC0", "ABC9", "ABC1"]
+    assert [kind for kind, _ in read_segment(second.read_bytes())[0]] == [b"P"]
+    assert b"ABC1" not in first.read_bytes()
 
 
 def test_threads_appending_across_many_rotations_lose_nothing(tmp_path: Path) -> None:
