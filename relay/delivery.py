@@ -125,7 +125,7 @@ class Delivery:
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
         """Following the account's quota (``ses.max_send_rate = 0``)."""
-        self._accepting: set[asyncio.Task[DataReply]] = set()
+        self._accepting: set[asyncio.Task[None]] = set()
         """Commits and inline attempts: they outlive a client that hangs up."""
 
     # -- life cycle
@@ -201,14 +201,37 @@ class Delivery:
         The work runs in its own task: if the client hangs up (aiosmtpd then
         cancels the DATA hook), a message already committed is still tried
         and scheduled; it is ours from the fsync on."""
-        task = asyncio.create_task(self._accept(entry, message), name=f"relay-accept-{entry.id}")
+        reply: asyncio.Future[DataReply] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._answer(reply, entry, message), name=f"relay-accept-{entry.id}"
+        )
         self._accepting.add(task)
         task.add_done_callback(self._accepting.discard)
         try:
-            return await asyncio.shield(task)
+            return await reply  # a client that hangs up cancels this future, not the task
         except asyncio.CancelledError:
             task.add_done_callback(_log_orphan_failure)
             raise
+
+    async def _answer(
+        self, reply: asyncio.Future[DataReply], entry: Entry, message: MessageFile
+    ) -> None:
+        """``_accept``, its outcome handed to ``reply`` as soon as it is known:
+        the client's session wakes in the next turn of the event loop (through
+        the task's end and ``asyncio.shield``, two turns later). An error of a
+        client that is gone is the task's, for ``_log_orphan_failure``."""
+        try:
+            answer = await self._accept(entry, message)
+        except asyncio.CancelledError:
+            reply.cancel()
+            raise
+        except Exception as exc:
+            if reply.done():
+                raise
+            reply.set_exception(exc)
+            return
+        if not reply.done():
+            reply.set_result(answer)
 
     async def _accept(self, entry: Entry, message: MessageFile) -> DataReply:
         try:
@@ -479,7 +502,7 @@ def _log_failures(attempt: _Attempt) -> None:
             msglog.bounced(attempt.entry, attempt.entry.batches[index], error)
 
 
-def _log_orphan_failure(task: asyncio.Task[DataReply]) -> None:
+def _log_orphan_failure(task: asyncio.Task[None]) -> None:
     """What became of an inline attempt whose client is gone (no one else sees it)."""
     if not task.cancelled() and (error := task.exception()) is not None:
         delivery_log.error("%s failed unexpectedly", task.get_name(), exc_info=error)
