@@ -24,6 +24,9 @@ What is relied upon:
   is called again with a new ``Session``, clears the reader's ``_buffer``
   (RFC 3207 4.2) and sets ``_tls_handshake_okay`` from a ``handle_STARTTLS``
   hook. ``connection_lost`` cancels ``_timeout_handle``, which must be set.
+- asyncio's ``StreamReaderProtocol`` keeps ``_client_connected_cb`` and
+  ``_stream_writer``, and aiosmtpd ``_handler_coroutine``: all three are
+  dropped once the session is over and the connection lost (``_release``).
 - ``_cb_client_connected`` sets ``_reader`` and ``_writer``; the reader's
   ``_buffer`` is the asyncio ``StreamReader``'s ``bytearray`` (``unread``,
   ``line_waiting``).
@@ -203,6 +206,8 @@ class AiosmtpdSMTP(SMTP, abc.ABC):
         self.envelope = None
         self.transport = None
         self._handler_coroutine = None
+        self._session_over = False
+        self._connection_ended = False
         self._auth_require_tls = True
         self._proxy_timeout = None
         self._authenticator = None
@@ -250,7 +255,30 @@ class AiosmtpdSMTP(SMTP, abc.ABC):
     # -- the session -----------------------------------------------------------
 
     async def _handle_client(self) -> None:
-        await self.serve_client()
+        try:
+            await self.serve_client()
+        finally:
+            self._session_over = True
+            self._release()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._connection_ended = True
+        self._release()
+
+    def _release(self) -> None:
+        """Once the session is over and the connection lost, drop what ties
+        this protocol to itself: asyncio's ``client_connected_cb`` (a bound
+        method of it, kept for ``connection_made`` again after STARTTLS),
+        the stream writer (whose protocol it is) and the session's task
+        (whose end may hold a traceback through it). The connection's
+        objects are then freed at once, not by the garbage collector: with
+        one connection per message, its collections cost some 3 % of the CPU."""
+        if self._session_over and self._connection_ended:
+            self._client_connected_cb = None
+            self._stream_writer = None
+            self._writer = None  # type: ignore[assignment]
+            self._handler_coroutine = None
 
     @abc.abstractmethod
     async def serve_client(self) -> None:
