@@ -27,6 +27,8 @@ What is relied upon:
 - asyncio's ``StreamReaderProtocol`` keeps ``_client_connected_cb`` and
   ``_stream_writer``, and aiosmtpd ``_handler_coroutine``: all three are
   dropped once the session is over and the connection lost (``_release``).
+- asyncio's ``StreamReader._limit`` is the line limit of ``readuntil`` and
+  half the buffered input that pauses the transport (``input_buffered_up_to``).
 - ``_cb_client_connected`` sets ``_reader`` and ``_writer``; the reader's
   ``_buffer`` is the asyncio ``StreamReader``'s ``bytearray`` (``unread``,
   ``line_waiting``).
@@ -49,8 +51,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
@@ -251,6 +254,22 @@ class AiosmtpdSMTP(SMTP, abc.ABC):
     def unread(self, data: bytes) -> None:
         """Put ``data`` back at the front of the input (see ``unread``)."""
         unread(self._reader, data)
+
+    @contextlib.contextmanager
+    def input_buffered_up_to(self, size: int) -> Iterator[None]:
+        """Within the block, the input stops being read past twice ``size``
+        buffered bytes, not twice the line limit (asyncio's
+        ``StreamReader._limit`` is both the longest line ``readuntil``
+        takes and half the buffer that pauses the transport): for DATA, read
+        in chunks, so that a message of a few kilobytes does not stop and
+        start the socket's reading several times (two ``epoll_ctl`` calls each)."""
+        reader: Any = self._reader  # asyncio.StreamReader, whose _limit is private
+        line_limit = reader._limit
+        reader._limit = size
+        try:
+            yield
+        finally:
+            reader._limit = line_limit
 
     # -- the session -----------------------------------------------------------
 

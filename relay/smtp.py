@@ -121,6 +121,11 @@ BAD_COMMAND_LIMIT: Final = 5
 WRITE_BUFFER_LIMIT: Final = 65536
 """Bytes of unsent replies before the client counts as not reading (plain and TLS)."""
 DATA_CHUNK: Final = 65536
+DATA_INPUT_BUFFER: Final = 16384
+"""During DATA, reading the socket pauses past twice this many bytes
+buffered (twice the line limit otherwise): a message of 10 KB arrives
+without stopping, and a client that sends faster than the relay writes
+still holds at most 32 KiB of buffered input per connection."""
 """Bytes asked of the stream per read while in DATA."""
 _TIMER_SLACK: Final = 0.001
 
@@ -873,7 +878,10 @@ class RelaySMTP(AuthMixin, AiosmtpdSMTP):
         settings = self.settings
         data = DataReader(settings.max_message_size, settings.bare_newline, write=sink.write)
         stream = self.reader
-        with self._awaiting_client(settings.data_timeout, REPLY_DATA_TIMEOUT):
+        with (
+            self._awaiting_client(settings.data_timeout, REPLY_DATA_TIMEOUT),
+            self.input_buffered_up_to(DATA_INPUT_BUFFER),
+        ):
             while not data.done:
                 chunk = await stream.read(DATA_CHUNK)
                 if not chunk:  # end of stream: nothing to answer

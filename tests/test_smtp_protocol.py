@@ -47,6 +47,7 @@ from relay.config import AuthConfig
 from relay.limiter import ConnectionLimiter
 from relay.session import client_address, client_label
 from relay.smtp import (
+    DATA_INPUT_BUFFER,
     RelaySMTP,
     SessionSettings,
     call_limits,
@@ -700,6 +701,49 @@ async def test_pipelined_commands_get_their_replies_in_one_write(writes: list[by
         await client.send(MESSAGE + b".\r\n")
         assert await client.line() == "250 2.0.0 OK"
     assert len(server.handler.messages[0].rcpt_tos) == 8
+
+
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many bytes each session had buffered each time it stopped reading its socket."""
+    seen: list[int] = []
+    made = RelaySMTP.connection_made
+
+    def connection_made(self: RelaySMTP, transport: Any) -> None:
+        pause = transport.pause_reading
+
+        def counted() -> None:
+            seen.append(len(self.reader._buffer))  # type: ignore[attr-defined]
+            pause()
+
+        transport.pause_reading = counted
+        made(self, transport)
+
+    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+    return seen
+
+
+async def test_data_of_a_few_kilobytes_does_not_stop_reading_and_a_flood_still_does(
+    pauses: list[int],
+) -> None:
+    async with smtp_server() as server, raw_client(server) as client:
+        await client.greet()
+        await client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        assert [await client.line() for _ in range(3)][-1].startswith("354 ")
+        await client.send(
+            b"Subject: ten kilobytes\r\n\r\n" + (b"x" * 78 + b"\r\n") * 128 + b".\r\n"
+        )
+        assert await client.line() == "250 2.0.0 OK"
+        assert pauses == []
+        # Commands have their line limit again.
+        assert await client.command(b"X" * 5000) == "500 5.5.2 Line too long"
+        await client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        assert [await client.line() for _ in range(3)][-1].startswith("354 ")
+        await client.send((b"y" * 998 + b"\r\n") * 2000 + b".\r\n")  # 2 MB at once
+        assert await client.line() == "250 2.0.0 OK"
+    assert pauses, "a client sending faster than the relay reads was never paused"
+    assert max(pauses) <= 2 * DATA_INPUT_BUFFER + 262144  # the buffer and one read of the socket
+    assert [len(m.content) for m in server.handler.messages] == [10_266, 2_000_000]
 
 
 async def test_a_reply_goes_out_at_once_when_no_whole_command_follows() -> None:
