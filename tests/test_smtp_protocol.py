@@ -19,7 +19,7 @@ import ssl
 import struct
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -665,23 +665,33 @@ async def test_pipelined_commands_after_the_end_marker() -> None:
     assert (second.mail_from, second.content) == ("c@example.com", big)
 
 
+def spy_on_transports(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    record: Callable[[RelaySMTP, tuple[Any, ...]], None],
+) -> None:
+    """Call ``record(session, args)`` before each call of ``method`` on a
+    session's transport."""
+    made = RelaySMTP.connection_made
+
+    def connection_made(self: RelaySMTP, transport: Any) -> None:
+        original = getattr(transport, method)
+
+        def spied(*args: Any) -> Any:
+            record(self, args)
+            return original(*args)
+
+        setattr(transport, method, spied)
+        made(self, transport)
+
+    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+
+
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every write of the relay's sessions to their transports, in order."""
     seen: list[bytes] = []
-    made = RelaySMTP.connection_made
-
-    def connection_made(self: RelaySMTP, transport: Any) -> None:
-        write = transport.write
-
-        def counted(data: bytes) -> None:
-            seen.append(bytes(data))
-            write(data)
-
-        transport.write = counted
-        made(self, transport)
-
-    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+    spy_on_transports(monkeypatch, "write", lambda _, args: seen.append(bytes(args[0])))
     return seen
 
 
@@ -707,19 +717,11 @@ async def test_pipelined_commands_get_their_replies_in_one_write(writes: list[by
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many bytes each session had buffered each time it stopped reading its socket."""
     seen: list[int] = []
-    made = RelaySMTP.connection_made
-
-    def connection_made(self: RelaySMTP, transport: Any) -> None:
-        pause = transport.pause_reading
-
-        def counted() -> None:
-            seen.append(len(self.reader._buffer))  # type: ignore[attr-defined]
-            pause()
-
-        transport.pause_reading = counted
-        made(self, transport)
-
-    monkeypatch.setattr(RelaySMTP, "connection_made", connection_made)
+    spy_on_transports(
+        monkeypatch,
+        "pause_reading",
+        lambda session, _: seen.append(len(session.reader._buffer)),  # type: ignore[attr-defined]
+    )
     return seen
 
 
