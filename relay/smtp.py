@@ -121,12 +121,13 @@ BAD_COMMAND_LIMIT: Final = 5
 WRITE_BUFFER_LIMIT: Final = 65536
 """Bytes of unsent replies before the client counts as not reading (plain and TLS)."""
 DATA_CHUNK: Final = 65536
-DATA_INPUT_BUFFER: Final = 16384
-"""During DATA, reading the socket pauses past twice this many bytes
-buffered (twice the line limit otherwise): a message of 10 KB arrives
-without stopping, and a client that sends faster than the relay writes
-still holds at most 32 KiB of buffered input per connection."""
 """Bytes asked of the stream per read while in DATA."""
+DATA_INPUT_BUFFER: Final = 16384
+"""During DATA, reading the socket pauses once more than twice this many
+bytes are buffered (twice the line limit otherwise): a message of 10 KB
+arrives without a pause. A client that sends faster than the relay takes
+it is paused as before, its buffer at most 32 KiB and the one read of the
+socket (up to 256 KiB, asyncio's) that crossed it."""
 _TIMER_SLACK: Final = 0.001
 
 
