@@ -119,9 +119,10 @@ class Delivery:
         """New entries staged on the loop are made durable together: one
         thread hop and one fsync of ``queue/`` for the messages that arrive
         while the commits run (no thread runs Python per message)."""
-        self._journal_commits = GroupCommit(spool.journal.append, concurrency=COMMITS)
-        """Small new messages, likewise: one write and one fdatasync of the
-        journal for those that arrive together (``relay.journal``)."""
+        self._journal_commits = GroupCommit(begin=spool.journal.begin, concurrency=COMMITS)
+        """Small new messages, likewise: one write of the journal (on the
+        loop) and one fdatasync (in a thread) for those that arrive together
+        (``relay.journal``)."""
         self._workers = Workers(clock, self._deliver_queued)
         self._tasks: list[asyncio.Task[None]] = []
         """Following the account's quota (``ses.max_send_rate = 0``)."""

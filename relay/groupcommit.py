@@ -24,15 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
 
-Commit = Callable[[list[Request]], Sequence[Exception | None]]
-"""Commits a batch in order; per request None (done) or the error to raise
-to its waiter. Blocking: it runs in a worker thread."""
+Outcomes = Sequence[Exception | None]
+"""Per request of a batch, in order: None (done) or the error to raise to its waiter."""
+
+Commit = Callable[[list[Request]], Outcomes]
+"""Commits a batch in order. Blocking: it runs in a worker thread."""
+
+Begin = Callable[[list[Request]], Callable[[], Outcomes]]
+"""Starts committing a batch on the event loop (what is cheap there, such as
+a write to the page cache), and returns the blocking rest (an fsync) for a
+worker thread: the fewer steps a thread takes, the fewer times it waits for
+the interpreter's lock while the loop is busy."""
 
 
 class _Round:
@@ -100,10 +109,29 @@ class GroupCommit(Generic[Request]):
     waits for no one else's fsyncs); those made while all run wait for the
     first to end, and go with the others that waited meanwhile. A commit
     hands its outcomes back to the loop in one callback, which wakes its
-    waiters (no task per commit: fewer turns of the loop before a reply)."""
+    waiters (no task per commit: fewer turns of the loop before a reply).
+    Given ``begin`` rather than ``commit``, a commit starts on the loop and
+    only its blocking rest runs in the thread."""
 
-    def __init__(self, commit: Commit[Request], *, concurrency: int = 1) -> None:
-        self._commit = commit
+    def __init__(
+        self,
+        commit: Commit[Request] | None = None,
+        *,
+        begin: Begin[Request] | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        """Either ``commit``, all of it in a thread, or ``begin``."""
+        if begin is None:
+            if commit is None:
+                raise TypeError("GroupCommit takes commit or begin")
+            whole = commit
+
+            def begin(batch: list[Request]) -> Callable[[], Outcomes]:
+                return functools.partial(whole, batch)
+
+        elif commit is not None:
+            raise TypeError("GroupCommit takes commit or begin, not both")
+        self._begin = begin
         self._concurrency = concurrency
         self._waiting: list[tuple[Request, asyncio.Future[None]]] = []
         self._running = 0
@@ -136,17 +164,25 @@ class GroupCommit(Generic[Request]):
         self._waiting = []
         if batch:
             self._running += 1
-            loop.run_in_executor(None, self._run, loop, batch)
+            try:
+                rest = self._begin([r for r, _ in batch])
+            except Exception as exc:  # could not begin: every request shares its fate
+                self._finished(loop, batch, [exc] * len(batch))
+                return
+            loop.run_in_executor(None, self._run, loop, batch, rest)
         elif not self._running:
             self._wake_idle()
 
     def _run(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Request, asyncio.Future[None]]]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Request, asyncio.Future[None]]],
+        rest: Callable[[], Outcomes],
     ) -> None:
-        """The commit (in its thread); its outcomes go back to the loop."""
+        """The commit's blocking rest (in its thread); its outcomes go back to the loop."""
         outcomes: Sequence[BaseException | None]
         try:
-            outcomes = self._commit([r for r, _ in batch])
+            outcomes = rest()
         except Exception as exc:  # the commit broke: every request shares its fate
             outcomes = [exc] * len(batch)
         with contextlib.suppress(RuntimeError):  # the loop is closed: no one waits any more

@@ -7,6 +7,8 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from relay.groupcommit import GroupCommit
 
 WAIT = 5.0
@@ -66,3 +68,56 @@ async def test_up_to_concurrency_commits_run_at_once_and_the_next_waits() -> Non
     release.set()
     await asyncio.wait_for(asyncio.gather(*waiters), WAIT)
     assert started == ["r0", "r1", "r2", "r3", "r4"]
+
+
+async def test_a_commit_begun_on_the_loop_ends_in_a_thread() -> None:
+    """``begin`` runs on the event loop with the batch; what it returns runs
+    in a worker thread, and its outcomes reach the waiters."""
+    loop_thread = threading.get_ident()
+    began: list[tuple[list[str], int]] = []
+    ended_in: list[int] = []
+
+    def begin(batch: list[str]) -> Callable[[], list[Exception | None]]:
+        began.append((list(batch), threading.get_ident()))
+
+        def rest() -> list[Exception | None]:
+            ended_in.append(threading.get_ident())
+            return [None if r != "bad" else OSError("no") for r in batch]
+
+        return rest
+
+    group: GroupCommit[str] = GroupCommit(begin=begin)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(group.submit(r) for r in ("a", "bad", "b")), return_exceptions=True),
+        WAIT,
+    )
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    assert isinstance(outcomes[1], OSError)
+    assert began == [(["a", "bad", "b"], loop_thread)]
+    assert len(ended_in) == 1
+    assert ended_in[0] != loop_thread
+
+
+async def test_a_commit_that_cannot_begin_fails_its_waiters_and_the_next_one_runs() -> None:
+    calls: list[list[str]] = []
+
+    def begin(batch: list[str]) -> Callable[[], list[Exception | None]]:
+        calls.append(list(batch))
+        if batch == ["first"]:
+            raise OSError("cannot begin")
+        return lambda: [None] * len(batch)
+
+    group: GroupCommit[str] = GroupCommit(begin=begin)
+    with pytest.raises(OSError, match="cannot begin"):
+        await asyncio.wait_for(group.submit("first"), WAIT)
+    await asyncio.wait_for(group.submit("second"), WAIT)
+    assert calls == [["first"], ["second"]]
+    await asyncio.wait_for(group.idle(), WAIT)
+
+
+def test_a_group_commit_takes_a_commit_or_a_begin() -> None:
+    with pytest.raises(TypeError):
+        GroupCommit()
+    with pytest.raises(TypeError):
+        GroupCommit(lambda batch: [], begin=lambda batch: lambda: [])

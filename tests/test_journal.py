@@ -104,6 +104,64 @@ def test_a_failed_fdatasync_fails_every_put_it_covered(
     assert restarted(tmp_path) == [put("ABC0"), put("ABC3")]
 
 
+def test_begin_writes_at_once_and_leaves_only_the_fdatasync_for_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``begin`` (on the event loop) writes the puts; what it returns (for a
+    thread) makes them durable: the fdatasync that covers them comes after
+    the write, and a failure of it fails every put it covered."""
+    journal = Journal(tmp_path)
+    assert journal.append([put("ABC0")]) == [None]  # the first put makes the first segment
+    journal.done("ABC0")
+    gate = JournalSyncGate(monkeypatch, tmp_path)
+    rest = journal.begin([put("ABC1"), put("ABC2")])
+    assert gate.calls == 0
+    [segment] = segments(tmp_path)
+    assert len(read_segment(segment.read_bytes())[0]) == 4  # written already
+    assert rest() == [None, None]
+    assert gate.log == [("synced", "ABC1"), ("synced", "ABC2")]
+    gate.fail = errno.EIO
+    failing = journal.begin([put("ABC3")])
+    [outcome] = failing()
+    assert isinstance(outcome, SpoolError)
+    assert outcome.errno == errno.EIO
+    gate.fail = None
+    assert journal.begin([put("ABC4")])() == [None]
+    assert len(segments(tmp_path)) == 2  # a new segment after the failure
+    assert restarted(tmp_path) == [put("ABC1"), put("ABC2"), put("ABC4")]
+
+
+def test_begin_leaves_a_segment_that_must_be_replaced_to_the_thread(tmp_path: Path) -> None:
+    """A full segment is replaced in the thread (its new segment's fsyncs
+    never block the event loop): ``begin`` then writes nothing itself."""
+    journal = Journal(tmp_path, segment_size=200)
+    assert journal.begin([put("ABC1", b"x" * 300)])() == [None]  # fills the first segment
+    rest = journal.begin([put("ABC2")])
+    assert len(segments(tmp_path)) == 1  # no new segment made yet, nothing written
+    assert rest() == [None]
+    assert len(segments(tmp_path)) == 2
+    assert restarted(tmp_path) == [put("ABC1", b"x" * 300), put("ABC2")]
+
+
+def test_a_write_that_fails_in_begin_fails_its_puts_and_starts_a_new_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path)
+    assert journal.begin([put("ABC1")])() == [None]
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal_module, "write_all", full)
+    outcomes = journal.begin([put("ABC2"), put("ABC3")])()
+    assert all(isinstance(o, SpoolError) and o.errno == errno.ENOSPC for o in outcomes)
+    assert "cannot write spool entry ABC2" in str(outcomes[0])
+    monkeypatch.undo()
+    assert journal.begin([put("ABC4")])() == [None]
+    assert len(segments(tmp_path)) == 2
+    assert restarted(tmp_path) == [put("ABC1"), put("ABC4")]
+
+
 def test_segments_all_done_are_removed(tmp_path: Path) -> None:
     journal = Journal(tmp_path, segment_size=200)
     for n in range(4):
