@@ -7,9 +7,7 @@ import asyncio
 import getpass
 import os
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from relay import __version__
@@ -114,13 +112,15 @@ def load_checked(path: str | None, env: Mapping[str, str]) -> Config:
 
 def serve_command(config: Config, env: Mapping[str, str]) -> int:
     if config.smtp.workers > 1:
-        # Every process of the relay keeps its metrics in files there
-        # (relay.metrics): set before prometheus_client is imported.
-        metrics_dir = Path(tempfile.mkdtemp(prefix="ses-relay-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        from relay.supervisor import supervise
+        from relay.metricsdir import metrics_dir
 
-        return asyncio.run(supervise(config, os.environ, metrics_dir))
+        with metrics_dir() as directory:
+            # Every process of the relay keeps its metrics in files there
+            # (relay.metrics): set before prometheus_client is imported.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+            from relay.supervisor import supervise
+
+            return asyncio.run(supervise(config, os.environ, directory))
     from relay.app import serve
 
     return asyncio.run(serve(config, env))

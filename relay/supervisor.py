@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import shutil
 import signal
 import socket
 import sys
@@ -397,7 +396,7 @@ async def _answer(partition: Path, pid: int, began: int) -> Outcome | None:
 async def supervise(config: Config, env: Mapping[str, str], metrics_dir: Path) -> int:
     """Run the workers until SIGTERM or SIGINT; 0 when stopped, 1 when they could
     not run. ``metrics_dir`` is ``PROMETHEUS_MULTIPROC_DIR`` (set before
-    prometheus_client was imported); it is removed at the end."""
+    prometheus_client was imported; ``relay.metricsdir``)."""
     configure_logging(config.log.format, config.log.level)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -447,7 +446,6 @@ async def supervise(config: Config, env: Mapping[str, str], metrics_dir: Path) -
         await asyncio.gather(*tasks, return_exceptions=True)
         await supervisor.close()
         root.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
     if supervisor.failure is not None:
         smtp_log.error("ses-relay stopped: %s", supervisor.failure)
         return 1

@@ -26,10 +26,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.config import read_config
 from relay.httpserver import Readiness
 from relay.metrics import State
+from relay.metricsdir import PREFIX
 from relay.partitions import SpoolSet, partition_path
 from relay.spool import DEAD, QUEUE, Batch, Entry, Spool
 from relay.workerstate import combine, combine_readiness, report_from_json, report_json
-from tests.daemon import Daemon, daemon_config, daemon_env, queue_command, running_daemon
+from tests.daemon import (
+    Daemon,
+    daemon_config,
+    daemon_env,
+    queue_command,
+    running_daemon,
+    spawn,
+)
 from tests.fakeses import FakeSes, SesErrorReply
 
 WAIT = 30.0
@@ -339,3 +347,29 @@ def test_workers_out_of_range_is_an_error_naming_the_key_and_file(
     _, problems = read_config(path, {})
     assert len(problems) == 1
     assert problems[0].startswith(f"{path}: [smtp] workers: ")
+
+
+async def test_a_relay_with_workers_that_cannot_start_leaves_no_metrics_directory(
+    tmp_path: Path, fake_ses: FakeSes
+) -> None:
+    """The metrics directory goes when the relay stops, and also when it
+    stops before its workers start (its spool held by another relay). One
+    left by a killed relay: ``tests/test_metricsdir.py``."""
+    path = config(tmp_path, fake_ses, 2)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = daemon_env(fake_ses, TMPDIR=str(temp))
+    async with running_daemon(path, env) as first:
+        [mine] = temp.iterdir()
+        assert mine.name.startswith(PREFIX)
+        second = await spawn(path, env)
+        try:
+            status = await second.wait_exit()
+        finally:
+            await second.stop()
+        assert status not in (0, None)
+        assert f"in use by another ses-relay (pid {first.pid})" in second.log
+        assert list(temp.iterdir()) == [mine]
+        first.terminate()
+        assert await first.wait_exit() == 0
+        assert list(temp.iterdir()) == []
