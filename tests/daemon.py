@@ -265,6 +265,19 @@ async def spawn(config: Path, env: Mapping[str, str], *, wrapper: Sequence[str] 
     return Daemon(process, config)
 
 
+async def second_on_the_same_spool(first: Daemon, config: Path, env: Mapping[str, str]) -> Daemon:
+    """A second daemon started on ``first``'s spool, exited: it failed,
+    naming the daemon that holds the spool."""
+    second = await spawn(config, env)
+    try:
+        status = await second.wait_exit()
+    finally:
+        await second.stop()
+    assert status not in (0, None)
+    assert f"in use by another ses-relay (pid {first.pid})" in second.log
+    return second
+
+
 @contextlib.asynccontextmanager
 async def running_daemon(
     config: Path,

@@ -40,7 +40,7 @@ from tests.daemon import (
     daemon_env,
     queue_command,
     running_daemon,
-    spawn,
+    second_on_the_same_spool,
     tmpfs_wrapper,
 )
 from tests.fakeses import ACTION, FakeSes, SesErrorReply
@@ -1176,13 +1176,7 @@ async def test_a_second_daemon_on_the_same_spool_exits_with_a_clear_message(
     config, _ = setup(tmp_path, fake_ses)
     env = daemon_env(fake_ses)
     async with running_daemon(config, env) as first:
-        second = await spawn(config, env)
-        try:
-            status = await second.wait_exit()
-        finally:
-            await second.stop()
-        assert status not in (0, None)
-        assert f"in use by another ses-relay (pid {first.pid})" in second.log
+        second = await second_on_the_same_spool(first, config, env)
         assert "Traceback" not in second.log
         assert "Unclosed" not in second.log
         reply = await send(first, recipients("still"), message("still"))

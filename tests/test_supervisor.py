@@ -36,7 +36,7 @@ from tests.daemon import (
     daemon_env,
     queue_command,
     running_daemon,
-    spawn,
+    second_on_the_same_spool,
 )
 from tests.fakeses import FakeSes, SesErrorReply
 
@@ -362,13 +362,7 @@ async def test_a_relay_with_workers_that_cannot_start_leaves_no_metrics_director
     async with running_daemon(path, env) as first:
         [mine] = temp.iterdir()
         assert mine.name.startswith(PREFIX)
-        second = await spawn(path, env)
-        try:
-            status = await second.wait_exit()
-        finally:
-            await second.stop()
-        assert status not in (0, None)
-        assert f"in use by another ses-relay (pid {first.pid})" in second.log
+        await second_on_the_same_spool(first, path, env)
         assert list(temp.iterdir()) == [mine]
         first.terminate()
         assert await first.wait_exit() == 0
