@@ -8,8 +8,7 @@ message whose bytes are wholly held in memory (``MessageFile.held``) is
 appended instead, with its envelope, to the spool's journal, together with
 the others that arrive at the same time: one ``write`` (on the event loop)
 and one ``fdatasync`` (in a thread) make all of them durable, and ``250``
-may follow. When SES
-has sent every batch (or refused the message before ``250``), a small
+may follow. When SES has sent every batch (or refused the message before ``250``), a small
 "done" record follows. Any other outcome moves the entry into ``queue/``
 (``Spool.put``) before its "done" record (``relay.record``): the journal
 holds entries only while they are tried inline.
@@ -266,14 +265,15 @@ class Journal:
         ``append`` makes five system calls, after each of which the thread
         waits for the interpreter's lock while the loop is busy (a commit's
         wait at the relay's maximum, measured: p50 6.1 -> 4.6 ms, p99 13.4
-        -> 10.3 ms). A
-        segment that must be replaced first (there is none yet, it is full,
-        or a write to it failed) is replaced in the thread: all of
-        ``append`` runs there."""
+        -> 10.3 ms). A segment that must be replaced first (there is none
+        yet, it is full, or a write to it failed) is replaced in the thread:
+        all of ``append`` runs there. Puts whose write fails get done
+        records (a part of the write may have reached the file whole)."""
         with self._lock:
             if not self._writable():
                 return functools.partial(self.append, puts)
             data = b"".join(encode_put(self._mark, put) for put in puts)
+            self._track(self._seq, puts)  # before the write: one that fails gets done records
             try:
                 write_all(self._descriptor(), data)
                 fd = os.dup(self._descriptor())  # ours while a rotation closes the segment's
@@ -282,7 +282,6 @@ class Journal:
                 failure = exc
             else:
                 self._size += len(data)
-                self._track(self._seq, puts)
                 return functools.partial(self._sync_puts, puts, fd, self._dones)
         return functools.partial(self._failed, puts, failure)
 
@@ -328,9 +327,9 @@ class Journal:
             try:
                 with self._lock:
                     if seq == self._seq and self._writable():
+                        self._track(seq, puts)  # before the write, as in ``begin``
                         write_all(fd, data)
                         self._size += len(data)
-                        self._track(seq, puts)
                         return fd, self._dones
             except BaseException:
                 os.close(fd)

@@ -146,10 +146,20 @@ def test_begin_leaves_a_segment_that_must_be_replaced_to_the_thread(tmp_path: Pa
 def test_a_write_that_fails_in_begin_fails_its_puts_and_starts_a_new_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The disk fills up in the middle of a write: its first record reached
+    the file whole. Neither put is resumed at a restart (their client got
+    no ``250``): each gets a done record."""
     journal = Journal(tmp_path)
     assert journal.begin([put("ABC1")])() == [None]
+    real = journal_module.write_all
+    cut: list[int] = []
 
     def full(fd: int, data: bytes) -> None:
+        if cut:  # the done records that follow go through
+            real(fd, data)
+            return
+        cut.append(len(data) // 2)
+        real(fd, data[: cut[0]])  # the first of two records of the same size
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(journal_module, "write_all", full)
