@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway CA, the fake SES (per test) and moto (per session)."""
+"""Shared fixtures: a throwaway CA, the fake SES (per test), moto (per session),
+and a temporary directory of their own for the processes the tests start."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ import trustme
 
 from tests.fakeses import FakeSes
 from tests.motoses import MotoSes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The daemons the tests start, and often kill, keep their temporary
+    files (a relay with workers: its metrics directory) under pytest's
+    temporary directory, not in the machine's ``/tmp``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
 
 
 @pytest.fixture(scope="session")
