@@ -71,7 +71,8 @@ RECYCLE_SIZE: Final = 64 * 1024
 the journal is done (a quiet moment), rather than kept until it is full."""
 SUFFIX: Final = ".log"
 ATTEMPTS: Final = 3
-"""Times a write tries again after the segment it was for stopped being the current one."""
+"""Times a thread's ``append`` makes a new segment and writes, when other
+threads filled each new segment before its write."""
 
 MARK_SIZE: Final = 12
 _SEGMENT_HEADER_SIZE = len(MAGIC) + MARK_SIZE
@@ -248,32 +249,51 @@ class Journal:
 
     def append(self, puts: Sequence[JournalPut]) -> list[SpoolError | None]:
         """Make ``puts`` durable together: one write, one ``fdatasync``
-        (blocking). A failure fails every one of them, and each is then
-        marked done (never resumed at a restart: its client got no ``250``);
-        the next write starts a new segment."""
-        try:
-            fd, dones = self._write_puts(puts)
-        except OSError as exc:
-            return self._failed(puts, exc)
-        return self._sync_puts(puts, fd, dones)
+        (blocking), after a new segment where one is needed (made without
+        the lock; if another thread fills it before the write, all over
+        again, at most ``ATTEMPTS`` times). A failure fails every one of
+        them, and each is then marked done (never resumed at a restart: its
+        client got no ``250``); the next write starts a new segment."""
+        for _ in range(ATTEMPTS):
+            try:
+                with self._lock:
+                    self._new_segment_if_needed()
+                rest = self._write(puts)
+            except OSError as exc:
+                return self._failed(puts, exc)
+            if rest is not None:
+                return rest()
+        busy = OSError(errno.EAGAIN, "the journal started new segments faster than it could write")
+        return self._failed(puts, busy)
 
     def begin(self, puts: Sequence[JournalPut]) -> Callable[[], list[SpoolError | None]]:
         """``append`` begun on the event loop (``GroupCommit(begin=...)``):
         ``puts`` are written there, one write to the page cache as ``done``
         makes, and the blocking rest is returned for a thread: an
-        ``fdatasync`` and a ``close`` of a duplicate descriptor, where
-        ``append`` makes five system calls, after each of which the thread
-        waits for the interpreter's lock while the loop is busy (a commit's
-        wait at the relay's maximum, measured: p50 6.1 -> 4.6 ms, p99 13.4
-        -> 10.3 ms). A segment that must be replaced first (there is none
-        yet, it is full, or a write to it failed) is replaced in the thread:
-        all of ``append`` runs there. Puts whose write fails get done
-        records (a part of the write may have reached the file whole)."""
+        ``fdatasync`` and a ``close`` of a duplicate descriptor, where a
+        commit wholly in a thread made five system calls, after each of
+        which the thread waits for the interpreter's lock while the loop is
+        busy (a commit's wait at the relay's maximum, measured: p50 6.1 ->
+        4.6 ms, p99 13.4 -> 10.3 ms). A segment that must be replaced first
+        (there is none yet, it is full, or a write to it failed) is replaced
+        in the thread: all of ``append`` runs there."""
+        rest = self._write(puts)
+        return functools.partial(self.append, puts) if rest is None else rest
+
+    def _write(self, puts: Sequence[JournalPut]) -> Callable[[], list[SpoolError | None]] | None:
+        """Write ``puts`` to the current segment, under the lock; the rest
+        of their commit (their fdatasync, or their failure), or None when the
+        segment cannot take them (a new one must be made first). Puts whose
+        write fails get done records: a part of it may have reached the file
+        whole."""
         with self._lock:
             if not self._writable():
-                return functools.partial(self.append, puts)
+                return None
             data = b"".join(encode_put(self._mark, put) for put in puts)
-            self._track(self._seq, puts)  # before the write: one that fails gets done records
+            live = self._live.setdefault(self._seq, set())
+            for put in puts:  # before the write: one that fails gets done records
+                live.add(put.entry_id)
+                self._where[put.entry_id] = self._seq
             try:
                 write_all(self._descriptor(), data)
                 fd = os.dup(self._descriptor())  # ours while a rotation closes the segment's
@@ -308,41 +328,6 @@ class Journal:
         for put in puts:
             self.done(put.entry_id)
         return [spool_error(f"cannot write spool entry {put.entry_id}", exc) for put in puts]
-
-    def _write_puts(self, puts: Sequence[JournalPut]) -> tuple[int, int]:
-        """Write ``puts`` to the current segment; a descriptor of it opened
-        before the write (for their fdatasync: close it), and how many done
-        records were written before them. The records are encoded and the
-        descriptor opened without the lock, which ``done`` takes on the event
-        loop: it is held only for the write, into the segment that is still
-        the current one (else all over again, at most ``ATTEMPTS`` times)."""
-        for _ in range(ATTEMPTS):
-            with self._lock:
-                seq, mark = self._current()
-            data = b"".join(encode_put(mark, put) for put in puts)
-            try:
-                fd = os.open(self._path(seq), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            except FileNotFoundError:  # no longer current, and all done meanwhile
-                continue
-            try:
-                with self._lock:
-                    if seq == self._seq and self._writable():
-                        self._track(seq, puts)  # before the write, as in ``begin``
-                        write_all(fd, data)
-                        self._size += len(data)
-                        return fd, self._dones
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # a new segment started meanwhile: write there
-        raise OSError(errno.EAGAIN, "the journal started new segments faster than it could write")
-
-    def _track(self, seq: int, puts: Sequence[JournalPut]) -> None:
-        """``puts`` are live in segment ``seq`` (under the lock)."""
-        live = self._live.setdefault(seq, set())
-        for put in puts:
-            live.add(put.entry_id)
-            self._where[put.entry_id] = seq
 
     def done(self, entry_id: str) -> None:
         """``entry_id`` left the journal (sent, refused, or moved into the
@@ -427,12 +412,11 @@ class Journal:
                 with contextlib.suppress(OSError):
                     self._path(self._seq).unlink()
 
-    def _current(self) -> tuple[int, bytes]:
-        """The segment to write to and its mark (under the lock, which this
-        may release and take again): a new one when there is none, the
-        current one is full, or a write to it failed. The new one is made
-        with the lock released: ``done``, on the event loop, never waits for
-        its fsyncs."""
+    def _new_segment_if_needed(self) -> None:
+        """Under the lock, which this may release and take again: make a new
+        segment when there is none, the current one is full, or a write to
+        it failed. It is made with the lock released: ``done`` and
+        ``begin``, on the event loop, never wait for its fsyncs."""
         if not self._writable():
             seq = self._seq
             self._lock.release()
@@ -443,7 +427,6 @@ class Journal:
                 self._lock.acquire()
         if self._fd is None:
             raise OSError(errno.EBADF, "the journal is closed")
-        return self._seq, self._mark
 
     def _writable(self) -> bool:
         return self._fd is not None and not self._full and self._size < self._segment_size

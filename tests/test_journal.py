@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -265,21 +266,24 @@ def test_a_quiet_journal_gives_its_space_back_when_no_new_segment_can_be_made(
     assert restarted(tmp_path) == [put("ABC2")]
 
 
-def test_a_put_whose_segment_filled_up_while_it_was_encoded_goes_to_the_next(
+def test_a_put_whose_segment_filled_up_before_its_write_goes_to_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Records are encoded without the lock: another thread may fill the
-    segment meanwhile. The write then goes to a new segment, under its mark."""
+    """A thread's append makes a new segment (if needed) without the lock:
+    another thread may fill the segment before the write. The write then
+    goes to a new segment, under its mark."""
     journal = Journal(tmp_path, segment_size=4096)
     assert journal.append([put("ABC0")]) == [None]
-    encode = journal_module.encode_put
+    write = Journal._write
 
-    def encode_while_another_thread_fills_the_segment(mark: bytes, record: JournalPut) -> bytes:
-        if record.entry_id == "ABC1" and len(segments(tmp_path)) == 1:
+    def write_after_another_thread_fills_the_segment(
+        self: Journal, puts: Sequence[JournalPut]
+    ) -> Callable[[], list[SpoolError | None]] | None:
+        if puts[0].entry_id == "ABC1" and len(segments(tmp_path)) == 1:
             assert journal.append([put("ABC9", b"z" * 5000)]) == [None]
-        return encode(mark, record)
+        return write(self, puts)
 
-    monkeypatch.setattr(journal_module, "encode_put", encode_while_another_thread_fills_the_segment)
+    monkeypatch.setattr(Journal, "_write", write_after_another_thread_fills_the_segment)
     assert journal.append([put("ABC1")]) == [None]
     first, second = segments(tmp_path)
     assert [p.entry_id for p in Journal(first.parent).pending()] == ["ABC0", "ABC9", "ABC1"]
