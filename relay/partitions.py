@@ -107,7 +107,7 @@ class SpoolSet:
         for spool in self.parts:
             yield from spool.entries(area)
 
-    def inline(self) -> Iterator[tuple[Entry, int]]:
+    def inline(self) -> Iterator[tuple[Entry, bytes]]:
         for spool in self.parts:
             yield from spool.inline()
 

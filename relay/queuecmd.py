@@ -48,6 +48,10 @@ AREA_NAMES = {QUEUE: "the queue", DEAD: "the dead-letter area"}
 INLINE = "inline"
 """The area ``list`` shows for a message the daemon is trying inline (in
 the spool's journal, ``relay.journal``): queued, not yet in ``queue/``."""
+BEING_SENT = (
+    "in the journal: the daemon is sending it now; "
+    "a daemon that is not running moves it into the queue when it starts"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,13 +227,15 @@ def envelope_fields(item: Listed, now: float) -> list[tuple[str, str]]:
     """``show``'s name-value lines for the envelope, up to the recipient count."""
     entry = item.entry
     size = "unknown (the message file is gone)" if item.size is None else f"{item.size} bytes"
-    area = (
-        "queue (waiting for delivery)"
-        if item.area == QUEUE
-        else "dead (given up on; 'ses-relay queue retry' sends it again)"
-    )
+    area = {
+        QUEUE: "queue (waiting for delivery)",
+        DEAD: "dead (given up on; 'ses-relay queue retry' sends it again)",
+        INLINE: f"inline ({BEING_SENT})",
+    }[item.area]
     if item.area == DEAD:
         next_try = "- (dead)"
+    elif item.area == INLINE:
+        next_try = "now (inline)"
     elif entry.next_attempt <= now:
         next_try = f"now (due since {utc(entry.next_attempt)} UTC)"
     else:
@@ -391,13 +397,21 @@ def collect(spool: SpoolSet, areas: Iterable[str] = AREAS) -> list[Listed]:
         entries = sorted(spool.entries(area), key=lambda e: (e.received, e.id))
         found.extend(Listed(e, area, spool.message_size(e.id, area)) for e in entries)
         if area == QUEUE:
-            inline = sorted(spool.inline(), key=lambda item: (item[0].received, item[0].id))
+            inline = sorted(
+                ((e, len(message)) for e, message in spool.inline()),
+                key=lambda item: (item[0].received, item[0].id),
+            )
             found.extend(Listed(e, INLINE, size) for e, size in inline)
     return found
 
 
 def no_such(entry_id: str) -> str:
     return f"{printable(entry_id)}: no such message in the queue or the dead-letter area"
+
+
+def find_inline(spool: SpoolSet, entry_id: str) -> tuple[Entry, bytes] | None:
+    """The entry and message the journal holds for ``entry_id`` (area ``inline``)."""
+    return next(((e, m) for e, m in spool.inline() if e.id == entry_id), None)
 
 
 def run_list(spool: SpoolSet, console: Console, now: float, *, as_json: bool) -> int:
@@ -411,26 +425,33 @@ def run_show(
     spool: SpoolSet, console: Console, entry_id: str, now: float, *, body: bool, as_json: bool
 ) -> int:
     entry_id = as_typed(entry_id)
+    found: tuple[Listed, bytes | None] | None = None
     for _ in range(RACE_RETRIES):
         area = spool.find(entry_id)
         if area is None:
             break
         try:
             entry = spool.load(entry_id, area)
-            message: bytes | None = spool.message(entry_id, area)
+            message = spool.message(entry_id, area)
         except NoSuchEntry:
             continue  # moved (queue → dead) or removed meanwhile: look again
         except UnreadableEntry as exc:
             console.fail(f"{entry_id}: unreadable envelope in {area}/: {exc}")
             return EXIT_FAILURE
-        item = Listed(entry, area, None if message is None else len(message))
-        if as_json:
-            console.out.write(json.dumps(entry_data(item), indent=2, ensure_ascii=True) + "\n")
-        else:
-            console.out.write(format_show(item, message, now, body=body))
-        return EXIT_OK
-    console.fail(no_such(entry_id))
-    return EXIT_FAILURE
+        found = Listed(entry, area, None if message is None else len(message)), message
+        break
+    if found is None and (inline := find_inline(spool, entry_id)) is not None:
+        entry, message = inline
+        found = Listed(entry, INLINE, len(message)), message
+    if found is None:
+        console.fail(no_such(entry_id))
+        return EXIT_FAILURE
+    item, shown = found
+    if as_json:
+        console.out.write(json.dumps(entry_data(item), indent=2, ensure_ascii=True) + "\n")
+    else:
+        console.out.write(format_show(item, shown, now, body=body))
+    return EXIT_OK
 
 
 def retry_one(spool: SpoolSet, entry_id: str, now: float) -> str | None:
@@ -478,7 +499,11 @@ def run_retry(
             code = EXIT_FAILURE
             continue
         if area is None:
-            if not every:  # with --all, one delivered meanwhile is no failure
+            if every:  # with --all, one delivered or being sent meanwhile is no failure
+                continue
+            if find_inline(spool, entry_id) is not None:
+                console.say(f"{entry_id}: {BEING_SENT}; nothing to retry")
+            else:
                 console.fail(no_such(entry_id))
                 code = EXIT_FAILURE
             continue
@@ -590,7 +615,10 @@ def run_delete(spool: SpoolSet, console: Console, ids: Sequence[str]) -> int:
             code = EXIT_FAILURE
             continue
         if not removed:
-            console.fail(no_such(entry_id))
+            if find_inline(spool, entry_id) is not None:
+                console.fail(f"{entry_id}: {BEING_SENT}; it cannot be deleted from the journal")
+            else:
+                console.fail(no_such(entry_id))
             code = EXIT_FAILURE
             continue
         console.say(f"{entry_id}: deleted from {AREA_NAMES[removed[-1]]}")

@@ -1059,14 +1059,14 @@ class Spool:
             reason,
         )
 
-    def inline(self) -> Iterator[tuple[Entry, int]]:
+    def inline(self) -> Iterator[tuple[Entry, bytes]]:
         """The entries the journal holds (being tried inline by the running
-        daemon), with their messages' sizes; read beside it, never changed."""
+        daemon), with their messages; read beside it, never changed."""
         for put in Journal(self.dir(JOURNAL)).pending(quiet=True):
             with contextlib.suppress(UnreadableEntry):
                 entry = _entry_of(put)
                 if self.find(entry.id) is None:  # else moved into the queue meanwhile
-                    yield entry, len(put.message)
+                    yield entry, put.message
 
     def _quarantine_put(self, put: JournalPut) -> None:
         """Keep an unreadable entry of the journal in ``quarantine/`` for a person."""

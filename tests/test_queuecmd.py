@@ -293,6 +293,41 @@ def test_list_skips_a_garbled_entry_and_quarantines_it(setup: Setup) -> None:
 # -- show
 
 
+def test_show_retry_and_delete_a_message_being_tried_inline(setup: Setup) -> None:
+    """A message in the journal (area ``inline``) is shown like a queued one;
+    ``retry`` says it is being sent and changes nothing; ``delete`` refuses
+    it, naming why, and the message stays listed."""
+    inline = replace(queued_entry(), id=INLINE_ID, next_attempt=0.0, attempts=0, history=())
+    assert setup.spool.journal.append([setup.spool.journal_put(inline, MESSAGE)]) == [None]
+    code, out, err = run(setup.config, "show", "--body", INLINE_ID.lower())
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[:4] == [
+        f"Queue ID:     {INLINE_ID}",
+        "Area:         inline (in the journal: the daemon is sending it now; "
+        "a daemon that is not running moves it into the queue when it starts)",
+        f"Size:         {len(MESSAGE)} bytes",
+        "Arrival:      2026-11-23 12:00:00 UTC",
+    ]
+    assert "Next attempt: now (inline)" in lines
+    assert lines[-2:] == ["Hello from a legacy app.", "Second line."]
+    code, out, err = run(setup.config, "show", "--json", INLINE_ID)
+    assert (code, err) == (0, "")
+    assert (json.loads(out)["id"], json.loads(out)["area"]) == (INLINE_ID, "inline")
+
+    being_sent = (
+        f"{INLINE_ID}: in the journal: the daemon is sending it now; "
+        "a daemon that is not running moves it into the queue when it starts"
+    )
+    code, out, err = run(setup.config, "retry", INLINE_ID)
+    assert (code, out, err) == (0, f"{being_sent}; nothing to retry\n", "")
+    code, out, err = run(setup.config, "delete", INLINE_ID)
+    assert (code, out) == (1, "")
+    assert err == f"ses-relay: queue: {being_sent}; it cannot be deleted from the journal\n"
+    code, out, err = run(setup.config, "list", "--json")
+    assert [(m["id"], m["area"]) for m in json.loads(out)["messages"]] == [(INLINE_ID, "inline")]
+
+
 def test_show_prints_the_envelope_and_the_header_only(setup: Setup) -> None:
     put(setup.spool, queued_entry())
     code, out, err = run(setup.config, "show", QUEUED_ID.lower())
