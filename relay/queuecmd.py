@@ -425,7 +425,7 @@ def run_show(
     spool: SpoolSet, console: Console, entry_id: str, now: float, *, body: bool, as_json: bool
 ) -> int:
     entry_id = as_typed(entry_id)
-    found: tuple[Listed, bytes | None] | None = None
+    found: tuple[Entry, str, bytes] | None = None
     for _ in range(RACE_RETRIES):
         area = spool.find(entry_id)
         if area is None:
@@ -438,19 +438,19 @@ def run_show(
         except UnreadableEntry as exc:
             console.fail(f"{entry_id}: unreadable envelope in {area}/: {exc}")
             return EXIT_FAILURE
-        found = Listed(entry, area, None if message is None else len(message)), message
+        found = entry, area, message
         break
     if found is None and (inline := find_inline(spool, entry_id)) is not None:
-        entry, message = inline
-        found = Listed(entry, INLINE, len(message)), message
+        found = inline[0], INLINE, inline[1]
     if found is None:
         console.fail(no_such(entry_id))
         return EXIT_FAILURE
-    item, shown = found
+    entry, area, message = found
+    item = Listed(entry, area, len(message))
     if as_json:
         console.out.write(json.dumps(entry_data(item), indent=2, ensure_ascii=True) + "\n")
     else:
-        console.out.write(format_show(item, shown, now, body=body))
+        console.out.write(format_show(item, message, now, body=body))
     return EXIT_OK
 
 
